@@ -1,0 +1,25 @@
+"""lowrank_optim: memory-efficient GaLore-family optimizers with WeLore hand-off.
+
+Public API only; each idea lives in its own module (see the README's layout section).
+"""
+
+from lowrank_optim.config import ProjectionConfig, StabilityConfig
+from lowrank_optim.errors import (
+    CheckpointMismatchError,
+    NonFiniteGradientError,
+    SubspaceRefreshError,
+)
+from lowrank_optim.optim import GaLoreAdamW
+from lowrank_optim.projection import available_refresh_methods, register_refresh_method
+
+__all__ = [
+    "CheckpointMismatchError",
+    "GaLoreAdamW",
+    "NonFiniteGradientError",
+    "ProjectionConfig",
+    "StabilityConfig",
+    "SubspaceRefreshError",
+    "available_refresh_methods",
+    "register_refresh_method",
+]
+__version__ = "0.1.0"

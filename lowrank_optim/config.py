@@ -1,0 +1,211 @@
+"""Typed, self-validating configuration for the optimizers.
+
+Hyper-parameters travel through ``torch.optim`` param groups as plain numbers and strings, so
+that ``optimizer.state_dict()`` holds nothing but tensors, numbers and strings and loads with
+``torch.load(weights_only=True)``. The dataclasses here are the typed front door: they validate
+on construction and flatten into param-group keys with :meth:`ProjectionConfig.to_group`.
+
+The group keys of ``galore-torch`` (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) are
+accepted unchanged, so existing param-group code keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lowrank_optim.projection.registry import available_refresh_methods
+
+__all__ = [
+    "MOMENT_TRANSFERS",
+    "ON_BAD_GRADIENT",
+    "PROJ_TYPES",
+    "STABILITY_POLICIES",
+    "ProjectionConfig",
+    "StabilityConfig",
+    "validate_adam_hyperparameters",
+    "validate_on_bad_gradient",
+]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+MOMENT_TRANSFERS = ("keep", "rotate")
+ON_BAD_GRADIENT = ("raise", "skip")
+STABILITY_POLICIES = ("fixed", "overlap", "qgalore")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"Invalid {name}: {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    _require(ok, f"Invalid {name}: {value!r}; must be an integer > 0")
+
+
+def validate_adam_hyperparameters(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
+    """Check AdamW hyper-parameters the way ``torch.optim.AdamW`` does, naming the bad value."""
+    _require(
+        isinstance(lr, float | int) and lr >= 0.0, f"Invalid learning rate: {lr!r}; must be >= 0"
+    )
+    _require(
+        isinstance(eps, float | int) and eps >= 0.0, f"Invalid epsilon value: {eps!r}; must be >= 0"
+    )
+    _require(
+        isinstance(betas, tuple | list) and len(betas) == 2,
+        f"Invalid betas: {betas!r}; must be a pair (beta1, beta2)",
+    )
+    for index, beta in enumerate(betas):
+        _require(
+            isinstance(beta, float | int) and 0.0 <= beta < 1.0,
+            f"Invalid beta parameter at index {index}: {beta!r}; must be in [0, 1)",
+        )
+    _require(
+        isinstance(weight_decay, float | int) and weight_decay >= 0.0,
+        f"Invalid weight_decay value: {weight_decay!r}; must be >= 0",
+    )
+
+
+def validate_on_bad_gradient(value: object) -> None:
+    """``raise`` stops on a NaN/Inf gradient or a failed SVD; ``skip`` warns and skips it."""
+    _require_choice("on_bad_gradient", value, ON_BAD_GRADIENT)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """How a 2-D gradient is projected onto a low-rank subspace (GaLore, Zhao et al. 2024).
+
+    For a weight ``W`` of shape ``m x n`` and gradient ``G``, GaLore keeps an orthonormal basis
+    ``P`` with ``r`` columns and runs Adam on ``R = P^T G`` (left) or ``R = G Q`` (right); the
+    update ``scale * P * Adam(R)`` is projected back. The basis is refreshed every
+    ``update_proj_gap`` steps from the current gradient.
+
+    Attributes:
+        rank: target rank ``r``; clipped to ``min(m, n)`` per matrix.
+        update_proj_gap: steps between basis refreshes ``T``.
+        scale: GaLore's ``alpha``; the projected-back update is multiplied by it.
+        proj_type: ``std`` projects the smaller side (as galore-torch), ``reverse_std`` the larger
+            one, ``left``/``right`` always that side, ``full`` both sides (``r x r`` moments).
+        refresh: ``svd`` is the exact fp32 truncated SVD (reference); ``randomized`` is subspace
+            iteration warm-started from the previous basis, ``O(mnr)``.
+        power_iters: subspace iterations per randomized refresh.
+        oversample: extra columns used by a cold randomized start.
+        moment_transfer: at a refresh, ``keep`` leaves the low-rank moments as they are
+            (galore-torch behaviour); ``rotate`` carries them into the new basis with
+            ``P_new^T P_old``.
+        seed: seed of the random start of the randomized refresh (deterministic, so resuming is
+            bit-for-bit).
+    """
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    refresh: str = "randomized"
+    power_iters: int = 1
+    oversample: int = 8
+    moment_transfer: str = "rotate"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_positive_int("rank", self.rank)
+        _require_positive_int("update_proj_gap", self.update_proj_gap)
+        _require(
+            isinstance(self.scale, float | int) and math.isfinite(self.scale) and self.scale > 0,
+            f"Invalid scale: {self.scale!r}; must be a finite number > 0",
+        )
+        _require_choice("proj_type", self.proj_type, PROJ_TYPES)
+        _require_choice("refresh", self.refresh, available_refresh_methods())
+        _require_positive_int("power_iters", self.power_iters)
+        _require(
+            isinstance(self.oversample, int) and self.oversample >= 0,
+            f"Invalid oversample: {self.oversample!r}; must be an integer >= 0",
+        )
+        _require_choice("moment_transfer", self.moment_transfer, MOMENT_TRANSFERS)
+        _require(isinstance(self.seed, int), f"Invalid seed: {self.seed!r}; must be an integer")
+
+    def to_group(self) -> dict[str, Any]:
+        """The param-group keys (plain numbers and strings) this config stands for."""
+        return asdict(self)
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> ProjectionConfig:
+        """Validate the projection keys of a param group, filling unset ones with defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in group.items() if k in names})
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    """When a layer's gradient subspace counts as stable, and what that does to its refresh gap.
+
+    At each refresh the overlap ``||P_old^T P_new||_F^2 / r`` (mean squared cosine of the
+    principal angles; 1 = same subspace, about ``r/n`` = unrelated) is recorded. Under the
+    ``overlap`` policy a layer is stable once the overlap has been ``>= threshold`` for
+    ``patience`` consecutive refreshes; each further stable refresh multiplies its gap by
+    ``growth`` up to ``max_gap``, and a refresh below the threshold resets it to the base gap.
+    ``qgalore`` is Q-GaLore's rule (Zhang et al. 2024): cosine similarity of the first singular
+    vector (here taken in absolute value, so a sign flip is not a change), averaged over the last
+    ``qgalore_window`` refreshes; at or above ``qgalore_threshold`` the gap doubles.
+    ``fixed`` records the metrics and never changes the gap.
+
+    Attributes:
+        policy: ``fixed``, ``overlap`` or ``qgalore``.
+        threshold: overlap at or above which a refresh counts as stable.
+        patience: consecutive stable refreshes before the layer is stable (``k``).
+        growth: factor applied to a stable layer's gap at each stable refresh.
+        max_gap: cap on the gap, in steps.
+        history: how many past refreshes of metrics are kept per layer.
+        qgalore_threshold: Q-GaLore's similarity threshold.
+        qgalore_window: Q-GaLore's averaging window.
+    """
+
+    policy: str = "overlap"
+    threshold: float = 0.9
+    patience: int = 2
+    growth: float = 2.0
+    max_gap: int = 2000
+    history: int = 16
+    qgalore_threshold: float = 0.4
+    qgalore_window: int = 5
+
+    def __post_init__(self) -> None:
+        _require_choice("policy", self.policy, STABILITY_POLICIES)
+        _require(
+            isinstance(self.threshold, float | int) and 0.0 < self.threshold <= 1.0,
+            f"Invalid threshold: {self.threshold!r}; must be in (0, 1]",
+        )
+        _require_positive_int("patience", self.patience)
+        _require(
+            isinstance(self.growth, float | int) and self.growth >= 1.0,
+            f"Invalid growth: {self.growth!r}; must be >= 1",
+        )
+        _require_positive_int("max_gap", self.max_gap)
+        _require_positive_int("history", self.history)
+        _require(
+            isinstance(self.qgalore_threshold, float | int) and 0.0 < self.qgalore_threshold <= 1,
+            f"Invalid qgalore_threshold: {self.qgalore_threshold!r}; must be in (0, 1]",
+        )
+        _require_positive_int("qgalore_window", self.qgalore_window)
+        _require(
+            self.history >= self.qgalore_window,
+            f"Invalid history: {self.history!r}; must be >= qgalore_window ({self.qgalore_window})",
+        )
+
+    def to_group(self) -> dict[str, Any]:
+        """Param-group keys, prefixed ``stability_`` so they cannot clash with others."""
+        return {f"stability_{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> StabilityConfig:
+        names = {f.name for f in fields(cls)}
+        prefix = "stability_"
+        values = {k[len(prefix) :]: v for k, v in group.items() if k.startswith(prefix)}
+        return cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,391 @@
+"""GaLoreAdamW: AdamW whose moments for 2-D weights live in a periodically refreshed subspace.
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024.
+For a projected weight ``W`` (``m x n``) with gradient ``G`` and orthonormal basis ``P``:
+
+    R_t = P^T G_t                              (or G_t Q, or P^T G_t Q; see ``proj_type``)
+    m_t, v_t = Adam moments of R_t             (shape of R_t, not of W)
+    W_t = (1 - lr * wd) W_{t-1} - lr * scale * P d_t,   d_t = Adam direction (moments.py)
+
+and ``P`` is recomputed from the current gradient every ``update_proj_gap`` steps (or on the
+adaptive schedule of :mod:`lowrank_optim.stability`). Weight decay acts in full space.
+Parameters in groups without ``rank``, and every tensor that is not 2-D, get plain AdamW.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lowrank_optim.config import (
+    ProjectionConfig,
+    StabilityConfig,
+    validate_adam_hyperparameters,
+    validate_on_bad_gradient,
+)
+from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
+from lowrank_optim.moments import adam_directions, update_moments_
+from lowrank_optim.optim import state_keys as keys
+from lowrank_optim.optim.refresh import refresh_parameter
+from lowrank_optim.projection import (
+    basis_keys,
+    effective_rank,
+    low_rank_shape,
+    project,
+    project_back_,
+)
+from lowrank_optim.stability import (
+    ENERGY_HISTORY,
+    STABILITY_FLOAT_KEYS,
+    captured_energy,
+    init_stability_state,
+    push_history_,
+)
+
+__all__ = ["GaLoreAdamW"]
+
+#: Group keys that fix the shapes of the state; a checkpoint must agree on them.
+_STRUCTURAL_KEYS = ("rank", "proj_type")
+
+
+def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore gradient projection for param groups that set ``rank``.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (e.g. ``model.named_parameters()``), or param
+            groups. A group with a ``rank`` key (galore-torch's convention, together with
+            ``update_proj_gap``, ``scale`` and ``proj_type``) or a ``projection`` entry holding a
+            :class:`ProjectionConfig` is projected; others get plain AdamW.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        projection: defaults for the projection keys of projected groups (its ``rank`` is used
+            only for groups that set ``projection=True``).
+        stability: metrics and adaptive-gap policy (:class:`StabilityConfig`).
+        on_bad_gradient: ``raise`` (default) or ``skip`` on a NaN/Inf gradient or a failed SVD.
+
+    Example:
+        >>> groups = [{"params": other}, {"params": matrices, "rank": 128,
+        ...            "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+        >>> optimizer = GaLoreAdamW(groups, lr=1e-3)
+    """
+
+    #: State entries whose dtype is fixed by design (not cast to the parameter's dtype on load).
+    _fixed_dtype_keys: frozenset[str] = STABILITY_FLOAT_KEYS
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        projection: ProjectionConfig | None = None,
+        stability: StabilityConfig | None = None,
+        on_bad_gradient: str = "raise",
+    ) -> None:
+        validate_adam_hyperparameters(lr, betas, eps, weight_decay)
+        validate_on_bad_gradient(on_bad_gradient)
+        self._default_projection = projection or ProjectionConfig()
+        projection_defaults = self._default_projection.to_group()
+        del projection_defaults["rank"]  # a group is projected only if it sets a rank itself
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "on_bad_gradient": on_bad_gradient,
+            **projection_defaults,
+            **(stability or StabilityConfig()).to_group(),
+        }
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        projection = group.pop("projection", None)
+        if projection is True:
+            projection = self._default_projection
+        if isinstance(projection, ProjectionConfig):
+            group = (
+                {**projection.to_group(), **group}
+                if "rank" in group
+                else {**group, **projection.to_group()}
+            )
+        elif projection not in (None, False):
+            raise ValueError(
+                f"Invalid projection: {projection!r}; expected a ProjectionConfig, True or None"
+            )
+        stability = group.pop("stability", None)
+        if isinstance(stability, StabilityConfig):
+            group.update(stability.to_group())
+        elif stability is not None:
+            raise ValueError(f"Invalid stability: {stability!r}; expected a StabilityConfig")
+        super().add_param_group(group)
+        self._validate_group(self.param_groups[-1])
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        validate_adam_hyperparameters(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        )
+        validate_on_bad_gradient(group["on_bad_gradient"])
+        StabilityConfig.from_group(group)
+        if group.get("rank") is not None:
+            ProjectionConfig.from_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints from older versions lack newer keys: fill them with today's defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @staticmethod
+    def is_projected(group: dict[str, Any], param: torch.Tensor) -> bool:
+        """Whether ``param`` is stepped in a low-rank subspace under ``group``."""
+        return group.get("rank") is not None and param.dim() == 2
+
+    # ------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense, projected = [], []
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                target = projected if self.is_projected(group, param) else dense
+                target.append((index, param))
+            if dense:
+                self._dense_step(group, dense)
+            if projected:
+                self._projected_step(group, projected)
+        return loss
+
+    def _dense_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
+        for _, param in items:
+            state = self.state[param]
+            if not state:
+                state[keys.STEP] = torch.tensor(0.0)
+                state[keys.EXP_AVG] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state[keys.EXP_AVG_SQ] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )
+        grads = [param.grad for _, param in items]
+        items = self._drop_non_finite(group, items, grads)
+        if not items:
+            return
+        params = [param for _, param in items]
+        self._apply_adam(
+            group, params, [p.grad for p in params], lambda p, d, a: p.add_(d, alpha=a)
+        )
+
+    def _projected_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
+        kept, lows = [], []
+        for index, param in items:
+            state = self.state[param]
+            if not state:
+                self._init_projected_state(group, param)
+            name = self.param_name(group, index)
+            step = int(state[keys.STEP]) + 1
+            if step >= state[keys.NEXT_REFRESH]:
+                if not self._grad_is_finite(group, param, name):
+                    continue
+                keys_used = basis_keys(group["proj_type"], param.shape)
+                rank = effective_rank(group["rank"], param.shape)
+                refreshed = refresh_parameter(param, state, group, keys_used, rank, step, name)
+                if not refreshed and keys_used[0] not in state:
+                    continue  # no basis to project with yet
+            low = project(param.grad, self._bases(group, param))
+            if step == state[keys.LAST_REFRESH] + 1:
+                push_history_(state[ENERGY_HISTORY], captured_energy(low, param.grad))
+            kept.append((index, param))
+            lows.append(low)
+        kept_lows = dict(zip([i for i, _ in kept], lows, strict=True))
+        kept = self._drop_non_finite(group, kept, lows)
+        if not kept:
+            return
+        params = [param for _, param in kept]
+        bases = {param: self._bases(group, param) for param in params}
+        scale = float(group["scale"])
+        self._apply_adam(
+            group,
+            params,
+            [kept_lows[index] for index, _ in kept],
+            lambda p, d, a: project_back_(p, d, bases[p], a * scale),
+        )
+
+    def _apply_adam(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        apply: Callable[[torch.Tensor, torch.Tensor, float], None],
+    ) -> None:
+        """Moments, bias-corrected directions, decoupled decay, then ``apply(param, d, -lr)``."""
+        beta1, beta2 = group["betas"]
+        states = [self.state[param] for param in params]
+        for state in states:
+            state[keys.STEP] += 1
+        stored_avgs = [state[keys.EXP_AVG] for state in states]
+        stored_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]
+        # 16-bit moments are stored as the parameter (like torch.optim.AdamW) but the math runs
+        # in fp32: eps = 1e-8 underflows to 0 in fp16, and 0/0 would turn into NaN updates.
+        exp_avgs = [_as_fp32(m) for m in stored_avgs]
+        exp_avg_sqs = [_as_fp32(v) for v in stored_avg_sqs]
+        update_moments_([_as_fp32(g) for g in grads], exp_avgs, exp_avg_sqs, beta1, beta2)
+        for stored, computed in zip(
+            stored_avgs + stored_avg_sqs, exp_avgs + exp_avg_sqs, strict=True
+        ):
+            if stored is not computed:
+                stored.copy_(computed)
+        steps = [int(state[keys.STEP]) for state in states]
+        directions = adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
+        directions = [d.to(p.dtype) for d, p in zip(directions, params, strict=True)]
+        lr = float(group["lr"])
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        for param, direction in zip(params, directions, strict=True):
+            apply(param, direction, -lr)
+
+    # ------------------------------------------------------------------------------ state
+    def _init_projected_state(self, group: dict[str, Any], param: torch.Tensor) -> None:
+        state = self.state[param]
+        rank = effective_rank(group["rank"], param.shape)
+        shape = low_rank_shape(group["proj_type"], param.shape, rank)
+        state[keys.STEP] = torch.tensor(0.0)
+        state[keys.EXP_AVG] = param.new_zeros(shape)
+        state[keys.EXP_AVG_SQ] = param.new_zeros(shape)
+        state[keys.REFRESH_GAP] = int(group["update_proj_gap"])
+        state[keys.NEXT_REFRESH] = 1
+        state[keys.LAST_REFRESH] = 0
+        state[keys.REFRESHES] = 0
+        state[keys.REFRESHES_SKIPPED] = 0
+        state[keys.REFRESHES_FAILED] = 0
+        init_stability_state(state, StabilityConfig.from_group(group))
+
+    def _bases(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        return {key: state[key] for key in basis_keys(group["proj_type"], param.shape)}
+
+    def param_name(self, group: dict[str, Any], index: int) -> str:
+        """The parameter's name if the optimizer was given names, else ``group[g].params[i]``."""
+        names = group.get("param_names")
+        if names is not None:
+            return str(names[index])
+        return f"param_groups[{self.param_groups.index(group)}].params[{index}]"
+
+    # ----------------------------------------------------------------------- bad gradients
+    def _grad_is_finite(self, group: dict[str, Any], param: torch.Tensor, name: str) -> bool:
+        if bool(torch.isfinite(param.grad).all()):
+            return True
+        self._bad_gradient(group, [name])
+        return False
+
+    def _drop_non_finite(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[int, torch.Tensor]],
+        grads: list[torch.Tensor],
+    ) -> list[tuple[int, torch.Tensor]]:
+        """Items whose gradient is finite; raises or warns about the others.
+
+        One fused norm over the list and a single host sync: a NaN or Inf anywhere in a tensor
+        makes its norm non-finite.
+        """
+        if not items:
+            return items
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        finite = torch.isfinite(norms).tolist()
+        if all(finite):
+            return items
+        bad = [
+            self.param_name(group, index)
+            for (index, _), ok in zip(items, finite, strict=True)
+            if not ok
+        ]
+        self._bad_gradient(group, bad)
+        return [item for item, ok in zip(items, finite, strict=True) if ok]
+
+    def _bad_gradient(self, group: dict[str, Any], names: list[str]) -> None:
+        message = f"Non-finite (NaN or Inf) gradient in {', '.join(names)}"
+        if group["on_bad_gradient"] == "raise":
+            raise NonFiniteGradientError(
+                f"{message}; no update was applied. Pass on_bad_gradient='skip' to skip such "
+                "updates with a warning instead."
+            )
+        warnings.warn(f"{message}; skipping its update this step", stacklevel=4)
+
+    # ------------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, refusing one saved for other shapes or another rank/proj_type.
+
+        torch casts every loaded floating tensor, and every tensor of a floating parameter, to
+        the parameter's dtype. Metric histories must stay fp32 and integer or quantized state
+        must keep its dtype, so those entries bypass that cast and are only moved to the
+        parameter's device.
+        """
+        self._check_compatible(state_dict)
+        held: dict[Any, dict[str, torch.Tensor]] = {}
+        stripped_state = {}
+        for param_id, entry in state_dict.get("state", {}).items():
+            keep = {
+                key: value
+                for key, value in entry.items()
+                if isinstance(value, torch.Tensor)
+                and (key in self._fixed_dtype_keys or not value.is_floating_point())
+            }
+            held[param_id] = keep
+            stripped_state[param_id] = {k: v for k, v in entry.items() if k not in keep}
+        super().load_state_dict({**state_dict, "state": stripped_state})
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for param_id, param in zip(saved_ids, params, strict=True):
+            for key, value in held.get(param_id, {}).items():
+                self.state[param][key] = value.to(device=param.device)
+
+    def _check_compatible(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise CheckpointMismatchError(
+                f"Checkpoint has {len(saved_groups)} param groups; this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        saved_state = state_dict.get("state", {})
+        for group_index, (saved, group) in enumerate(
+            zip(saved_groups, self.param_groups, strict=True)
+        ):
+            for key in _STRUCTURAL_KEYS:
+                if saved.get(key) != group.get(key):
+                    raise CheckpointMismatchError(
+                        f"Checkpoint param group {group_index} was saved with {key}="
+                        f"{saved.get(key)!r}; this optimizer has {key}={group.get(key)!r}"
+                    )
+            if len(saved["params"]) != len(group["params"]):
+                continue  # torch's own check reports this with its usual message
+            for saved_id, param in zip(saved["params"], group["params"], strict=True):
+                entry = saved_state.get(saved_id)
+                if entry is None or not self.is_projected(group, param):
+                    continue
+                rank = effective_rank(group["rank"], param.shape)
+                expected = low_rank_shape(group["proj_type"], param.shape, rank)
+                found = tuple(entry[keys.EXP_AVG].shape)
+                if found != expected:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint moments of param group {group_index} have shape {found}; "
+                        f"a parameter of shape {tuple(param.shape)} at rank {rank} needs {expected}"
+                    )

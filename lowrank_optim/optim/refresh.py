@@ -1,0 +1,124 @@
+"""One basis refresh of one projected parameter: compute, check, carry moments, record metrics.
+
+Called by the optimizer when ``step >= state[NEXT_REFRESH]``. The new bases come from the
+group's refresh method (see :mod:`lowrank_optim.projection`) run in fp32; a method that raises
+``LinAlgError`` is retried once in fp64 before the refresh counts as failed, because
+ill-conditioned gradients that defeat LAPACK's fp32 driver usually succeed in double precision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from lowrank_optim.config import StabilityConfig
+from lowrank_optim.errors import SubspaceRefreshError
+from lowrank_optim.optim import state_keys as keys
+from lowrank_optim.projection import get_refresh_method, refresh_target, rotate_moments_
+from lowrank_optim.stability import (
+    LEADING_HISTORY,
+    OVERLAP_HISTORY,
+    leading_vector_similarity,
+    make_policy,
+    push_history_,
+    subspace_overlap,
+)
+
+__all__ = ["compute_bases", "refresh_parameter"]
+
+
+def compute_bases(
+    grad: torch.Tensor,
+    basis_keys: tuple[str, ...],
+    rank: int,
+    previous: dict[str, torch.Tensor],
+    group: dict[str, Any],
+    step: int,
+    name: str,
+) -> dict[str, torch.Tensor]:
+    """fp32 orthonormal bases for ``grad``; raises :class:`SubspaceRefreshError` on failure."""
+    method = get_refresh_method(group["refresh"])
+    generator = torch.Generator(device=grad.device)
+    # Seeded by the step, not drawn from a running generator, so a resumed run draws the same.
+    generator.manual_seed(int(group["seed"]) * 1_000_003 + step)
+    bases = {}
+    for key in basis_keys:
+        target = refresh_target(grad, key)
+        old = previous.get(key)
+        options = {
+            "power_iters": group["power_iters"],
+            "oversample": group["oversample"],
+            "generator": generator,
+        }
+        try:
+            basis = method(target, rank, None if old is None else old.float(), **options)
+        except torch.linalg.LinAlgError:
+            try:
+                old64 = None if old is None else old.double()
+                basis = method(target.double(), rank, old64, **options).float()
+            except torch.linalg.LinAlgError as error:
+                raise SubspaceRefreshError(
+                    f"Basis refresh ({group['refresh']}) of parameter {name} "
+                    f"(shape {tuple(grad.shape)}) did not converge at step {step}: {error}"
+                ) from error
+        if basis.shape != (target.shape[0], rank) or not bool(torch.isfinite(basis).all()):
+            raise SubspaceRefreshError(
+                f"Basis refresh ({group['refresh']}) of parameter {name} returned an invalid basis "
+                f"of shape {tuple(basis.shape)} at step {step}; expected {(target.shape[0], rank)}"
+            )
+        bases[key] = basis
+    return bases
+
+
+def refresh_parameter(
+    param: torch.Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    basis_keys: tuple[str, ...],
+    rank: int,
+    step: int,
+    name: str,
+) -> bool:
+    """Refresh ``param``'s bases in ``state``. Returns ``False`` if the refresh was skipped."""
+    grad = param.grad
+    previous = {key: state[key] for key in basis_keys if key in state}
+    try:
+        new_bases = compute_bases(grad, basis_keys, rank, previous, group, step, name)
+    except SubspaceRefreshError as error:
+        if group["on_bad_gradient"] == "raise":
+            raise
+        warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=4)
+        state[keys.REFRESHES_FAILED] += 1
+        state[keys.NEXT_REFRESH] = step + 1
+        return False
+
+    if previous:
+        _record_metrics(state, previous, new_bases)
+        if group["moment_transfer"] == "rotate":
+            rotate_moments_(state[keys.EXP_AVG], state[keys.EXP_AVG_SQ], previous, new_bases)
+    for key, basis in new_bases.items():
+        state[key] = basis.to(param.dtype)
+
+    base_gap = int(group["update_proj_gap"])
+    last = state[keys.LAST_REFRESH]
+    if last > 0:
+        # Refreshes the base schedule would have done between the last refresh and this one.
+        state[keys.REFRESHES_SKIPPED] += max((step - last) // base_gap - 1, 0)
+    state[keys.REFRESHES] += 1
+    state[keys.LAST_REFRESH] = step
+    policy = make_policy(StabilityConfig.from_group(group))
+    gap = policy.next_gap(state, state[keys.REFRESH_GAP], base_gap, step)
+    state[keys.REFRESH_GAP] = gap
+    state[keys.NEXT_REFRESH] = step + gap
+    return True
+
+
+def _record_metrics(
+    state: dict[str, Any], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+) -> None:
+    overlaps = [subspace_overlap(old[key], new[key]) for key in new]
+    push_history_(state[OVERLAP_HISTORY], sum(overlaps) / len(overlaps))
+    first = next(iter(new))
+    push_history_(state[LEADING_HISTORY], leading_vector_similarity(old[first], new[first]))

@@ -1,0 +1,171 @@
+"""Per-layer gradient-subspace stabilization: metrics, stability criterion, adaptive refresh gap.
+
+WeLore (Jaiswal et al., ICML 2025) observes that each layer's gradient subspace settles at its
+own pace, and that the layers whose subspace settles are the ones that end up low-rank. At every
+basis refresh we record, per projected matrix:
+
+* the subspace overlap ``o = ||P_old^T P_new||_F^2 / r``: the mean squared cosine of the
+  principal angles between the old and new ``r``-dimensional subspaces. It is 1 for the same
+  subspace and about ``r / d`` for two random ones in ``d`` dimensions, and it is invariant to
+  sign flips and rotations of the basis vectors (unlike comparing single singular vectors);
+* the captured energy ``||P^T G||_F^2 / ||G||_F^2`` of the first gradient after the refresh,
+  i.e. how much of a fresh gradient the new basis actually sees;
+* Q-GaLore's signal, ``|cos(p_old_1, p_new_1)|`` of the leading vectors.
+
+A refresh policy turns the overlap history into the next refresh gap. All state lives in the
+optimizer state dict as fp32 tensors and Python ints, so it survives checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from lowrank_optim.config import StabilityConfig
+
+__all__ = [
+    "ENERGY_HISTORY",
+    "LEADING_HISTORY",
+    "OVERLAP_HISTORY",
+    "STABILITY_FLOAT_KEYS",
+    "STABLE_SINCE",
+    "STABLE_STREAK",
+    "FixedGapPolicy",
+    "OverlapPolicy",
+    "QGaLorePolicy",
+    "RefreshPolicy",
+    "captured_energy",
+    "init_stability_state",
+    "last_value",
+    "leading_vector_similarity",
+    "make_policy",
+    "push_history_",
+    "subspace_overlap",
+]
+
+OVERLAP_HISTORY = "overlap_history"
+ENERGY_HISTORY = "energy_history"
+LEADING_HISTORY = "leading_similarity_history"
+STABLE_STREAK = "stable_streak"
+STABLE_SINCE = "stable_since"
+GROWTHS_PENDING = "refreshes_since_growth"
+
+#: Float state that must stay fp32 whatever the parameter's dtype.
+STABILITY_FLOAT_KEYS = frozenset({OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY})
+
+
+def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
+    """``||P_old^T P_new||_F^2 / r`` for orthonormal ``d x r`` bases; in ``[0, 1]``."""
+    cross = old.float().T @ new.float()
+    return float(cross.square().sum() / new.shape[1])
+
+
+def leading_vector_similarity(old: torch.Tensor, new: torch.Tensor) -> float:
+    """Q-GaLore's similarity, but sign-invariant: ``|cos|`` of the first basis vectors."""
+    first_old, first_new = old[:, 0].float(), new[:, 0].float()
+    cosine = torch.dot(first_old, first_new) / (first_old.norm() * first_new.norm()).clamp_min(
+        1e-30
+    )
+    return float(cosine.abs())
+
+
+def captured_energy(low_rank_grad: torch.Tensor, grad: torch.Tensor) -> float:
+    """``||P^T G||_F^2 / ||G||_F^2`` (the projection is orthonormal, so this is in ``[0, 1]``)."""
+    total = float(grad.float().square().sum())
+    if total == 0.0:
+        return math.nan
+    return float(low_rank_grad.float().square().sum()) / total
+
+
+def push_history_(history: torch.Tensor, value: float) -> None:
+    """Append ``value`` to a fixed-length history (newest last; unused slots hold NaN)."""
+    history.copy_(torch.cat([history[1:], history.new_tensor([value])]))
+
+
+def last_value(history: torch.Tensor) -> float:
+    return float(history[-1])
+
+
+def _recent(history: torch.Tensor, count: int) -> torch.Tensor:
+    values = history[-count:]
+    return values[~torch.isnan(values)]
+
+
+def init_stability_state(state: dict[str, Any], config: StabilityConfig) -> None:
+    """Create the metric histories and criterion counters for one projected parameter."""
+    for key in (OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY):
+        state[key] = torch.full((config.history,), math.nan, dtype=torch.float32)
+    state[STABLE_STREAK] = 0
+    state[STABLE_SINCE] = -1
+    state[GROWTHS_PENDING] = 0
+
+
+class RefreshPolicy(ABC):
+    """Decides a layer's next refresh gap from its metric history, right after a refresh."""
+
+    def __init__(self, config: StabilityConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+        """Update the criterion counters in ``state`` and return the gap until the next refresh."""
+
+
+class FixedGapPolicy(RefreshPolicy):
+    """GaLore's behaviour: always the base gap. Metrics are still recorded."""
+
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+        return base_gap
+
+
+class OverlapPolicy(RefreshPolicy):
+    """Stable after ``patience`` consecutive overlaps ``>= threshold``; then the gap grows."""
+
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+        overlap = last_value(state[OVERLAP_HISTORY])
+        if math.isnan(overlap) or overlap < self.config.threshold:
+            state[STABLE_STREAK] = 0
+            state[STABLE_SINCE] = -1
+            return base_gap
+        state[STABLE_STREAK] += 1
+        if state[STABLE_STREAK] < self.config.patience:
+            return gap
+        if state[STABLE_SINCE] < 0:
+            state[STABLE_SINCE] = step
+        return min(max(int(gap * self.config.growth), gap), self.config.max_gap)
+
+
+class QGaLorePolicy(RefreshPolicy):
+    """Q-GaLore's lazy rule: mean leading-vector similarity over a window ``>= 0.4`` doubles T.
+
+    After each doubling the window starts over, as in the reference; the gap never shrinks.
+    A layer counts as stable from its first doubling on.
+    """
+
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+        state[GROWTHS_PENDING] += 1
+        window = self.config.qgalore_window
+        if state[GROWTHS_PENDING] < window:
+            return gap
+        recent = _recent(state[LEADING_HISTORY], window)
+        if recent.numel() < window or float(recent.mean()) < self.config.qgalore_threshold:
+            return gap
+        state[GROWTHS_PENDING] = 0
+        state[STABLE_STREAK] += 1
+        if state[STABLE_SINCE] < 0:
+            state[STABLE_SINCE] = step
+        return min(gap * 2, self.config.max_gap)
+
+
+_POLICIES: dict[str, type[RefreshPolicy]] = {
+    "fixed": FixedGapPolicy,
+    "overlap": OverlapPolicy,
+    "qgalore": QGaLorePolicy,
+}
+
+
+def make_policy(config: StabilityConfig) -> RefreshPolicy:
+    return _POLICIES[config.policy](config)
