@@ -44,6 +44,7 @@ __all__ = [
     "make_policy",
     "push_history_",
     "subspace_overlap",
+    "update_stability_",
 ]
 
 OVERLAP_HISTORY = "overlap_history"
@@ -103,38 +104,50 @@ def init_stability_state(state: dict[str, Any], config: StabilityConfig) -> None
     state[GROWTHS_PENDING] = 0
 
 
+def update_stability_(state: dict[str, Any], config: StabilityConfig, step: int) -> bool:
+    """Apply the stability criterion after a refresh; returns whether the layer is now stable.
+
+    Stable means: the last ``patience`` overlaps were all ``>= threshold``. ``STABLE_SINCE`` is
+    the refresh step at which that first became true (``-1`` while unstable). The criterion is
+    the same under every refresh policy, so reports are comparable across policies.
+    """
+    overlap = last_value(state[OVERLAP_HISTORY])
+    if math.isnan(overlap) or overlap < config.threshold:
+        state[STABLE_STREAK] = 0
+        state[STABLE_SINCE] = -1
+        return False
+    state[STABLE_STREAK] += 1
+    if state[STABLE_STREAK] < config.patience:
+        return False
+    if state[STABLE_SINCE] < 0:
+        state[STABLE_SINCE] = step
+    return True
+
+
 class RefreshPolicy(ABC):
-    """Decides a layer's next refresh gap from its metric history, right after a refresh."""
+    """Decides a layer's next refresh gap right after a refresh (criterion already applied)."""
 
     def __init__(self, config: StabilityConfig) -> None:
         self.config = config
 
     @abstractmethod
-    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
-        """Update the criterion counters in ``state`` and return the gap until the next refresh."""
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
+        """The number of steps until the next refresh."""
 
 
 class FixedGapPolicy(RefreshPolicy):
-    """GaLore's behaviour: always the base gap. Metrics are still recorded."""
+    """GaLore's behaviour: always the base gap. Metrics and the criterion are still recorded."""
 
-    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
         return base_gap
 
 
 class OverlapPolicy(RefreshPolicy):
-    """Stable after ``patience`` consecutive overlaps ``>= threshold``; then the gap grows."""
+    """A stable layer's gap grows by ``growth`` per refresh up to ``max_gap``; else base gap."""
 
-    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
-        overlap = last_value(state[OVERLAP_HISTORY])
-        if math.isnan(overlap) or overlap < self.config.threshold:
-            state[STABLE_STREAK] = 0
-            state[STABLE_SINCE] = -1
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
+        if not stable:
             return base_gap
-        state[STABLE_STREAK] += 1
-        if state[STABLE_STREAK] < self.config.patience:
-            return gap
-        if state[STABLE_SINCE] < 0:
-            state[STABLE_SINCE] = step
         return min(max(int(gap * self.config.growth), gap), self.config.max_gap)
 
 
@@ -142,10 +155,10 @@ class QGaLorePolicy(RefreshPolicy):
     """Q-GaLore's lazy rule: mean leading-vector similarity over a window ``>= 0.4`` doubles T.
 
     After each doubling the window starts over, as in the reference; the gap never shrinks.
-    A layer counts as stable from its first doubling on.
+    The similarity is taken in absolute value, so a sign flip of the SVD is not a change.
     """
 
-    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, step: int) -> int:
+    def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
         state[GROWTHS_PENDING] += 1
         window = self.config.qgalore_window
         if state[GROWTHS_PENDING] < window:
@@ -154,9 +167,6 @@ class QGaLorePolicy(RefreshPolicy):
         if recent.numel() < window or float(recent.mean()) < self.config.qgalore_threshold:
             return gap
         state[GROWTHS_PENDING] = 0
-        state[STABLE_STREAK] += 1
-        if state[STABLE_SINCE] < 0:
-            state[STABLE_SINCE] = step
         return min(gap * 2, self.config.max_gap)
 
 

@@ -118,6 +118,7 @@ def test_full_rank_real_basis_converges_on_least_squares() -> None:
 
 
 def test_rotated_first_moment_is_the_same_full_space_vector() -> None:
+    torch.manual_seed(0)
     old = torch.linalg.qr(torch.randn(30, 5, dtype=torch.float64)).Q
     rotation = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64)).Q
     new = old @ rotation  # same subspace, other coordinates

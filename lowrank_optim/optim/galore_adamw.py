@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lowrank_optim import state_keys as keys
 from lowrank_optim.config import (
     ProjectionConfig,
     StabilityConfig,
@@ -28,7 +29,6 @@ from lowrank_optim.config import (
 )
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
 from lowrank_optim.moments import adam_directions, update_moments_
-from lowrank_optim.optim import state_keys as keys
 from lowrank_optim.optim.refresh import refresh_parameter
 from lowrank_optim.projection import (
     basis_keys,
@@ -37,6 +37,7 @@ from lowrank_optim.projection import (
     project,
     project_back_,
 )
+from lowrank_optim.reporting import SubspaceRow, subspace_report
 from lowrank_optim.stability import (
     ENERGY_HISTORY,
     STABILITY_FLOAT_KEYS,
@@ -54,6 +55,12 @@ _STRUCTURAL_KEYS = ("rank", "proj_type")
 def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _apply_dense(param: torch.Tensor, direction: torch.Tensor, alpha: float, decay: float) -> None:
+    if decay != 1.0:
+        param.mul_(decay)
+    param.add_(direction, alpha=alpha)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -148,6 +155,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def subspace_report(self) -> list[SubspaceRow]:
+        """One row per projected layer: name, shape, rank, gap, last overlap, captured energy,
+        whether it is stable and since which step, and its refresh counts."""
+        return subspace_report(self)
+
     @staticmethod
     def is_projected(group: dict[str, Any], param: torch.Tensor) -> bool:
         """Whether ``param`` is stepped in a low-rank subspace under ``group``."""
@@ -190,9 +202,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not items:
             return
         params = [param for _, param in items]
-        self._apply_adam(
-            group, params, [p.grad for p in params], lambda p, d, a: p.add_(d, alpha=a)
-        )
+        self._apply_adam(group, params, [p.grad for p in params], _apply_dense)
 
     def _projected_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
         kept, lows = [], []
@@ -226,7 +236,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             group,
             params,
             [kept_lows[index] for index, _ in kept],
-            lambda p, d, a: project_back_(p, d, bases[p], a * scale),
+            lambda p, d, a, decay: project_back_(p, d, bases[p], a * scale, decay),
         )
 
     def _apply_adam(
@@ -234,9 +244,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         group: dict[str, Any],
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
-        apply: Callable[[torch.Tensor, torch.Tensor, float], None],
+        apply: Callable[[torch.Tensor, torch.Tensor, float, float], None],
     ) -> None:
-        """Moments, bias-corrected directions, decoupled decay, then ``apply(param, d, -lr)``."""
+        """Moments and bias-corrected directions ``d``, then ``apply(param, d, -lr, decay)``.
+
+        ``apply`` must compute ``param = decay * param - lr * update(d)``: decoupled weight
+        decay (``decay = 1 - lr * wd``) in full space, fused with the update where it can be.
+        """
         beta1, beta2 = group["betas"]
         states = [self.state[param] for param in params]
         for state in states:
@@ -257,10 +271,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         directions = adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
         directions = [d.to(p.dtype) for d, p in zip(directions, params, strict=True)]
         lr = float(group["lr"])
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        decay = 1.0 - lr * group["weight_decay"]
         for param, direction in zip(params, directions, strict=True):
-            apply(param, direction, -lr)
+            apply(param, direction, -lr, decay)
 
     # ------------------------------------------------------------------------------ state
     def _init_projected_state(self, group: dict[str, Any], param: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from lowrank_optim import state_keys as keys
 from lowrank_optim.config import StabilityConfig
 from lowrank_optim.errors import SubspaceRefreshError
-from lowrank_optim.optim import state_keys as keys
 from lowrank_optim.projection import get_refresh_method, refresh_target, rotate_moments_
 from lowrank_optim.stability import (
     LEADING_HISTORY,
@@ -24,6 +24,7 @@ from lowrank_optim.stability import (
     make_policy,
     push_history_,
     subspace_overlap,
+    update_stability_,
 )
 
 __all__ = ["compute_bases", "refresh_parameter"]
@@ -108,8 +109,9 @@ def refresh_parameter(
         state[keys.REFRESHES_SKIPPED] += max((step - last) // base_gap - 1, 0)
     state[keys.REFRESHES] += 1
     state[keys.LAST_REFRESH] = step
-    policy = make_policy(StabilityConfig.from_group(group))
-    gap = policy.next_gap(state, state[keys.REFRESH_GAP], base_gap, step)
+    config = StabilityConfig.from_group(group)
+    stable = update_stability_(state, config, step)
+    gap = make_policy(config).next_gap(state, state[keys.REFRESH_GAP], base_gap, stable)
     state[keys.REFRESH_GAP] = gap
     state[keys.NEXT_REFRESH] = step + gap
     return True

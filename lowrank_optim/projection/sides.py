@@ -85,17 +85,27 @@ def project(grad: torch.Tensor, bases: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def project_back_(
-    param: torch.Tensor, low: torch.Tensor, bases: dict[str, torch.Tensor], alpha: float
+    param: torch.Tensor,
+    low: torch.Tensor,
+    bases: dict[str, torch.Tensor],
+    alpha: float,
+    beta: float = 1.0,
 ) -> None:
-    """``param += alpha * back(low)``, fused into one ``addmm_`` where the shapes allow."""
+    """``param = beta * param + alpha * back(low)`` in one ``addmm_`` where the shapes allow.
+
+    Folding ``beta`` (decoupled weight decay, ``1 - lr * wd``) into the GEMM saves a full pass
+    over the weight.
+    """
     left, right = bases.get(LEFT), bases.get(RIGHT)
     if left is not None and right is not None:
-        param.addmm_(left, low @ right.T, alpha=alpha)
+        param.addmm_(left, low @ right.T, beta=beta, alpha=alpha)
     elif left is not None:
-        param.addmm_(left, low, alpha=alpha)
+        param.addmm_(left, low, beta=beta, alpha=alpha)
     elif right is not None:
-        param.addmm_(low, right.T, alpha=alpha)
+        param.addmm_(low, right.T, beta=beta, alpha=alpha)
     else:
+        if beta != 1.0:
+            param.mul_(beta)
         param.add_(low, alpha=alpha)
 
 
@@ -118,7 +128,8 @@ def rotate_moments_(
         old = old_bases.get(key)
         if old is None:
             continue
-        change = (new.T.float() @ old.float()).to(exp_avg.dtype)
+        compute = torch.promote_types(exp_avg.dtype, torch.float32)  # fp32 at least, fp64 kept
+        change = (new.T.to(compute) @ old.to(compute)).to(exp_avg.dtype)
         squared = change.square()
         if key == LEFT:
             exp_avg.copy_(change @ exp_avg)

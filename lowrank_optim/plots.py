@@ -1,0 +1,105 @@
+"""Matplotlib figures drawn from the JSONL metrics log (see :mod:`lowrank_optim.reporting`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_stability", "read_records"]
+
+
+def read_records(path: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
+    """All records of a JSONL log, optionally only those of one ``kind``."""
+    records = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from None
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def plot_stability(
+    log_path: str | os.PathLike[str], output: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Heat map of subspace overlap (layers x steps) and a per-module-type summary.
+
+    Left: each row is a projected layer, each column a logged step, the colour its last
+    overlap ``||P_old^T P_new||_F^2 / r`` (1 = the subspace did not move). Right, top: mean
+    overlap per module type (q, k, v, o, gate, up, down) over steps. Right, bottom: the fraction
+    of each type's layers that meet the stability criterion.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lowrank_optim.reporting import MODULE_TYPES
+
+    records = read_records(log_path, kind="subspace")
+    if not records:
+        raise ValueError(f"{log_path} holds no 'subspace' records; log them with MetricsWriter")
+    steps = sorted({int(r["step"]) for r in records})
+    layers = list(dict.fromkeys(r["name"] for r in records))
+    step_index = {step: i for i, step in enumerate(steps)}
+    layer_index = {name: i for i, name in enumerate(layers)}
+    overlap = np.full((len(layers), len(steps)), np.nan)
+    by_type: dict[str, dict[int, list[tuple[float, bool]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        value = math.nan if r["last_overlap"] is None else float(r["last_overlap"])
+        overlap[layer_index[r["name"]], step_index[int(r["step"])]] = value
+        by_type[r["module_type"]][int(r["step"])].append((value, bool(r["stable"])))
+
+    figure = plt.figure(figsize=(14, max(4.0, 0.18 * len(layers) + 2)))
+    grid = figure.add_gridspec(2, 2, width_ratios=(1.6, 1.0))
+    heat = figure.add_subplot(grid[:, 0])
+    image = heat.imshow(
+        overlap, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest"
+    )
+    heat.set_xlabel("step")
+    heat.set_ylabel("layer")
+    ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).astype(int)
+    heat.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    if len(layers) <= 60:
+        heat.set_yticks(range(len(layers)), [_short(name) for name in layers], fontsize=6)
+    figure.colorbar(image, ax=heat, label="subspace overlap")
+    heat.set_title("overlap of consecutive bases")
+
+    mean_axis = figure.add_subplot(grid[0, 1])
+    stable_axis = figure.add_subplot(grid[1, 1], sharex=mean_axis)
+    ordered = [t for t in MODULE_TYPES if t in by_type] + sorted(set(by_type) - set(MODULE_TYPES))
+    for kind in ordered:
+        xs = sorted(by_type[kind])
+        means = [np.nanmean([v for v, _ in by_type[kind][x]] or [np.nan]) for x in xs]
+        stable = [np.mean([s for _, s in by_type[kind][x]]) for x in xs]
+        mean_axis.plot(xs, means, label=kind)
+        stable_axis.plot(xs, stable, label=kind)
+    mean_axis.set_ylabel("mean overlap")
+    mean_axis.set_ylim(0.0, 1.05)
+    mean_axis.legend(fontsize=7, ncol=4)
+    mean_axis.set_title("per module type")
+    stable_axis.set_ylabel("fraction stable")
+    stable_axis.set_xlabel("step")
+    stable_axis.set_ylim(-0.05, 1.05)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.").removesuffix(".weight").replace("layers.", "L")
