@@ -13,6 +13,43 @@ COMMANDS: dict[
 ] = {}
 
 
+def _add_plot_stability(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", help="JSONL metrics file written during training")
+    parser.add_argument("-o", "--output", default="stability.png", help="PNG to write")
+    parser.add_argument("--title", default=None)
+
+
+def _run_plot_stability(args: argparse.Namespace) -> int:
+    from lowrank_optim.plots import plot_stability
+
+    print(plot_stability(args.log, args.output, title=args.title))
+    return 0
+
+
+def _add_pretrain(parser: argparse.ArgumentParser) -> None:
+    from lowrank_optim.pretrain import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from lowrank_optim.pretrain import run
+
+    return run(args)
+
+
+COMMANDS["pretrain"] = (
+    "Pretrain a small LLaMA on the built-in corpus (defaults: 9M, WeLoreAdamW, a few minutes)",
+    _add_pretrain,
+    _run_pretrain,
+)
+COMMANDS["plot-stability"] = (
+    "Heat map of per-layer subspace overlap and a per-module-type summary from a JSONL log",
+    _add_plot_stability,
+    _run_plot_stability,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank-optim",

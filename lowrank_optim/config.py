@@ -18,6 +18,8 @@ from typing import Any
 from lowrank_optim.projection.registry import available_refresh_methods
 
 __all__ = [
+    "HANDOFF_MOMENTS",
+    "HandoffConfig",
     "MOMENT_TRANSFERS",
     "ON_BAD_GRADIENT",
     "PROJ_TYPES",
@@ -209,3 +211,57 @@ class StabilityConfig:
         prefix = "stability_"
         values = {k[len(prefix) :]: v for k, v in group.items() if k.startswith(prefix)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+HANDOFF_MOMENTS = ("project", "fresh")
+
+
+@dataclass(frozen=True)
+class HandoffConfig:
+    """When WeLoreAdamW replaces a converged layer by low-rank factors, and how.
+
+    A projected layer is handed off at a check step ``t`` when ``t >= start_step`` and its
+    gradient subspace has met the stability criterion (:class:`StabilityConfig`) for at least
+    ``min_stable_steps`` steps. Its rank comes from WeLore's data-free selection (Jaiswal et al.,
+    ICML 2025): singular values of every projected weight are min/max normalized, one global
+    threshold is solved so that ``target_reduction`` of the total rank would be removed, and a
+    layer is factorized only if its own reduction exceeds ``min_ratio`` and the factors are
+    smaller than the dense matrix (``k < mn / (m + n)``).
+
+    Attributes:
+        start_step: earliest step at which a hand-off may happen.
+        min_stable_steps: how long a layer must have been stable.
+        target_reduction: overall fraction of rank to remove, in (0, 1).
+        min_ratio: a layer's own rank reduction must exceed this to be factorized.
+        check_every: steps between hand-off checks (each check takes the spectra of the
+            projected weights, so it is kept off the per-step path).
+        moments: ``project`` carries the layer's low-rank Adam moments onto the factors;
+            ``fresh`` starts the factors' AdamW from zero.
+    """
+
+    start_step: int = 0
+    min_stable_steps: int = 0
+    target_reduction: float = 0.5
+    min_ratio: float = 0.5
+    check_every: int = 50
+    moments: str = "project"
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.start_step, int) and self.start_step >= 0,
+            f"Invalid start_step: {self.start_step!r}; must be an integer >= 0",
+        )
+        _require(
+            isinstance(self.min_stable_steps, int) and self.min_stable_steps >= 0,
+            f"Invalid min_stable_steps: {self.min_stable_steps!r}; must be an integer >= 0",
+        )
+        _require(
+            isinstance(self.target_reduction, float | int) and 0.0 < self.target_reduction < 1.0,
+            f"Invalid target_reduction: {self.target_reduction!r}; must be in (0, 1)",
+        )
+        _require(
+            isinstance(self.min_ratio, float | int) and 0.0 <= self.min_ratio < 1.0,
+            f"Invalid min_ratio: {self.min_ratio!r}; must be in [0, 1)",
+        )
+        _require_positive_int("check_every", self.check_every)
+        _require_choice("moments", self.moments, HANDOFF_MOMENTS)

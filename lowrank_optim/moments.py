@@ -7,9 +7,10 @@ Kingma & Ba (2015) with decoupled weight decay (Loshchilov & Hutter, 2019), in t
     v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
     d_t = (m_t / (1 - beta1^t)) / (sqrt(v_t) / sqrt(1 - beta2^t) + eps)
 
-The caller applies ``d_t``: to the parameter directly (dense AdamW) or after projecting it back
-to full space (GaLore). The lists are processed with ``torch._foreach_*`` kernels, which is what
-``torch.optim`` itself uses to avoid one Python round trip per tensor.
+Here ``d_t = m_t / denominator_t`` scaled by ``step_size_t = lr / (1 - beta1^t)``; the caller
+applies it to the parameter directly (dense AdamW, fused into one ``addcdiv``) or after
+projecting it back to full space (GaLore). The lists are processed with ``torch._foreach_*``
+kernels, which is what ``torch.optim`` itself uses to avoid one Python round trip per tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["adam_directions", "update_moments_"]
+__all__ = ["adam_denominators", "adam_step_sizes", "update_moments_"]
 
 
 def update_moments_(
@@ -34,18 +35,16 @@ def update_moments_(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
 
-def adam_directions(
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[int],
-    beta1: float,
-    beta2: float,
-    eps: float,
+def adam_denominators(
+    exp_avg_sqs: list[torch.Tensor], steps: list[int], beta2: float, eps: float
 ) -> list[torch.Tensor]:
-    """Bias-corrected Adam directions ``d_t`` (new tensors) for moments at the given steps."""
+    """``sqrt(v_t) / sqrt(1 - beta2^t) + eps`` (new tensors), per tensor of the list."""
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2**step) for step in steps])
     torch._foreach_add_(denominators, eps)
-    directions = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_mul_(directions, [1.0 / (1.0 - beta1**step) for step in steps])
-    return directions
+    return denominators
+
+
+def adam_step_sizes(lr: float, steps: list[int], beta1: float) -> list[float]:
+    """``lr / (1 - beta1^t)``: the first-moment bias correction folded into the step size."""
+    return [lr / (1.0 - beta1**step) for step in steps]

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_stability", "read_records"]
+__all__ = ["plot_losses", "plot_stability", "read_records"]
 
 
 def read_records(path: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
@@ -80,7 +80,7 @@ def plot_stability(
     ordered = [t for t in MODULE_TYPES if t in by_type] + sorted(set(by_type) - set(MODULE_TYPES))
     for kind in ordered:
         xs = sorted(by_type[kind])
-        means = [np.nanmean([v for v, _ in by_type[kind][x]] or [np.nan]) for x in xs]
+        means = [_finite_mean([v for v, _ in by_type[kind][x]]) for x in xs]
         stable = [np.mean([s for _, s in by_type[kind][x]]) for x in xs]
         mean_axis.plot(xs, means, label=kind)
         stable_axis.plot(xs, stable, label=kind)
@@ -101,5 +101,54 @@ def plot_stability(
     return output
 
 
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def _short(name: str) -> str:
     return name.removeprefix("model.").removesuffix(".weight").replace("layers.", "L")
+
+
+def plot_losses(
+    log_paths: str | os.PathLike[str] | dict[str, str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
+    """Train and eval loss against step, for one run or several (``{label: log_path}``).
+
+    Hand-off steps recorded in a log are marked with vertical ticks on its eval curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = log_paths if isinstance(log_paths, dict) else {"": log_paths}
+    figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, path in runs.items():
+        train = read_records(path, kind="train")
+        evals = read_records(path, kind="eval")
+        handoffs = sorted({int(r["step"]) for r in read_records(path, kind="handoff")})
+        if train:
+            train_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        if evals:
+            line = eval_axis.plot(
+                [r["step"] for r in evals], [r["loss"] for r in evals], marker="o", label=label
+            )
+            for step in handoffs:
+                eval_axis.axvline(step, color=line[0].get_color(), alpha=0.15, linewidth=1)
+    for axis, name in ((train_axis, "train loss"), (eval_axis, "eval loss")):
+        axis.set_xlabel("step")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        if len(runs) > 1:
+            axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output

@@ -28,7 +28,7 @@ from lowrank_optim.config import (
     validate_on_bad_gradient,
 )
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
-from lowrank_optim.moments import adam_directions, update_moments_
+from lowrank_optim.moments import adam_denominators, adam_step_sizes, update_moments_
 from lowrank_optim.optim.refresh import refresh_parameter
 from lowrank_optim.projection import (
     basis_keys,
@@ -55,12 +55,6 @@ _STRUCTURAL_KEYS = ("rank", "proj_type")
 def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
-def _apply_dense(param: torch.Tensor, direction: torch.Tensor, alpha: float, decay: float) -> None:
-    if decay != 1.0:
-        param.mul_(decay)
-    param.add_(direction, alpha=alpha)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -202,7 +196,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not items:
             return
         params = [param for _, param in items]
-        self._apply_adam(group, params, [p.grad for p in params], _apply_dense)
+        exp_avgs, denominators, step_sizes, decay = self._adam_moments(
+            group, params, [p.grad for p in params]
+        )
+        if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs, strict=True)):
+            # The torch.optim.AdamW update, fused over the list: no direction tensors at all.
+            if decay != 1.0:
+                torch._foreach_mul_(params, decay)
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s for s in step_sizes])
+            return
+        for param, exp_avg, denominator, step_size in zip(
+            params, exp_avgs, denominators, step_sizes, strict=True
+        ):
+            if decay != 1.0:
+                param.mul_(decay)
+            param.add_((exp_avg / denominator).to(param.dtype), alpha=-step_size)
 
     def _projected_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
         kept, lows = [], []
@@ -230,26 +238,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not kept:
             return
         params = [param for _, param in kept]
-        bases = {param: self._bases(group, param) for param in params}
-        scale = float(group["scale"])
-        self._apply_adam(
-            group,
-            params,
-            [kept_lows[index] for index, _ in kept],
-            lambda p, d, a, decay: project_back_(p, d, bases[p], a * scale, decay),
+        exp_avgs, denominators, step_sizes, decay = self._adam_moments(
+            group, params, [kept_lows[index] for index, _ in kept]
         )
+        directions = torch._foreach_div(exp_avgs, denominators)
+        scale = float(group["scale"])
+        for param, direction, step_size in zip(params, directions, step_sizes, strict=True):
+            bases = self._bases(group, param)
+            project_back_(param, direction.to(param.dtype), bases, -step_size * scale, decay)
 
-    def _apply_adam(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        apply: Callable[[torch.Tensor, torch.Tensor, float, float], None],
-    ) -> None:
-        """Moments and bias-corrected directions ``d``, then ``apply(param, d, -lr, decay)``.
+    def _adam_moments(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], float]:
+        """Advance the moments; returns ``(m, denominators, step sizes, decay)``.
 
-        ``apply`` must compute ``param = decay * param - lr * update(d)``: decoupled weight
-        decay (``decay = 1 - lr * wd``) in full space, fused with the update where it can be.
+        The update is ``param = decay * param - step_size * back(m / denominator)`` with
+        ``decay = 1 - lr * wd`` (decoupled weight decay, in full space) and
+        ``step_size = lr / (1 - beta1^t)``; see :mod:`lowrank_optim.moments`.
         """
         beta1, beta2 = group["betas"]
         states = [self.state[param] for param in params]
@@ -268,12 +273,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if stored is not computed:
                 stored.copy_(computed)
         steps = [int(state[keys.STEP]) for state in states]
-        directions = adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
-        directions = [d.to(p.dtype) for d, p in zip(directions, params, strict=True)]
+        denominators = adam_denominators(exp_avg_sqs, steps, beta2, group["eps"])
         lr = float(group["lr"])
-        decay = 1.0 - lr * group["weight_decay"]
-        for param, direction in zip(params, directions, strict=True):
-            apply(param, direction, -lr, decay)
+        return (
+            exp_avgs,
+            denominators,
+            adam_step_sizes(lr, steps, beta1),
+            1.0 - lr * group["weight_decay"],
+        )
 
     # ------------------------------------------------------------------------------ state
     def _init_projected_state(self, group: dict[str, Any], param: torch.Tensor) -> None:

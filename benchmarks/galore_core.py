@@ -1,0 +1,199 @@
+"""GaLore core benchmark: AdamW vs galore-torch vs ours (SVD / randomized, keep / rotate).
+
+One script run = one seed, one data order, every method through the same training loop
+(`lowrank_optim.pretrain.run_pretraining`). Reports eval loss, optimizer-state bytes, mean
+optimizer-step time as a ratio to torch AdamW, and the refresh time per matrix (exact SVD vs
+warm-started randomized) at the LLaMA 60M, 350M and 1B shapes.
+
+    python benchmarks/galore_core.py            # ~15 minutes on 2 CPU cores
+    python benchmarks/galore_core.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, markdown_table, write_json
+
+from lowrank_optim import GaLoreAdamW, ProjectionConfig, StabilityConfig
+from lowrank_optim.factory import lowrank_param_groups
+from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+from lowrank_optim.projection import randomized_basis, svd_basis
+from lowrank_optim.stability import subspace_overlap
+
+REFRESH_SHAPES = {  # (rows, cols, rank): GaLore's ranks for these sizes
+    "60M": [(512, 512, 128), (1376, 512, 128)],
+    "350M": [(1024, 1024, 256), (2736, 1024, 256)],
+    "1B": [(2048, 2048, 512), (5461, 2048, 512)],
+}
+
+
+def galore_torch_factory(rank: int, gap: int, scale: float):
+    from galore_torch import GaLoreAdamW as PeerGaLoreAdamW
+
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        groups = lowrank_param_groups(model, "attn-mlp")
+        projected = groups[-1]
+        projected.pop("projection")
+        projected["params"] = [param for _, param in projected["params"]]
+        groups[0]["params"] = [param for _, param in groups[0]["params"]]
+        projected.update(rank=rank, update_proj_gap=gap, scale=scale, proj_type="std")
+        return PeerGaLoreAdamW(groups, lr=base.lr, weight_decay=base.weight_decay)
+
+    base = PretrainConfig()
+    return build
+
+
+def ours_factory(config: PretrainConfig, refresh: str, transfer: str):
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        projection = ProjectionConfig(
+            rank=config.rank,
+            update_proj_gap=config.update_proj_gap,
+            scale=config.scale,
+            refresh=refresh,
+            moment_transfer=transfer,
+        )
+        return GaLoreAdamW(
+            lowrank_param_groups(model, "attn-mlp", projection),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            stability=StabilityConfig(policy="fixed"),
+        )
+
+    return build
+
+
+def pretraining_runs(steps: int, out: Path) -> list[dict[str, Any]]:
+    base = PretrainConfig(
+        steps=steps, progress=False, eval_every=max(steps // 6, 1), checkpoint_every=10**9
+    )
+    methods: list[tuple[str, Any]] = [
+        (
+            "torch AdamW",
+            lambda model: torch.optim.AdamW(
+                model.parameters(), lr=base.lr, weight_decay=base.weight_decay
+            ),
+        ),
+    ]
+    try:
+        methods.append(
+            (
+                "galore-torch GaLoreAdamW",
+                galore_torch_factory(base.rank, base.update_proj_gap, base.scale),
+            )
+        )
+    except ImportError as error:
+        print(f"galore-torch unavailable ({error}); pip install --no-deps galore-torch")
+    for refresh in ("svd", "randomized"):
+        for transfer in ("keep", "rotate"):
+            methods.append((f"ours {refresh}/{transfer}", ours_factory(base, refresh, transfer)))
+    rows = []
+    for label, factory in methods:
+        slug = label.replace(" ", "_").replace("/", "-")
+        config = PretrainConfig(**{**base.__dict__, "out_dir": str(out / slug)})
+        started = time.perf_counter()
+        summary = run_pretraining(config, optimizer_factory=factory)
+        seconds = time.perf_counter() - started
+        print(f"{label}: eval {summary['final_eval_loss']:.4f} in {seconds:.0f}s")
+        rows.append({"method": label, **{k: v for k, v in summary.items() if k != "step_seconds"}})
+    return rows
+
+
+def refresh_timings(repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for size, shapes in REFRESH_SHAPES.items():
+        for rows_, cols, rank in shapes:
+            # A gradient with a decaying spectrum, and a drifted copy (the next refresh's input).
+            grad = torch.randn(rows_, cols, generator=generator) / torch.arange(1, cols + 1) ** 0.5
+            drifted = grad + 0.1 * torch.randn(rows_, cols, generator=generator) / cols**0.5
+            target, next_target = (grad, drifted) if rows_ <= cols else (grad.T, drifted.T)
+            previous = svd_basis(target, rank)
+            svd_times, fast_times = [], []
+            for _ in range(repeats):
+                tick = time.perf_counter()
+                exact = svd_basis(next_target, rank)
+                svd_times.append(time.perf_counter() - tick)
+                tick = time.perf_counter()
+                fast = randomized_basis(
+                    next_target, rank, previous, power_iters=1, oversample=8, generator=generator
+                )
+                fast_times.append(time.perf_counter() - tick)
+            rows.append(
+                {
+                    "config": size,
+                    "shape": [rows_, cols],
+                    "rank": rank,
+                    "svd_seconds": statistics.median(svd_times),
+                    "randomized_seconds": statistics.median(fast_times),
+                    "speedup": statistics.median(svd_times) / statistics.median(fast_times),
+                    "overlap_with_svd": subspace_overlap(exact, fast),
+                }
+            )
+            print(rows[-1])
+    return rows
+
+
+def report(runs: list[dict[str, Any]], refresh: list[dict[str, Any]]) -> str:
+    adamw = next(r for r in runs if r["method"] == "torch AdamW")
+    table = markdown_table(
+        ["method", "eval loss", "optimizer state (MiB)", "opt. step vs AdamW", "wall (s)"],
+        [
+            [
+                r["method"],
+                f"{r['final_eval_loss']:.4f}",
+                f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+                f"{r['mean_optimizer_step_seconds'] / adamw['mean_optimizer_step_seconds']:.2f}x",
+                f"{r['wall_seconds']:.0f}",
+            ]
+            for r in runs
+        ],
+    )
+    timing = markdown_table(
+        ["config", "shape", "rank", "SVD (ms)", "randomized (ms)", "speed-up", "overlap w/ SVD"],
+        [
+            [
+                r["config"],
+                f"{r['shape'][0]}x{r['shape'][1]}",
+                r["rank"],
+                f"{r['svd_seconds'] * 1e3:.0f}",
+                f"{r['randomized_seconds'] * 1e3:.0f}",
+                f"{r['speedup']:.1f}x",
+                f"{r['overlap_with_svd']:.3f}",
+            ]
+            for r in refresh
+        ],
+    )
+    return (
+        f"### Pretraining (9M LLaMA, built-in corpus)\n\n{table}\n\n"
+        f"### Refresh time per matrix\n\n{timing}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 60M shapes")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 20, 1
+        for key in ("350M", "1B"):
+            REFRESH_SHAPES.pop(key)
+    out = RESULTS / "runs" / "galore_core"
+    runs = pretraining_runs(args.steps, out)
+    refresh = refresh_timings(args.repeats)
+    path = write_json("galore_core", {"steps": args.steps, "runs": runs, "refresh": refresh})
+    markdown = report(runs, refresh)
+    (RESULTS / "galore_core.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""WeLore hand-off: pick converged layers, choose their rank, swap in factors, move the state.
+
+The pieces WeLoreAdamW composes (Jaiswal et al., "From GaLore to WeLore", ICML 2025):
+
+1. :func:`projected_linears` finds the ``nn.Linear`` modules whose weight the optimizer projects.
+2. :func:`choose_ranks` runs WeLore's data-free rank selection over all projected weights with
+   one global threshold, counting the rank already removed by earlier hand-offs, so the overall
+   target holds however many hand-offs it takes.
+3. :func:`factor_moments` carries the layer's low-rank Adam moments onto the two factors.
+
+Moment carry. With ``W ~ U D`` (``U = U_k S^1/2``, ``D = S^1/2 V_k^T``) the factor gradients
+are ``G_U = G D^T`` and ``G_D = U^T G``. GaLore's first moment ``M`` lives in projected
+coordinates; ``back(M)`` (e.g. ``P M``) is its full-space estimate, so
+``m_U = back(M) D^T`` and ``m_D = U^T back(M)`` are exact images of it. The second moment is
+carried under the same independence assumption used at a basis refresh: ``back_sq(V)``
+(``(P o P) V``) estimates ``E[G^2]`` elementwise, and ``v_U = back_sq(V) (D o D)^T``,
+``v_D = (U o U)^T back_sq(V)``. The step count is kept, so bias correction stays consistent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_optim import state_keys as keys
+from lowrank_optim.factorize import normalized_spectrum
+from lowrank_optim.projection import LEFT, RIGHT
+
+__all__ = ["HandoffCandidate", "choose_ranks", "factor_moments", "projected_linears"]
+
+
+@dataclass(frozen=True)
+class HandoffCandidate:
+    """A dense projected linear layer, where its weight sits in the optimizer, and its spectrum."""
+
+    name: str
+    module: nn.Linear
+    group_index: int
+
+
+def projected_linears(
+    model: nn.Module, optimizer: torch.optim.Optimizer, is_projected: Any
+) -> list[HandoffCandidate]:
+    """Every ``nn.Linear`` of ``model`` whose weight ``optimizer`` steps in a low-rank subspace."""
+    where = {}
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            if is_projected(group, param):
+                where[id(param)] = group_index
+    return [
+        HandoffCandidate(name, module, where[id(module.weight)])
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and id(module.weight) in where
+    ]
+
+
+def choose_ranks(
+    spectra: dict[str, torch.Tensor],
+    removed_before: int,
+    total_rank: int,
+    target_reduction: float,
+) -> dict[str, int]:
+    """Ranks to keep for the dense matrices in ``spectra`` under WeLore's global threshold.
+
+    ``total_rank`` is ``sum(min(m, n))`` over all projected matrices, factorized ones included,
+    and ``removed_before`` the rank their hand-offs already removed. The threshold ``t`` is the
+    order statistic of the pooled normalized singular values that removes the rest of
+    ``target_reduction * total_rank``; a matrix keeps the count of its values ``>= t``.
+    """
+    normalized = {name: normalized_spectrum(values.float()) for name, values in spectra.items()}
+    still_to_remove = math.ceil(target_reduction * total_rank) - removed_before
+    if still_to_remove <= 0 or not normalized:
+        return {name: values.numel() for name, values in normalized.items()}
+    pooled = torch.sort(torch.cat(list(normalized.values()))).values
+    threshold = float(pooled[min(still_to_remove, pooled.numel() - 1)])
+    return {name: max(int((values >= threshold).sum()), 1) for name, values in normalized.items()}
+
+
+def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
+    left, right = bases.get(LEFT), bases.get(RIGHT)
+    full = low
+    if left is not None:
+        full = (left.square() if squared else left) @ full
+    if right is not None:
+        full = full @ (right.square() if squared else right).T
+    return full
+
+
+def factor_moments(
+    state: dict[str, Any],
+    bases: dict[str, torch.Tensor],
+    up: torch.Tensor,
+    down: torch.Tensor,
+    fresh: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW states for the factors ``up`` (``m x k``) and ``down`` (``k x n``) of a layer."""
+    if fresh or not bases:
+        return (
+            {
+                keys.STEP: torch.tensor(0.0),
+                keys.EXP_AVG: torch.zeros_like(up),
+                keys.EXP_AVG_SQ: torch.zeros_like(up),
+            },
+            {
+                keys.STEP: torch.tensor(0.0),
+                keys.EXP_AVG: torch.zeros_like(down),
+                keys.EXP_AVG_SQ: torch.zeros_like(down),
+            },
+        )
+    fp32 = {key: basis.float() for key, basis in bases.items()}
+    first = _back(state[keys.EXP_AVG].float(), fp32, squared=False)
+    second = _back(state[keys.EXP_AVG_SQ].float(), fp32, squared=True)
+    up32, down32 = up.detach().float(), down.detach().float()
+    step = state[keys.STEP].clone()
+    up_state = {
+        keys.STEP: step.clone(),
+        keys.EXP_AVG: (first @ down32.T).to(up.dtype),
+        keys.EXP_AVG_SQ: (second @ down32.square().T).to(up.dtype),
+    }
+    down_state = {
+        keys.STEP: step,
+        keys.EXP_AVG: (up32.T @ first).to(down.dtype),
+        keys.EXP_AVG_SQ: (up32.square().T @ second).to(down.dtype),
+    }
+    return up_state, down_state

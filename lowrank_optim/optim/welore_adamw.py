@@ -1,0 +1,298 @@
+"""WeLoreAdamW: GaLore training that hands converged layers off to low-rank factors.
+
+Jaiswal et al., "From GaLore to WeLore: How Low-Rank Weights Non-uniformly Emerge from Low-Rank
+Gradients", ICML 2025. Layers whose gradient subspace stabilizes are the ones whose weights
+become low-rank; once a projected layer has been stable for a while (see
+:mod:`lowrank_optim.stability`), its weight ``W`` (``m x n``) is replaced by
+``LowRankLinear`` factors ``U`` (``m x k``) and ``D`` (``k x n``), with ``k`` from WeLore's
+data-free global-threshold rank selection, and the factors train with plain AdamW from then on.
+Weight, gradient and optimizer-state memory, and the layer's FLOPs, drop from ``mn`` to
+``k (m + n)``.
+
+Usage (one extra line in the training loop)::
+
+    optimizer = WeLoreAdamW(param_groups, lr=1e-3, handoff=HandoffConfig(...), model=model)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model = optimizer.maybe_handoff(model)   # may return a new DDP wrapper
+
+Without ``maybe_handoff`` calls it is exactly :class:`GaLoreAdamW`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_optim import state_keys as keys
+from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+from lowrank_optim.factorize import LowRankLinear
+from lowrank_optim.handoff import (
+    HandoffCandidate,
+    choose_ranks,
+    factor_moments,
+    projected_linears,
+)
+from lowrank_optim.optim.galore_adamw import GaLoreAdamW
+from lowrank_optim.projection import LEFT, RIGHT
+from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, last_value
+
+__all__ = ["WeLoreAdamW"]
+
+#: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
+FACTORS_OF = "welore_factors_of"
+_CHECKPOINT_KEY = "welore"
+
+
+class WeLoreAdamW(GaLoreAdamW):
+    """GaLoreAdamW plus stability tracking plus WeLore hand-offs to low-rank factors.
+
+    Args:
+        params, lr, betas, eps, weight_decay, projection, stability, on_bad_gradient: as
+            :class:`GaLoreAdamW`. The stability policy defaults to ``overlap``.
+        handoff: when and how layers are handed off (:class:`HandoffConfig`).
+        model: the model the parameters belong to; needed by :meth:`maybe_handoff` (unless
+            passed there) and to resume a checkpoint taken after hand-offs.
+
+    For every projected param group the constructor appends one (initially empty) plain-AdamW
+    group that will hold that group's factors, with the same hyper-parameters, so that learning
+    rate schedulers created afterwards drive the factors too.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        projection: ProjectionConfig | None = None,
+        stability: StabilityConfig | None = None,
+        handoff: HandoffConfig | None = None,
+        on_bad_gradient: str = "raise",
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            projection=projection,
+            stability=stability or StabilityConfig(policy="overlap"),
+            on_bad_gradient=on_bad_gradient,
+        )
+        if handoff is not None and not isinstance(handoff, HandoffConfig):
+            raise ValueError(f"Invalid handoff: {handoff!r}; expected a HandoffConfig")
+        self.handoff_config = handoff or HandoffConfig()
+        self.model = model
+        #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
+        self.plan: dict[str, dict[str, Any]] = {}
+        self.handoffs: list[dict[str, Any]] = []
+        for index, group in enumerate(list(self.param_groups)):
+            if group.get("rank") is not None:
+                self.add_param_group(self._factor_group(group, index))
+
+    def _factor_group(self, source: dict[str, Any], index: int) -> dict[str, Any]:
+        hyper = ("lr", "betas", "eps", "weight_decay", "on_bad_gradient")
+        group: dict[str, Any] = {"params": [], FACTORS_OF: index}
+        group.update({key: source[key] for key in hyper})
+        if "param_names" in source:
+            group["param_names"] = []
+        return group
+
+    def _factor_group_of(self, source_index: int) -> dict[str, Any]:
+        for group in self.param_groups:
+            if group.get(FACTORS_OF) == source_index:
+                return group
+        raise RuntimeError(f"no factor group for param group {source_index}")
+
+    # ---------------------------------------------------------------------------- hand-off
+    def current_step(self) -> int:
+        """The largest step count over the projected parameters (0 before the first step)."""
+        steps = [
+            int(self.state[param][keys.STEP])
+            for group in self.param_groups
+            for param in group["params"]
+            if self.is_projected(group, param) and param in self.state
+        ]
+        return max(steps, default=0)
+
+    def ready_for_handoff(self, param: torch.Tensor, step: int) -> bool:
+        """Stable for at least ``min_stable_steps``, per the stability criterion."""
+        state = self.state.get(param)
+        if not state or state[STABLE_SINCE] < 0:
+            return False
+        return step - state[STABLE_SINCE] >= self.handoff_config.min_stable_steps
+
+    def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
+        """Hand off the layers that qualify now; returns the model to keep training.
+
+        Cheap on most steps: it only looks at the state unless the step is a check step and at
+        least one layer is ready. A ``DistributedDataParallel`` model is unwrapped, changed and
+        re-wrapped (with its original options), so gradients of the new factors are reduced;
+        every rank takes the same decisions because weights and optimizer state agree across
+        ranks.
+        """
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("maybe_handoff needs the model: pass it, or WeLoreAdamW(model=...)")
+        config = self.handoff_config
+        step = self.current_step()
+        if step < max(config.start_step, 1) or step % config.check_every != 0:
+            return model
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        module = model.module if ddp else model
+        candidates = projected_linears(module, self, self.is_projected)
+        ready = [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
+        if not ready:
+            return model
+        ranks = self._ranks_for(candidates)
+        changed = False
+        for candidate in ready:
+            rows, cols = candidate.module.weight.shape
+            rank = ranks[candidate.name]
+            reduction = 1.0 - rank / min(rows, cols)
+            if reduction > config.min_ratio and rank * (rows + cols) < rows * cols:
+                self._handoff(module, candidate, rank, step)
+                changed = True
+        if not changed:
+            return model
+        new_model = _rewrap(model, module) if ddp else module
+        if self.model is model:
+            self.model = new_model
+        return new_model
+
+    def _ranks_for(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
+        spectra = {
+            c.name: torch.linalg.svdvals(c.module.weight.detach().float()) for c in candidates
+        }
+        planned_full = sum(min(entry["shape"]) for entry in self.plan.values())
+        removed = sum(min(entry["shape"]) - entry["rank"] for entry in self.plan.values())
+        total = planned_full + sum(min(c.module.weight.shape) for c in candidates)
+        return choose_ranks(spectra, removed, total, self.handoff_config.target_reduction)
+
+    def _handoff(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
+        linear, weight = candidate.module, candidate.module.weight
+        state = self.state.pop(weight, {})
+        bases = {key: state[key] for key in (LEFT, RIGHT) if key in state}
+        factored = LowRankLinear.from_linear(linear, rank)
+        if linear.bias is not None:
+            factored.bias = linear.bias  # same Parameter: its AdamW state stays valid
+        error = factored.relative_error(weight.detach())
+        fresh = self.handoff_config.moments == "fresh"
+        up_state, down_state = factor_moments(state, bases, factored.up, factored.down, fresh)
+        _replace_module(root, candidate.name, factored)
+        self._move_to_factor_group(candidate, weight, factored)
+        self.state[factored.up] = up_state
+        self.state[factored.down] = down_state
+        weight.grad = None
+        rows, cols = weight.shape
+        self.plan[candidate.name] = {
+            "rank": rank,
+            "shape": [rows, cols],
+            "group": candidate.group_index,
+        }
+        self.handoffs.append(
+            {
+                "step": step,
+                "layer": candidate.name,
+                "rank": rank,
+                "full_rank": min(rows, cols),
+                "params_before": rows * cols,
+                "params_after": rank * (rows + cols),
+                "relative_error": error,
+                "overlap": last_value(state[OVERLAP_HISTORY]) if state else float("nan"),
+                "stable_since": int(state.get(STABLE_SINCE, -1)),
+            }
+        )
+
+    def _move_to_factor_group(
+        self, candidate: HandoffCandidate, weight: torch.Tensor, factored: LowRankLinear
+    ) -> None:
+        source = self.param_groups[candidate.group_index]
+        position = next(i for i, p in enumerate(source["params"]) if p is weight)
+        del source["params"][position]
+        if "param_names" in source:
+            del source["param_names"][position]
+        target = self._factor_group_of(candidate.group_index)
+        target["params"].extend([factored.up, factored.down])
+        if "param_names" in target:
+            target["param_names"].extend([f"{candidate.name}.up", f"{candidate.name}.down"])
+
+    def handoff_report(self) -> list[dict[str, Any]]:
+        """One record per hand-off: step, layer, rank, parameters before/after, error, overlap."""
+        return [dict(record) for record in self.handoffs]
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[_CHECKPOINT_KEY] = {
+            "plan": {name: dict(entry) for name, entry in self.plan.items()},
+            "handoffs": [dict(record) for record in self.handoffs],
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; hand-offs it records are first re-applied to the attached model.
+
+        The re-applied layers get factors of the recorded shapes (values come from the model's
+        own state dict, loaded afterwards), so the parameter layout matches the checkpoint.
+        """
+        saved = state_dict.get(_CHECKPOINT_KEY, {"plan": {}, "handoffs": []})
+        pending = {name: entry for name, entry in saved["plan"].items() if name not in self.plan}
+        if pending:
+            if self.model is None:
+                raise ValueError(
+                    f"This checkpoint was taken after {len(pending)} hand-off(s) "
+                    f"({', '.join(list(pending)[:3])}...); construct WeLoreAdamW(model=...) so "
+                    "they can be re-applied before loading"
+                )
+            self._reapply(pending)
+        super().load_state_dict(state_dict)
+        self.handoffs = [dict(record) for record in saved["handoffs"]]
+
+    def _reapply(self, pending: dict[str, dict[str, Any]]) -> None:
+        model = self.model
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        modules = dict(module.named_modules())
+        for name, entry in pending.items():
+            linear = modules.get(name)
+            if type(linear) is not nn.Linear or list(linear.weight.shape) != entry["shape"]:
+                raise ValueError(
+                    f"Checkpoint hands off layer {name!r} of shape {entry['shape']}, but the "
+                    f"model has {type(linear).__name__ if linear is not None else 'nothing'} there"
+                )
+            candidate = HandoffCandidate(name, linear, int(entry["group"]))
+            factored = LowRankLinear.from_weight(linear.weight.detach(), None, int(entry["rank"]))
+            if linear.bias is not None:
+                factored.bias = linear.bias
+            self.state.pop(linear.weight, None)
+            _replace_module(module, name, factored)
+            self._move_to_factor_group(candidate, linear.weight, factored)
+            self.plan[name] = dict(entry)
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _rewrap(old: nn.parallel.DistributedDataParallel, module: nn.Module) -> nn.Module:
+    """A new DDP wrapper around the changed module, with the old wrapper's options."""
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=old.device_ids,
+        output_device=old.output_device,
+        broadcast_buffers=old.broadcast_buffers,
+        find_unused_parameters=old.find_unused_parameters,
+        gradient_as_bucket_view=old.gradient_as_bucket_view,
+    )
