@@ -66,6 +66,7 @@ class PretrainConfig:
     seed: int = 0
     dtype: str = "float32"
     out_dir: str = "runs/pretrain"
+    stop_after: int | None = None
     resume: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +89,10 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Invalid {name}: {value!r}; must be an integer > 0")
+        if self.stop_after is not None and (
+            not isinstance(self.stop_after, int) or self.stop_after <= 0
+        ):
+            raise ValueError(f"Invalid stop_after: {self.stop_after!r}; must be an integer > 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"Invalid dtype: {self.dtype!r}; allowed: float32, bfloat16")
         if not 0.0 <= self.handoff_start <= 1.0:
@@ -205,7 +210,8 @@ def run_pretraining(
     first_step = step
     step_times: list[tuple[int, float]] = []
     optimizer_seconds: list[float] = []
-    while step < config.steps:
+    last_step = config.steps if config.stop_after is None else min(config.stop_after, config.steps)
+    while step < last_step:
         tick = time.perf_counter()
         batch = next(batches)
         micro_batches = batch.chunk(config.grad_accum)
@@ -251,7 +257,7 @@ def run_pretraining(
                     "perplexity": math.exp(min(eval_loss, 50.0)),
                 }
             )
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % config.checkpoint_every == 0 or step in (config.steps, last_step):
             _save(checkpoint_path, model, optimizer, scheduler, batches, step)
         progress.update(1)
         progress.set_postfix(
@@ -373,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + item.name.replace("_", "-")
         value = getattr(defaults, item.name)
-        kind = type(value) if value is not None else str
+        kind = int if item.name == "stop_after" else type(value) if value is not None else str
         parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
     parser.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
