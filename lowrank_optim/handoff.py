@@ -19,7 +19,6 @@ carried under the same independence assumption used at a basis refresh: ``back_s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from lowrank_optim import state_keys as keys
-from lowrank_optim.factorize import normalized_spectrum
+from lowrank_optim.factorize import normalized_spectrum, solve_threshold
 from lowrank_optim.projection import LEFT, RIGHT
 
 __all__ = ["HandoffCandidate", "choose_ranks", "factor_moments", "projected_linears"]
@@ -67,17 +66,20 @@ def choose_ranks(
     """Ranks to keep for the dense matrices in ``spectra`` under WeLore's global threshold.
 
     ``total_rank`` is ``sum(min(m, n))`` over all projected matrices, factorized ones included,
-    and ``removed_before`` the rank their hand-offs already removed. The threshold ``t`` is the
-    order statistic of the pooled normalized singular values that removes the rest of
-    ``target_reduction * total_rank``; a matrix keeps the count of its values ``>= t``.
+    and ``removed_before`` the rank their hand-offs already removed. The threshold is solved on
+    the dense matrices for whatever is left of ``target_reduction * total_rank``; a matrix keeps
+    the count of its normalized singular values at or above it.
     """
-    normalized = {name: normalized_spectrum(values.float()) for name, values in spectra.items()}
-    still_to_remove = math.ceil(target_reduction * total_rank) - removed_before
-    if still_to_remove <= 0 or not normalized:
-        return {name: values.numel() for name, values in normalized.items()}
-    pooled = torch.sort(torch.cat(list(normalized.values()))).values
-    threshold = float(pooled[min(still_to_remove, pooled.numel() - 1)])
-    return {name: max(int((values >= threshold).sum()), 1) for name, values in normalized.items()}
+    dense_rank = sum(values.numel() for values in spectra.values())
+    still_to_remove = target_reduction * total_rank - removed_before
+    if still_to_remove <= 0 or dense_rank == 0:
+        return {name: values.numel() for name, values in spectra.items()}
+    share = min(still_to_remove / dense_rank, 1.0 - 0.5 / dense_rank)
+    threshold = solve_threshold(spectra, share)
+    return {
+        name: max(int((normalized_spectrum(values) >= threshold).sum()), 1)
+        for name, values in spectra.items()
+    }
 
 
 def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:

@@ -271,7 +271,10 @@ class WeLoreAdamW(GaLoreAdamW):
                     f"model has {type(linear).__name__ if linear is not None else 'nothing'} there"
                 )
             candidate = HandoffCandidate(name, linear, int(entry["group"]))
-            factored = LowRankLinear.from_weight(linear.weight.detach(), None, int(entry["rank"]))
+            rows, cols = linear.weight.shape
+            factored = LowRankLinear(
+                cols, rows, int(entry["rank"]), False, linear.weight.device, linear.weight.dtype
+            )
             if linear.bias is not None:
                 factored.bias = linear.bias
             self.state.pop(linear.weight, None)

@@ -1,0 +1,48 @@
+"""WeLore factorization: data-free rank selection, ``LowRankLinear``, model surgery, saving."""
+
+from lowrank_optim.factorize.lowrank_linear import LowRankLinear, factor_weight
+from lowrank_optim.factorize.rank_selection import (
+    LayerRank,
+    RankPlan,
+    default_include,
+    normalized_spectrum,
+    plan_from_model,
+    plan_ranks,
+    solve_threshold,
+    spectra_of,
+)
+from lowrank_optim.factorize.serialization import (
+    PLAN_FILE,
+    from_pretrained_factorized,
+    load_factorized,
+    save_factorized,
+    save_pretrained_factorized,
+)
+from lowrank_optim.factorize.surgery import (
+    factorize_model,
+    init_lowrank_structure,
+    merge_model,
+    replace_module,
+)
+
+__all__ = [
+    "PLAN_FILE",
+    "LayerRank",
+    "LowRankLinear",
+    "RankPlan",
+    "default_include",
+    "factor_weight",
+    "factorize_model",
+    "from_pretrained_factorized",
+    "init_lowrank_structure",
+    "load_factorized",
+    "merge_model",
+    "normalized_spectrum",
+    "plan_from_model",
+    "plan_ranks",
+    "replace_module",
+    "save_factorized",
+    "save_pretrained_factorized",
+    "solve_threshold",
+    "spectra_of",
+]
