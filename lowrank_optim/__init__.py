@@ -3,22 +3,24 @@
 Public API only; each idea lives in its own module (see the README's layout section).
 """
 
-from lowrank_optim.config import ProjectionConfig, StabilityConfig
+from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.errors import (
     CheckpointMismatchError,
     NonFiniteGradientError,
     SubspaceRefreshError,
 )
-from lowrank_optim.optim import GaLoreAdamW
+from lowrank_optim.optim import GaLoreAdamW, WeLoreAdamW
 from lowrank_optim.projection import available_refresh_methods, register_refresh_method
 
 __all__ = [
     "CheckpointMismatchError",
     "GaLoreAdamW",
+    "HandoffConfig",
     "NonFiniteGradientError",
     "ProjectionConfig",
     "StabilityConfig",
     "SubspaceRefreshError",
+    "WeLoreAdamW",
     "available_refresh_methods",
     "register_refresh_method",
 ]

@@ -113,10 +113,11 @@ def factor_moments(
                 keys.EXP_AVG_SQ: torch.zeros_like(down),
             },
         )
-    fp32 = {key: basis.float() for key, basis in bases.items()}
-    first = _back(state[keys.EXP_AVG].float(), fp32, squared=False)
-    second = _back(state[keys.EXP_AVG_SQ].float(), fp32, squared=True)
-    up32, down32 = up.detach().float(), down.detach().float()
+    compute = torch.promote_types(up.dtype, torch.float32)  # fp32 at least, fp64 kept
+    wide = {key: basis.to(compute) for key, basis in bases.items()}
+    first = _back(state[keys.EXP_AVG].to(compute), wide, squared=False)
+    second = _back(state[keys.EXP_AVG_SQ].to(compute), wide, squared=True)
+    up32, down32 = up.detach().to(compute), down.detach().to(compute)
     step = state[keys.STEP].clone()
     up_state = {
         keys.STEP: step.clone(),

@@ -50,3 +50,13 @@ CASES: list[OptimizerCase] = [
         identity_group={"refresh": "identity", "scale": 1.0},
     ),
 ]
+
+from lowrank_optim.optim.welore_adamw import WeLoreAdamW  # noqa: E402
+
+CASES.append(
+    OptimizerCase(
+        name="WeLoreAdamW",
+        build=WeLoreAdamW,
+        identity_group={"refresh": "identity", "scale": 1.0},
+    )
+)

@@ -1,5 +1,6 @@
 """The optimizer classes: thin shells that compose projection, moments and stability."""
 
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
+from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 
-__all__ = ["GaLoreAdamW"]
+__all__ = ["GaLoreAdamW", "WeLoreAdamW"]
