@@ -1,0 +1,293 @@
+"""Small-LLaMA pretraining suite: fixed vs adaptive refresh gap, and WeLore hand-offs.
+
+Four runs with one seed and one data order through the same loop
+(`lowrank_optim.pretrain.run_pretraining`):
+
+* torch AdamW;
+* GaLoreAdamW with GaLore's fixed refresh gap (the baseline for both questions below);
+* GaLoreAdamW with the adaptive gap (`StabilityConfig(policy="overlap")`): refreshes saved,
+  wall time saved, eval loss (issue: subspace stabilization);
+* WeLoreAdamW: hand-off steps, projected parameters removed, memory and step time before and
+  after, eval loss against GaLoreAdamW (issue: WeLore hand-off).
+
+    python benchmarks/pretrain_suite.py             # about 25 minutes on 2 CPU cores
+    python benchmarks/pretrain_suite.py --steps 60  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, markdown_table, write_json
+
+from lowrank_optim.plots import plot_losses, plot_stability, read_records
+from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+
+BYTES = 4  # fp32 weights, gradients and states
+
+
+def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
+    base = PretrainConfig(
+        model=args.model,
+        steps=args.steps,
+        rank=args.rank,
+        update_proj_gap=args.gap,
+        eval_every=max(args.steps // 15, 1),
+        checkpoint_every=10**9,
+        progress=False,
+        stability_threshold=args.threshold,
+        stability_patience=args.patience,
+        handoff_start=args.handoff_start,
+        target_reduction=args.target,
+        min_ratio=args.min_ratio,
+    )
+    out = RESULTS / "runs" / "pretrain_suite"
+    return {
+        "torch AdamW": replace(base, optimizer="adamw", out_dir=str(out / "adamw")),
+        "GaLoreAdamW (fixed gap)": replace(
+            base, optimizer="galore_adamw", stability_policy="fixed", out_dir=str(out / "galore")
+        ),
+        "GaLoreAdamW (adaptive gap)": replace(
+            base,
+            optimizer="galore_adamw",
+            stability_policy="overlap",
+            out_dir=str(out / "galore_adaptive"),
+        ),
+        "WeLoreAdamW": replace(
+            base, optimizer="welore_adamw", stability_policy="fixed", out_dir=str(out / "welore")
+        ),
+    }
+
+
+def refresh_counts(log: Path) -> tuple[int, int]:
+    """(refreshes done, refreshes skipped) summed over layers, from the last subspace rows."""
+    rows = read_records(log, kind="subspace")
+    last = max(r["step"] for r in rows)
+    final = [r for r in rows if r["step"] == last]
+    return sum(r["refreshes"] for r in final), sum(r["refreshes_skipped"] for r in final)
+
+
+def projected_parameters(log: Path) -> int:
+    rows = read_records(log, kind="subspace")
+    first = min(r["step"] for r in rows)
+    return sum(r["shape"][0] * r["shape"][1] for r in rows if r["step"] == first)
+
+
+def stability_by_type(log: Path) -> dict[str, Any]:
+    """Per module type: first step at which half of its layers were stable; final overlap."""
+    rows = read_records(log, kind="subspace")
+    summary: dict[str, Any] = {}
+    for kind in sorted({r["module_type"] for r in rows}):
+        steps = sorted({r["step"] for r in rows if r["module_type"] == kind})
+        half_stable = None
+        for step in steps:
+            layer_rows = [r for r in rows if r["module_type"] == kind and r["step"] == step]
+            if sum(r["stable"] for r in layer_rows) * 2 >= len(layer_rows):
+                half_stable = step
+                break
+        final = [
+            r["last_overlap"]
+            for r in rows
+            if r["module_type"] == kind and r["step"] == steps[-1] and r["last_overlap"]
+        ]
+        summary[kind] = {
+            "half_stable_step": half_stable,
+            "final_mean_overlap": statistics.fmean(final) if final else None,
+        }
+    return summary
+
+
+def handoff_figures(summary: dict[str, Any], galore: dict[str, Any], log: Path) -> dict[str, Any]:
+    handoffs = read_records(log, kind="handoff")
+    projected = projected_parameters(log)
+    removed = sum(r["params_before"] - r["params_after"] for r in handoffs)
+    times = summary["step_seconds"]
+    steps = len(times)
+    if handoffs:
+        first, last = min(r["step"] for r in handoffs), max(r["step"] for r in handoffs)
+        window = max(min(first // 2, steps - last - 1, 200), 1)
+        before = statistics.median(times[first - window - 1 : first - 1])
+        after = statistics.median(times[steps - window :])
+    else:
+        first = last = None
+        before = after = statistics.median(times)
+    params_before, params_after = galore["parameters_end"], summary["parameters_end"]
+    return {
+        "handoff_steps": sorted({r["step"] for r in handoffs}),
+        "layers_handed_off": len(handoffs),
+        "projected_parameters": projected,
+        "projected_removed_fraction": removed / projected,
+        "memory_before_bytes": 2 * BYTES * params_before + galore["optimizer_state_bytes"],
+        "memory_after_bytes": 2 * BYTES * params_after + summary["optimizer_state_bytes"],
+        "step_seconds_before": before,
+        "step_seconds_after": after,
+        "first_handoff": first,
+        "last_handoff": last,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="9m")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--gap", type=int, default=50)
+    parser.add_argument("--threshold", type=float, default=0.6)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--handoff-start", type=float, default=0.4)
+    parser.add_argument("--target", type=float, default=0.7)
+    parser.add_argument("--min-ratio", type=float, default=0.5)
+    parser.add_argument("--only", nargs="*", default=None, help="run only these labels")
+    args = parser.parse_args()
+    runs = configs(args)
+    summaries = {}
+    cache = RESULTS / "pretrain_suite_runs.json"
+    if args.only and cache.exists():
+        summaries = json.loads(cache.read_text())
+    for label, config in runs.items():
+        if args.only and label not in args.only:
+            continue
+        summaries[label] = run_pretraining(config)
+        print(f"{label}: eval {summaries[label]['final_eval_loss']:.4f}")
+        cache.write_text(json.dumps(summaries))
+    logs = {label: Path(config.out_dir) / "metrics.jsonl" for label, config in runs.items()}
+    fixed, adaptive = summaries["GaLoreAdamW (fixed gap)"], summaries["GaLoreAdamW (adaptive gap)"]
+    fixed_done, _ = refresh_counts(logs["GaLoreAdamW (fixed gap)"])
+    adaptive_done, adaptive_skipped = refresh_counts(logs["GaLoreAdamW (adaptive gap)"])
+    stability = {
+        "fixed_refreshes": fixed_done,
+        "adaptive_refreshes": adaptive_done,
+        "adaptive_skipped": adaptive_skipped,
+        "refreshes_saved_fraction": 1 - adaptive_done / fixed_done,
+        "wall_saved_fraction": 1 - adaptive["wall_seconds"] / fixed["wall_seconds"],
+        "eval_loss_fixed": fixed["final_eval_loss"],
+        "eval_loss_adaptive": adaptive["final_eval_loss"],
+        "eval_loss_change": adaptive["final_eval_loss"] / fixed["final_eval_loss"] - 1,
+        "by_module_type": stability_by_type(logs["GaLoreAdamW (fixed gap)"]),
+    }
+    welore = handoff_figures(summaries["WeLoreAdamW"], fixed, logs["WeLoreAdamW"])
+    welore["eval_loss_change_vs_galore"] = (
+        summaries["WeLoreAdamW"]["final_eval_loss"] / fixed["final_eval_loss"] - 1
+    )
+    plot_losses(
+        {k: v for k, v in logs.items()},
+        RESULTS / "pretrain_suite_loss.png",
+        title=f"LLaMA {args.model} on the standard library, {args.steps} steps",
+    )
+    plot_stability(
+        logs["GaLoreAdamW (fixed gap)"],
+        RESULTS / "stability.png",
+        title=f"Subspace overlap per layer, GaLoreAdamW, LLaMA {args.model}",
+    )
+    plot_stability(
+        logs["WeLoreAdamW"],
+        RESULTS / "welore_stability.png",
+        title=f"Subspace overlap per layer, WeLoreAdamW, LLaMA {args.model}",
+    )
+    write_json(
+        "pretrain_suite",
+        {
+            "settings": vars(args),
+            "runs": {
+                k: {key: v for key, v in s.items() if key != "step_seconds"}
+                for k, s in summaries.items()
+            },
+            "stability": stability,
+            "welore": welore,
+        },
+    )
+    (RESULTS / "pretrain_suite.md").write_text(report(args, summaries, stability, welore))
+    print((RESULTS / "pretrain_suite.md").read_text())
+
+
+def report(
+    args: argparse.Namespace,
+    summaries: dict[str, Any],
+    stability: dict[str, Any],
+    welore: dict[str, Any],
+) -> str:
+    runs = markdown_table(
+        [
+            "method",
+            "final eval loss",
+            "perplexity",
+            "params at end",
+            "optimizer state (MiB)",
+            "wall (s)",
+        ],
+        [
+            [
+                label,
+                f"{s['final_eval_loss']:.4f}",
+                f"{s['perplexity']:.1f}",
+                f"{s['parameters_end']:,}",
+                f"{s['optimizer_state_bytes'] / 2**20:.2f}",
+                f"{s['wall_seconds']:.0f}",
+            ]
+            for label, s in summaries.items()
+        ],
+    )
+    adaptive = markdown_table(
+        ["", "fixed gap", "adaptive gap", "change"],
+        [
+            [
+                "refreshes (all layers)",
+                stability["fixed_refreshes"],
+                stability["adaptive_refreshes"],
+                f"{-stability['refreshes_saved_fraction']:+.0%}",
+            ],
+            [
+                "final eval loss",
+                f"{stability['eval_loss_fixed']:.4f}",
+                f"{stability['eval_loss_adaptive']:.4f}",
+                f"{stability['eval_loss_change']:+.2%}",
+            ],
+            ["wall time", "", "", f"{-stability['wall_saved_fraction']:+.0%}"],
+        ],
+    )
+    by_type = markdown_table(
+        ["module type", "step at which half its layers were stable", "final mean overlap"],
+        [
+            [
+                kind,
+                v["half_stable_step"] or "never",
+                f"{v['final_mean_overlap']:.3f}" if v["final_mean_overlap"] else "-",
+            ]
+            for kind, v in stability["by_module_type"].items()
+        ],
+    )
+    handoff = markdown_table(
+        ["", "value"],
+        [
+            ["hand-off steps", ", ".join(map(str, welore["handoff_steps"])) or "none"],
+            ["layers handed off", welore["layers_handed_off"]],
+            ["projected parameters removed", f"{welore['projected_removed_fraction']:.1%}"],
+            [
+                "weights + grads + optimizer state, before -> after",
+                f"{welore['memory_before_bytes'] / 2**20:.2f} -> "
+                f"{welore['memory_after_bytes'] / 2**20:.2f} MiB",
+            ],
+            [
+                "median step time, before -> after",
+                f"{welore['step_seconds_before'] * 1e3:.0f} -> "
+                f"{welore['step_seconds_after'] * 1e3:.0f} ms",
+            ],
+            ["final eval loss vs GaLoreAdamW", f"{welore['eval_loss_change_vs_galore']:+.2%}"],
+        ],
+    )
+    return (
+        f"### Runs (LLaMA {args.model}, {args.steps} steps, rank {args.rank}, gap {args.gap})\n\n"
+        f"{runs}\n\n### Adaptive refresh gap\n\n{adaptive}\n\n"
+        f"### Which module types stabilized first\n\n{by_type}\n\n"
+        f"### WeLore hand-off\n\n{handoff}\n\n"
+        "![losses](results/pretrain_suite_loss.png)\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
