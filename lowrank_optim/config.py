@@ -156,7 +156,8 @@ class StabilityConfig:
     ``qgalore`` is Q-GaLore's rule (Zhang et al. 2024): cosine similarity of the first singular
     vector (here taken in absolute value, so a sign flip is not a change), averaged over the last
     ``qgalore_window`` refreshes; at or above ``qgalore_threshold`` the gap doubles.
-    ``fixed`` records the metrics and never changes the gap.
+    ``fixed`` (the default, GaLore's behaviour) records the metrics and applies the criterion
+    but never changes the gap.
 
     Attributes:
         policy: ``fixed``, ``overlap`` or ``qgalore``.
@@ -169,7 +170,7 @@ class StabilityConfig:
         qgalore_window: Q-GaLore's averaging window.
     """
 
-    policy: str = "overlap"
+    policy: str = "fixed"
     threshold: float = 0.9
     patience: int = 2
     growth: float = 2.0

@@ -115,11 +115,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if projection is True:
             projection = self._default_projection
         if isinstance(projection, ProjectionConfig):
-            group = (
-                {**projection.to_group(), **group}
-                if "rank" in group
-                else {**group, **projection.to_group()}
-            )
+            group = {**projection.to_group(), **group}  # keys the group sets itself win
         elif projection not in (None, False):
             raise ValueError(
                 f"Invalid projection: {projection!r}; expected a ProjectionConfig, True or None"

@@ -55,7 +55,7 @@ class WeLoreAdamW(GaLoreAdamW):
 
     Args:
         params, lr, betas, eps, weight_decay, projection, stability, on_bad_gradient: as
-            :class:`GaLoreAdamW`. The stability policy defaults to ``overlap``.
+            :class:`GaLoreAdamW`.
         handoff: when and how layers are handed off (:class:`HandoffConfig`).
         model: the model the parameters belong to; needed by :meth:`maybe_handoff` (unless
             passed there) and to resume a checkpoint taken after hand-offs.
@@ -86,7 +86,7 @@ class WeLoreAdamW(GaLoreAdamW):
             eps,
             weight_decay,
             projection=projection,
-            stability=stability or StabilityConfig(policy="overlap"),
+            stability=stability,
             on_bad_gradient=on_bad_gradient,
         )
         if handoff is not None and not isinstance(handoff, HandoffConfig):
