@@ -9,12 +9,13 @@ from lowrank_optim.errors import (
     NonFiniteGradientError,
     SubspaceRefreshError,
 )
-from lowrank_optim.optim import GaLoreAdamW, WeLoreAdamW
+from lowrank_optim.optim import GaLoreAdamW, GaLoreAdamW8bit, WeLoreAdamW
 from lowrank_optim.projection import available_refresh_methods, register_refresh_method
 
 __all__ = [
     "CheckpointMismatchError",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "HandoffConfig",
     "NonFiniteGradientError",
     "ProjectionConfig",

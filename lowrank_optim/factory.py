@@ -132,6 +132,10 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         from lowrank_optim.optim import GaLoreAdamW
 
         return GaLoreAdamW(groups, **hyper, stability=spec.stability)
+    if spec.name == "galore_adamw8bit":
+        from lowrank_optim.optim import GaLoreAdamW8bit
+
+        return GaLoreAdamW8bit(groups, **hyper, stability=spec.stability)
     if spec.name == "welore_adamw":
         from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_optim import state_keys as keys
 from lowrank_optim.factorize import normalized_spectrum, solve_threshold
 from lowrank_optim.projection import LEFT, RIGHT
 
@@ -93,40 +92,20 @@ def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> t
 
 
 def factor_moments(
-    state: dict[str, Any],
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
     bases: dict[str, torch.Tensor],
     up: torch.Tensor,
     down: torch.Tensor,
-    fresh: bool,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """AdamW states for the factors ``up`` (``m x k``) and ``down`` (``k x n``) of a layer."""
-    if fresh or not bases:
-        return (
-            {
-                keys.STEP: torch.tensor(0.0),
-                keys.EXP_AVG: torch.zeros_like(up),
-                keys.EXP_AVG_SQ: torch.zeros_like(up),
-            },
-            {
-                keys.STEP: torch.tensor(0.0),
-                keys.EXP_AVG: torch.zeros_like(down),
-                keys.EXP_AVG_SQ: torch.zeros_like(down),
-            },
-        )
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((m_U, v_U), (m_D, v_D))`` for the factors ``up`` (``m x k``) and ``down`` (``k x n``)
+    from a layer's low-rank moments (see the module docstring for the math)."""
     compute = torch.promote_types(up.dtype, torch.float32)  # fp32 at least, fp64 kept
     wide = {key: basis.to(compute) for key, basis in bases.items()}
-    first = _back(state[keys.EXP_AVG].to(compute), wide, squared=False)
-    second = _back(state[keys.EXP_AVG_SQ].to(compute), wide, squared=True)
-    up32, down32 = up.detach().to(compute), down.detach().to(compute)
-    step = state[keys.STEP].clone()
-    up_state = {
-        keys.STEP: step.clone(),
-        keys.EXP_AVG: (first @ down32.T).to(up.dtype),
-        keys.EXP_AVG_SQ: (second @ down32.square().T).to(up.dtype),
-    }
-    down_state = {
-        keys.STEP: step,
-        keys.EXP_AVG: (up32.T @ first).to(down.dtype),
-        keys.EXP_AVG_SQ: (up32.square().T @ second).to(down.dtype),
-    }
-    return up_state, down_state
+    first = _back(exp_avg.to(compute), wide, squared=False)
+    second = _back(exp_avg_sq.to(compute), wide, squared=True)
+    up_wide, down_wide = up.detach().to(compute), down.detach().to(compute)
+    return (
+        (first @ down_wide.T, second @ down_wide.square().T),
+        (up_wide.T @ first, up_wide.square().T @ second),
+    )

@@ -51,12 +51,22 @@ CASES: list[OptimizerCase] = [
     ),
 ]
 
-from lowrank_optim.optim.welore_adamw import WeLoreAdamW  # noqa: E402
+from lowrank_optim.optim import GaLoreAdamW8bit, WeLoreAdamW  # noqa: E402
 
 CASES.append(
     OptimizerCase(
         name="WeLoreAdamW",
         build=WeLoreAdamW,
+        identity_group={"refresh": "identity", "scale": 1.0},
+    )
+)
+
+# TinyNet's tensors are all under 4096 elements, so its 8-bit moments stay in full precision:
+# the degenerate cases then hold exactly. test_quantized_optim.py covers the 8-bit path.
+CASES.append(
+    OptimizerCase(
+        name="GaLoreAdamW8bit",
+        build=GaLoreAdamW8bit,
         identity_group={"refresh": "identity", "scale": 1.0},
     )
 )

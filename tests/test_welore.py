@@ -103,18 +103,25 @@ def test_maybe_handoff_needs_a_model() -> None:
 def test_first_moment_carry_is_exact() -> None:
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(20, 4, dtype=torch.float64)).Q  # left basis, m = 20
-    state = {
-        "step": torch.tensor(7.0),
-        "exp_avg": torch.randn(4, 30, dtype=torch.float64),
-        "exp_avg_sq": torch.rand(4, 30, dtype=torch.float64),
-    }
+    exp_avg = torch.randn(4, 30, dtype=torch.float64)
+    exp_avg_sq = torch.rand(4, 30, dtype=torch.float64)
     up, down = torch.randn(20, 5, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64)
-    up_state, down_state = factor_moments(state, {"basis_left": basis}, up, down, fresh=False)
-    full = basis @ state["exp_avg"]
-    torch.testing.assert_close(up_state["exp_avg"], full @ down.T)
-    torch.testing.assert_close(down_state["exp_avg"], up.T @ full)
-    assert float(up_state["step"]) == 7.0
-    assert bool((up_state["exp_avg_sq"] >= 0).all()) and bool((down_state["exp_avg_sq"] >= 0).all())
+    (m_up, v_up), (m_down, v_down) = factor_moments(
+        exp_avg, exp_avg_sq, {"basis_left": basis}, up, down
+    )
+    full = basis @ exp_avg
+    torch.testing.assert_close(m_up, full @ down.T)
+    torch.testing.assert_close(m_down, up.T @ full)
+    assert bool((v_up >= 0).all()) and bool((v_down >= 0).all())
+
+
+def test_factors_inherit_the_step_count() -> None:
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    model = train(model, optimizer, batches(7))
+    record = optimizer.handoff_report()[0]
+    factored = model.get_submodule(record["layer"])
+    assert float(optimizer.state[factored.up]["step"]) == 7.0
 
 
 @pytest.mark.parametrize("split_at", [8, 13])  # after the first hand-off; between checks

@@ -14,6 +14,7 @@ Parameters in groups without ``rank``, and every tensor that is not 2-D, get pla
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +29,7 @@ from lowrank_optim.config import (
     validate_on_bad_gradient,
 )
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
+from lowrank_optim.moment_storage import FullPrecisionMoments, MomentStorage, _as_fp32
 from lowrank_optim.moments import adam_denominators, adam_step_sizes, update_moments_
 from lowrank_optim.optim.refresh import refresh_parameter
 from lowrank_optim.projection import (
@@ -52,11 +54,6 @@ __all__ = ["GaLoreAdamW"]
 _STRUCTURAL_KEYS = ("rank", "proj_type")
 
 
-def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW with GaLore gradient projection for param groups that set ``rank``.
 
@@ -77,8 +74,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         >>> optimizer = GaLoreAdamW(groups, lr=1e-3)
     """
 
-    #: State entries whose dtype is fixed by design (not cast to the parameter's dtype on load).
-    _fixed_dtype_keys: frozenset[str] = STABILITY_FLOAT_KEYS
+    #: How moments are kept between steps (full precision here; 8-bit in GaLoreAdamW8bit).
+    moment_storage: MomentStorage = FullPrecisionMoments()
+
+    @property
+    def _fixed_dtype_keys(self) -> frozenset[str]:
+        """State entries whose dtype is fixed by design (not cast to the parameter's on load)."""
+        return STABILITY_FLOAT_KEYS | self.moment_storage.fixed_dtype_keys
 
     def __init__(
         self,
@@ -183,10 +185,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state = self.state[param]
             if not state:
                 state[keys.STEP] = torch.tensor(0.0)
-                state[keys.EXP_AVG] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state[keys.EXP_AVG_SQ] = torch.zeros_like(
-                    param, memory_format=torch.preserve_format
-                )
+                self.moment_storage.init(state, tuple(param.shape), param)
         grads = [param.grad for _, param in items]
         items = self._drop_non_finite(group, items, grads)
         if not items:
@@ -221,7 +220,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 keys_used = basis_keys(group["proj_type"], param.shape)
                 rank = effective_rank(group["rank"], param.shape)
-                refreshed = refresh_parameter(param, state, group, keys_used, rank, step, name)
+                refreshed = refresh_parameter(
+                    param, state, group, keys_used, rank, step, name, self.moment_storage
+                )
                 if not refreshed and keys_used[0] not in state:
                     continue  # no basis to project with yet
             low = project(param.grad, self._bases(group, param))
@@ -256,18 +257,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         states = [self.state[param] for param in params]
         for state in states:
             state[keys.STEP] += 1
-        stored_avgs = [state[keys.EXP_AVG] for state in states]
-        stored_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]
-        # 16-bit moments are stored as the parameter (like torch.optim.AdamW) but the math runs
-        # in fp32: eps = 1e-8 underflows to 0 in fp16, and 0/0 would turn into NaN updates.
-        exp_avgs = [_as_fp32(m) for m in stored_avgs]
-        exp_avg_sqs = [_as_fp32(v) for v in stored_avg_sqs]
+        # Working moments are fp32 (or wider): eps = 1e-8 underflows to 0 in fp16, and 0/0 would
+        # turn into NaN updates. The storage decides how they are kept between steps.
+        working = [self.moment_storage.read(state) for state in states]
+        exp_avgs = [exp_avg for exp_avg, _ in working]
+        exp_avg_sqs = [exp_avg_sq for _, exp_avg_sq in working]
         update_moments_([_as_fp32(g) for g in grads], exp_avgs, exp_avg_sqs, beta1, beta2)
-        for stored, computed in zip(
-            stored_avgs + stored_avg_sqs, exp_avgs + exp_avg_sqs, strict=True
-        ):
-            if stored is not computed:
-                stored.copy_(computed)
+        for state, exp_avg, exp_avg_sq in zip(states, exp_avgs, exp_avg_sqs, strict=True):
+            self.moment_storage.write(state, exp_avg, exp_avg_sq)
         steps = [int(state[keys.STEP]) for state in states]
         denominators = adam_denominators(exp_avg_sqs, steps, beta2, group["eps"])
         lr = float(group["lr"])
@@ -284,8 +281,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         rank = effective_rank(group["rank"], param.shape)
         shape = low_rank_shape(group["proj_type"], param.shape, rank)
         state[keys.STEP] = torch.tensor(0.0)
-        state[keys.EXP_AVG] = param.new_zeros(shape)
-        state[keys.EXP_AVG_SQ] = param.new_zeros(shape)
+        self.moment_storage.init(state, shape, param)
         state[keys.REFRESH_GAP] = int(group["update_proj_gap"])
         state[keys.NEXT_REFRESH] = 1
         state[keys.LAST_REFRESH] = 0
@@ -399,9 +395,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 rank = effective_rank(group["rank"], param.shape)
                 expected = low_rank_shape(group["proj_type"], param.shape, rank)
-                found = tuple(entry[keys.EXP_AVG].shape)
-                if found != expected:
+                found = self.moment_storage.numel(entry)
+                if found != math.prod(expected):
                     raise CheckpointMismatchError(
-                        f"Checkpoint moments of param group {group_index} have shape {found}; "
+                        f"Checkpoint moments of param group {group_index} have {found} elements; "
                         f"a parameter of shape {tuple(param.shape)} at rank {rank} needs {expected}"
                     )

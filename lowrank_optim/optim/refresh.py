@@ -16,6 +16,7 @@ import torch
 from lowrank_optim import state_keys as keys
 from lowrank_optim.config import StabilityConfig
 from lowrank_optim.errors import SubspaceRefreshError
+from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import get_refresh_method, refresh_target, rotate_moments_
 from lowrank_optim.stability import (
     LEADING_HISTORY,
@@ -81,6 +82,7 @@ def refresh_parameter(
     rank: int,
     step: int,
     name: str,
+    storage: MomentStorage,
 ) -> bool:
     """Refresh ``param``'s bases in ``state``. Returns ``False`` if the refresh was skipped."""
     grad = param.grad
@@ -98,7 +100,9 @@ def refresh_parameter(
     if previous:
         _record_metrics(state, previous, new_bases)
         if group["moment_transfer"] == "rotate":
-            rotate_moments_(state[keys.EXP_AVG], state[keys.EXP_AVG_SQ], previous, new_bases)
+            exp_avg, exp_avg_sq = storage.read(state)
+            rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
+            storage.write(state, exp_avg, exp_avg_sq)
     for key, basis in new_bases.items():
         state[key] = basis.to(param.dtype)
 

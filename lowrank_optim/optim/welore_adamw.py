@@ -188,7 +188,7 @@ class WeLoreAdamW(GaLoreAdamW):
             factored.bias = linear.bias  # same Parameter: its AdamW state stays valid
         error = factored.relative_error(weight.detach())
         fresh = self.handoff_config.moments == "fresh"
-        up_state, down_state = factor_moments(state, bases, factored.up, factored.down, fresh)
+        up_state, down_state = self._factor_states(state, bases, factored, fresh)
         _replace_module(root, candidate.name, factored)
         self._move_to_factor_group(candidate, weight, factored)
         self.state[factored.up] = up_state
@@ -213,6 +213,30 @@ class WeLoreAdamW(GaLoreAdamW):
                 "stable_since": int(state.get(STABLE_SINCE, -1)),
             }
         )
+
+    def _factor_states(
+        self,
+        state: dict[str, Any],
+        bases: dict[str, torch.Tensor],
+        factored: LowRankLinear,
+        fresh: bool,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """AdamW states of the new factors: carried moments (same step count) or zeros."""
+        states: list[dict[str, Any]] = []
+        carried = None
+        if not fresh and bases:
+            exp_avg, exp_avg_sq = self.moment_storage.read(state)
+            carried = factor_moments(exp_avg, exp_avg_sq, bases, factored.up, factored.down)
+        for index, factor in enumerate((factored.up, factored.down)):
+            factor_state: dict[str, Any] = {}
+            self.moment_storage.init(factor_state, tuple(factor.shape), factor)
+            if carried is None:
+                factor_state[keys.STEP] = torch.tensor(0.0)
+            else:
+                factor_state[keys.STEP] = state[keys.STEP].clone()
+                self.moment_storage.write(factor_state, *carried[index])
+            states.append(factor_state)
+        return states[0], states[1]
 
     def _move_to_factor_group(
         self, candidate: HandoffCandidate, weight: torch.Tensor, factored: LowRankLinear

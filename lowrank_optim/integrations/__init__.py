@@ -1,0 +1,3 @@
+"""Integrations with training frameworks (Hugging Face Trainer and accelerate)."""
+
+__all__: list[str] = []
