@@ -9,7 +9,7 @@ from lowrank_optim.errors import (
     NonFiniteGradientError,
     SubspaceRefreshError,
 )
-from lowrank_optim.optim import GaLoreAdamW, GaLoreAdamW8bit, WeLoreAdamW
+from lowrank_optim.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW, WeLoreAdamW
 from lowrank_optim.projection import available_refresh_methods, register_refresh_method
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "HandoffConfig",
     "NonFiniteGradientError",
     "ProjectionConfig",
+    "QGaLoreAdamW",
     "StabilityConfig",
     "SubspaceRefreshError",
     "WeLoreAdamW",

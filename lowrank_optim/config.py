@@ -102,6 +102,8 @@ class ProjectionConfig:
         moment_transfer: at a refresh, ``keep`` leaves the low-rank moments as they are
             (galore-torch behaviour); ``rotate`` carries them into the new basis with
             ``P_new^T P_old``.
+        proj_bits: store the bases in 4 or 8 bits (Q-GaLore; group-wise min/max codes, 4-bit
+            codes packed two per byte), or in the parameter's dtype (None).
         seed: seed of the random start of the randomized refresh (deterministic, so resuming is
             bit-for-bit).
     """
@@ -114,6 +116,7 @@ class ProjectionConfig:
     power_iters: int = 1
     oversample: int = 8
     moment_transfer: str = "rotate"
+    proj_bits: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +134,10 @@ class ProjectionConfig:
             f"Invalid oversample: {self.oversample!r}; must be an integer >= 0",
         )
         _require_choice("moment_transfer", self.moment_transfer, MOMENT_TRANSFERS)
+        _require(
+            self.proj_bits in (None, 4, 8),
+            f"Invalid proj_bits: {self.proj_bits!r}; allowed: None (parameter dtype), 4, 8",
+        )
         _require(isinstance(self.seed, int), f"Invalid seed: {self.seed!r}; must be an integer")
 
     def to_group(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+from lowrank_optim.quant.quantized_linear import QuantizedLinear
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -71,7 +72,7 @@ def lowrank_param_groups(
     projected_ids = {
         id(module.weight)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, nn.Linear | QuantizedLinear)
         and not _NEVER_PROJECTED.search(name)
         and any(pattern.search(name) for pattern in compiled)
     }
@@ -136,10 +137,22 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         from lowrank_optim.optim import GaLoreAdamW8bit
 
         return GaLoreAdamW8bit(groups, **hyper, stability=spec.stability)
+    if spec.name == "q_galore_adamw":
+        from dataclasses import replace
+
+        from lowrank_optim.optim import QGaLoreAdamW
+        from lowrank_optim.quant import quantize_model
+
+        projected = {name for name, _ in groups[-1]["params"]}
+        quantize_model(model, include=lambda name: f"{name}.weight" in projected)
+        groups = lowrank_param_groups(
+            model, spec.target_modules, replace(spec.projection, proj_bits=4)
+        )
+        return QGaLoreAdamW(groups, **hyper, stability=spec.stability, model=model)
     if spec.name == "welore_adamw":
         from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 
         return WeLoreAdamW(
             groups, **hyper, stability=spec.stability, handoff=spec.handoff, model=model
         )
-    raise ValueError(f"Optimizer {spec.name!r} is not available in this version of lowrank_optim")
+    raise ValueError(f"Invalid optimizer: {spec.name!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")

@@ -51,7 +51,7 @@ CASES: list[OptimizerCase] = [
     ),
 ]
 
-from lowrank_optim.optim import GaLoreAdamW8bit, WeLoreAdamW  # noqa: E402
+from lowrank_optim.optim import GaLoreAdamW8bit, QGaLoreAdamW, WeLoreAdamW  # noqa: E402
 
 CASES.append(
     OptimizerCase(
@@ -67,6 +67,16 @@ CASES.append(
     OptimizerCase(
         name="GaLoreAdamW8bit",
         build=GaLoreAdamW8bit,
+        identity_group={"refresh": "identity", "scale": 1.0},
+    )
+)
+
+# QGaLoreAdamW stores bases in 4 bits: the identity's entries (0 and 1) are exactly
+# representable, so the identity degenerate case still holds exactly.
+CASES.append(
+    OptimizerCase(
+        name="QGaLoreAdamW",
+        build=QGaLoreAdamW,
         identity_group={"refresh": "identity", "scale": 1.0},
     )
 )

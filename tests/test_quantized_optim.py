@@ -94,3 +94,77 @@ def test_small_tensors_stay_full_precision() -> None:
     state: dict = {}
     storage.init(state, (10, 10), torch.zeros(1))
     assert set(state) == {"exp_avg", "exp_avg_sq"}
+
+
+def quantized_tiny_llama(seed: int = 0):
+    from lowrank_optim.models import build_llama, tiny_llama_config
+    from lowrank_optim.quant import quantize_model
+
+    model = build_llama(
+        tiny_llama_config(64, hidden=64, layers=2, heads=4, intermediate=128), seed=seed
+    )
+    return quantize_model(model, include=lambda name: "layers" in name)
+
+
+def qgalore_optimizer(model):
+    from lowrank_optim import ProjectionConfig, QGaLoreAdamW
+    from lowrank_optim.factory import lowrank_param_groups
+
+    groups = lowrank_param_groups(
+        model, "attn-mlp", ProjectionConfig(rank=8, update_proj_gap=4, proj_bits=4)
+    )
+    return QGaLoreAdamW(groups, lr=3e-3, weight_decay=0.0, model=model, seed=7)
+
+
+def qgalore_train(model, optimizer, batches):
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_qgalore_trains_int8_weights_with_int4_bases() -> None:
+    from lowrank_optim.quant import QuantizedLinear
+
+    model = quantized_tiny_llama()
+    optimizer = qgalore_optimizer(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantizedLinear)
+    codes_before = layer.weight_codes.clone()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = qgalore_train(model, optimizer, [ids] * 25)
+    assert losses[-1] < losses[0] - 0.3
+    assert layer.weight_codes.dtype == torch.int8 and not torch.equal(
+        layer.weight_codes, codes_before
+    )
+    state = optimizer.state[layer.weight]
+    assert state["basis_right_codes"].dtype == torch.uint8  # 64 x 64 std: right side, packed
+    assert state["basis_right_codes"].numel() == 64 * 8 // 2
+
+
+def test_qgalore_resume_is_bit_for_bit_including_stochastic_rounding() -> None:
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 64, (4, 16), generator=generator) for _ in range(12)]
+    model = quantized_tiny_llama()
+    optimizer = qgalore_optimizer(model)
+    qgalore_train(model, optimizer, data)
+
+    first = quantized_tiny_llama()
+    first_optimizer = qgalore_optimizer(first)
+    qgalore_train(first, first_optimizer, data[:5])
+    saved_model, saved_optimizer = (
+        roundtrip(first.state_dict()),
+        roundtrip(first_optimizer.state_dict()),
+    )
+    resumed = quantized_tiny_llama(seed=3)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = qgalore_optimizer(resumed)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    qgalore_train(resumed, resumed_optimizer, data[5:])
+    expected = model.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lowrank_optim import state_keys as keys
+from lowrank_optim.basis_storage import basis_fixed_dtype_keys, read_basis
 from lowrank_optim.config import (
     ProjectionConfig,
     StabilityConfig,
@@ -33,6 +34,8 @@ from lowrank_optim.moment_storage import FullPrecisionMoments, MomentStorage, _a
 from lowrank_optim.moments import adam_denominators, adam_step_sizes, update_moments_
 from lowrank_optim.optim.refresh import refresh_parameter
 from lowrank_optim.projection import (
+    LEFT,
+    RIGHT,
     basis_keys,
     effective_rank,
     low_rank_shape,
@@ -80,7 +83,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     @property
     def _fixed_dtype_keys(self) -> frozenset[str]:
         """State entries whose dtype is fixed by design (not cast to the parameter's on load)."""
-        return STABILITY_FLOAT_KEYS | self.moment_storage.fixed_dtype_keys
+        return (
+            STABILITY_FLOAT_KEYS
+            | self.moment_storage.fixed_dtype_keys
+            | basis_fixed_dtype_keys((LEFT, RIGHT))
+        )
 
     def __init__(
         self,
@@ -209,6 +216,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _projected_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
         kept, lows = [], []
+        bases_of: dict[int, dict[str, torch.Tensor]] = {}
         for index, param in items:
             state = self.state[param]
             if not state:
@@ -220,12 +228,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 keys_used = basis_keys(group["proj_type"], param.shape)
                 rank = effective_rank(group["rank"], param.shape)
-                refreshed = refresh_parameter(
+                refresh_parameter(
                     param, state, group, keys_used, rank, step, name, self.moment_storage
                 )
-                if not refreshed and keys_used[0] not in state:
-                    continue  # no basis to project with yet
-            low = project(param.grad, self._bases(group, param))
+            bases = self._bases(group, param)
+            if not bases:
+                continue  # the first refresh failed and was skipped: nothing to project with
+            bases_of[index] = bases
+            low = project(param.grad, bases)
             if step == state[keys.LAST_REFRESH] + 1:
                 push_history_(state[ENERGY_HISTORY], captured_energy(low, param.grad))
             kept.append((index, param))
@@ -240,9 +250,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         )
         directions = torch._foreach_div(exp_avgs, denominators)
         scale = float(group["scale"])
-        for param, direction, step_size in zip(params, directions, step_sizes, strict=True):
-            bases = self._bases(group, param)
-            project_back_(param, direction.to(param.dtype), bases, -step_size * scale, decay)
+        for (index, param), direction, step_size in zip(kept, directions, step_sizes, strict=True):
+            self._apply_projected_update(
+                param, direction.to(param.dtype), bases_of[index], -step_size * scale, decay
+            )
 
     def _adam_moments(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
@@ -291,8 +302,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
         init_stability_state(state, StabilityConfig.from_group(group))
 
     def _bases(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameter's current bases in its dtype (empty before the first refresh)."""
         state = self.state[param]
-        return {key: state[key] for key in basis_keys(group["proj_type"], param.shape)}
+        bases = {}
+        for key in basis_keys(group["proj_type"], param.shape):
+            basis = read_basis(state, key, group.get("proj_bits"), param.dtype)
+            if basis is None:
+                return {}
+            bases[key] = basis
+        return bases
+
+    def _apply_projected_update(
+        self,
+        param: torch.Tensor,
+        direction: torch.Tensor,
+        bases: dict[str, torch.Tensor],
+        alpha: float,
+        decay: float,
+    ) -> None:
+        """``param = decay * param + alpha * back(direction)``; QGaLoreAdamW overrides it."""
+        project_back_(param, direction, bases, alpha, decay)
 
     def param_name(self, group: dict[str, Any], index: int) -> str:
         """The parameter's name if the optimizer was given names, else ``group[g].params[i]``."""

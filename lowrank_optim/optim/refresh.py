@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lowrank_optim import state_keys as keys
+from lowrank_optim.basis_storage import read_basis, write_basis
 from lowrank_optim.config import StabilityConfig
 from lowrank_optim.errors import SubspaceRefreshError
 from lowrank_optim.moment_storage import MomentStorage
@@ -86,7 +87,12 @@ def refresh_parameter(
 ) -> bool:
     """Refresh ``param``'s bases in ``state``. Returns ``False`` if the refresh was skipped."""
     grad = param.grad
-    previous = {key: state[key] for key in basis_keys if key in state}
+    bits = group.get("proj_bits")
+    previous = {}
+    for key in basis_keys:
+        basis = read_basis(state, key, bits, torch.float32)
+        if basis is not None:
+            previous[key] = basis
     try:
         new_bases = compute_bases(grad, basis_keys, rank, previous, group, step, name)
     except SubspaceRefreshError as error:
@@ -104,7 +110,7 @@ def refresh_parameter(
             rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
             storage.write(state, exp_avg, exp_avg_sq)
     for key, basis in new_bases.items():
-        state[key] = basis.to(param.dtype)
+        write_basis(state, key, basis, bits, param.dtype)
 
     base_gap = int(group["update_proj_gap"])
     last = state[keys.LAST_REFRESH]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lowrank_optim import state_keys as keys
+from lowrank_optim.basis_storage import read_basis
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.handoff import (
@@ -182,7 +183,12 @@ class WeLoreAdamW(GaLoreAdamW):
     def _handoff(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
         linear, weight = candidate.module, candidate.module.weight
         state = self.state.pop(weight, {})
-        bases = {key: state[key] for key in (LEFT, RIGHT) if key in state}
+        bits = self.param_groups[candidate.group_index].get("proj_bits")
+        bases = {
+            key: basis
+            for key in (LEFT, RIGHT)
+            if (basis := read_basis(state, key, bits, weight.dtype)) is not None
+        }
         factored = LowRankLinear.from_linear(linear, rank)
         if linear.bias is not None:
             factored.bias = linear.bias  # same Parameter: its AdamW state stays valid
