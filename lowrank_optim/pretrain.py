@@ -269,7 +269,7 @@ def run_pretraining(
     writer.close()
     wall = time.perf_counter() - started
     summary = {
-        "optimizer": config.optimizer,
+        "optimizer": config.optimizer if optimizer_factory is None else type(optimizer).__name__,
         "model": config.model,
         "steps": config.steps,
         "final_train_loss": train_loss,
