@@ -8,9 +8,11 @@ Four runs with one seed and one data order through the same loop
 * GaLoreAdamW with the adaptive gap (`StabilityConfig(policy="overlap")`): refreshes saved,
   wall time saved, eval loss (issue: subspace stabilization);
 * WeLoreAdamW: hand-off steps, projected parameters removed, memory and step time before and
-  after, eval loss against GaLoreAdamW (issue: WeLore hand-off).
+  after, eval loss against GaLoreAdamW (issue: WeLore hand-off);
+* GaLoreAdamW8bit (fixed gap) and QGaLoreAdamW (INT8 weights, INT4 bases, Q-GaLore's lazy
+  refresh): eval loss against GaLoreAdamW (issue: quantized variants).
 
-    python benchmarks/pretrain_suite.py             # about 25 minutes on 2 CPU cores
+    python benchmarks/pretrain_suite.py             # about 60 minutes on 2 CPU cores
     python benchmarks/pretrain_suite.py --steps 60  # smoke run
 """
 
@@ -60,6 +62,18 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
         ),
         "WeLoreAdamW": replace(
             base, optimizer="welore_adamw", stability_policy="fixed", out_dir=str(out / "welore")
+        ),
+        "GaLoreAdamW8bit": replace(
+            base,
+            optimizer="galore_adamw8bit",
+            stability_policy="fixed",
+            out_dir=str(out / "galore8bit"),
+        ),
+        "QGaLoreAdamW": replace(
+            base,
+            optimizer="q_galore_adamw",
+            stability_policy="qgalore",
+            out_dir=str(out / "qgalore"),
         ),
     }
 
@@ -174,6 +188,11 @@ def main() -> None:
     welore["eval_loss_change_vs_galore"] = (
         summaries["WeLoreAdamW"]["final_eval_loss"] / fixed["final_eval_loss"] - 1
     )
+    quantized = {
+        label: summaries[label]["final_eval_loss"] / fixed["final_eval_loss"] - 1
+        for label in ("GaLoreAdamW8bit", "QGaLoreAdamW")
+        if label in summaries
+    }
     plot_losses(
         {k: v for k, v in logs.items()},
         RESULTS / "pretrain_suite_loss.png",
@@ -199,9 +218,12 @@ def main() -> None:
             },
             "stability": stability,
             "welore": welore,
+            "quantized_eval_loss_change_vs_galore": quantized,
         },
     )
-    (RESULTS / "pretrain_suite.md").write_text(report(args, summaries, stability, welore))
+    (RESULTS / "pretrain_suite.md").write_text(
+        report(args, summaries, stability, welore, quantized)
+    )
     print((RESULTS / "pretrain_suite.md").read_text())
 
 
@@ -210,6 +232,7 @@ def report(
     summaries: dict[str, Any],
     stability: dict[str, Any],
     welore: dict[str, Any],
+    quantized: dict[str, float],
 ) -> str:
     runs = markdown_table(
         [
@@ -280,11 +303,16 @@ def report(
             ["final eval loss vs GaLoreAdamW", f"{welore['eval_loss_change_vs_galore']:+.2%}"],
         ],
     )
+    quantized_table = markdown_table(
+        ["method", "final eval loss vs GaLoreAdamW (fixed gap)"],
+        [[label, f"{change:+.2%}"] for label, change in quantized.items()],
+    )
     return (
         f"### Runs (LLaMA {args.model}, {args.steps} steps, rank {args.rank}, gap {args.gap})\n\n"
         f"{runs}\n\n### Adaptive refresh gap\n\n{adaptive}\n\n"
         f"### Which module types stabilized first\n\n{by_type}\n\n"
         f"### WeLore hand-off\n\n{handoff}\n\n"
+        f"### Quantized variants\n\n{quantized_table}\n\n"
         "![losses](results/pretrain_suite_loss.png)\n"
     )
 
