@@ -9,6 +9,7 @@ from lowrank_optim.errors import (
     NonFiniteGradientError,
     SubspaceRefreshError,
 )
+from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW, WeLoreAdamW
 from lowrank_optim.projection import available_refresh_methods, register_refresh_method
 
@@ -17,6 +18,7 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "HandoffConfig",
+    "LayerwiseOptimizer",
     "NonFiniteGradientError",
     "ProjectionConfig",
     "QGaLoreAdamW",

@@ -50,6 +50,38 @@ COMMANDS["plot-stability"] = (
 )
 
 
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="a script of the checkout's benchmarks/ folder, e.g. memory")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    # Benchmarks live beside the package in a source checkout, not inside the installed wheel.
+    import runpy
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / f"{args.name}.py"
+    if not script.is_file():
+        found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
+        raise SystemExit(
+            f"Invalid benchmark: {args.name!r}; allowed: {', '.join(found) or 'none'} "
+            f"(scripts of {folder}, present in a source checkout)"
+        )
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(folder))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+COMMANDS["bench"] = (
+    "Run a benchmark from benchmarks/ (e.g. `bench memory --quick --out /tmp/memory`)",
+    _add_bench,
+    _run_bench,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank-optim",

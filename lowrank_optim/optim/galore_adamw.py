@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -173,19 +173,73 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            dense, projected = [], []
-            for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                target = projected if self.is_projected(group, param) else dense
-                target.append((index, param))
-            if dense:
-                self._dense_step(group, dense)
-            if projected:
-                self._projected_step(group, projected)
+            with_grad = [i for i, param in enumerate(group["params"]) if param.grad is not None]
+            self._step_group(group, with_grad, {})
         return loss
+
+    @torch.no_grad()
+    def step_parameters(
+        self,
+        group_index: int,
+        indices: Sequence[int],
+        low_rank_grads: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Step only ``param_groups[group_index]["params"][i]`` for ``i`` in ``indices``.
+
+        The entry point of layer-wise updates (:mod:`lowrank_optim.layerwise`), which step each
+        parameter inside backward. ``low_rank_grads[i]``, where given, is that parameter's
+        gradient already in low-rank coordinates (``R = P^T G``, summed over micro-batches,
+        projected with :meth:`next_step_bases`); its ``.grad`` is then not read.
+        """
+        group = self.param_groups[group_index]
+        for index in low_rank_grads or {}:
+            if self.next_step_bases(group, group["params"][index]) is None:
+                raise ValueError(
+                    f"Invalid low-rank gradient for {self.param_name(group, index)}: its next "
+                    "step needs the full gradient (it is not projected, refreshes its basis, "
+                    "records captured energy or has no basis yet)"
+                )
+        self._step_group(group, indices, low_rank_grads or {})
+
+    def next_step_bases(
+        self, group: dict[str, Any], param: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The bases ``param``'s next step will project its gradient with, if known now.
+
+        ``None`` when that step needs the full gradient ``G``: the parameter is not projected,
+        has no basis yet, refreshes its basis (the SVD runs on ``G``) or records the captured
+        energy ``||P^T G||^2 / ||G||^2`` (the step after a refresh).
+        """
+        state = self.state.get(param)
+        if not state or not self.is_projected(group, param):
+            return None
+        step = int(state[keys.STEP]) + 1
+        if step >= state[keys.NEXT_REFRESH] or step == state[keys.LAST_REFRESH] + 1:
+            return None
+        return self._bases(group, param) or None
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        indices: Sequence[int],
+        low_rank_grads: Mapping[int, torch.Tensor],
+    ) -> None:
+        dense, projected = [], []
+        for index in indices:
+            param = group["params"][index]
+            if index in low_rank_grads:
+                projected.append((index, param))
+                continue
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            target = projected if self.is_projected(group, param) else dense
+            target.append((index, param))
+        if dense:
+            self._dense_step(group, dense)
+        if projected:
+            self._projected_step(group, projected, low_rank_grads)
 
     def _dense_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
         for _, param in items:
@@ -214,7 +268,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 param.mul_(decay)
             param.add_((exp_avg / denominator).to(param.dtype), alpha=-step_size)
 
-    def _projected_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
+    def _projected_step(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[int, torch.Tensor]],
+        low_rank_grads: Mapping[int, torch.Tensor],
+    ) -> None:
         kept, lows = [], []
         bases_of: dict[int, dict[str, torch.Tensor]] = {}
         for index, param in items:
@@ -235,7 +294,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not bases:
                 continue  # the first refresh failed and was skipped: nothing to project with
             bases_of[index] = bases
-            low = project(param.grad, bases)
+            low = low_rank_grads.get(index)
+            if low is None:
+                low = project(param.grad, bases)
             if step == state[keys.LAST_REFRESH] + 1:
                 push_history_(state[ENERGY_HISTORY], captured_energy(low, param.grad))
             kept.append((index, param))
@@ -328,7 +389,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         names = group.get("param_names")
         if names is not None:
             return str(names[index])
-        return f"param_groups[{self.param_groups.index(group)}].params[{index}]"
+        # By identity: list.index compares dicts with ==, which compares their tensors.
+        position = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return f"param_groups[{position}].params[{index}]"
 
     # ----------------------------------------------------------------------- bad gradients
     def _grad_is_finite(self, group: dict[str, Any], param: torch.Tensor, name: str) -> bool:
