@@ -1,0 +1,362 @@
+"""Layer-wise updates: each parameter steps inside backward and its gradient is freed at once.
+
+GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+ICML 2024, Sec. 4.3 "per-layer weight updates") fits a 7B model in 24 GB partly by never holding
+all gradients at once: a ``register_post_accumulate_grad_hook`` on every parameter runs the
+optimizer on that parameter as soon as autograd has produced its gradient, then drops the
+gradient. The gradient peak falls from ``sum_l |G_l|`` to ``max_l |G_l|``.
+
+Published implementations drop gradient accumulation, build one optimizer and one scheduler per
+parameter (so the schedule advances once per parameter) and cannot clip. Here, with
+``k = accumulation_steps`` micro-batches per optimizer step and ``G = sum_i G_i``:
+
+* the update runs inside the ``k``-th backward; in earlier ones each gradient is folded into an
+  accumulator and freed. A projected parameter whose next step keeps its basis ``P`` accumulates
+  ``R = sum_i P^T G_i = P^T G`` (linear, so exact up to rounding): ``r x n`` instead of ``m x n``.
+  Dense parameters, and projected ones whose next step needs ``G`` itself (the first step, a
+  basis refresh, whose SVD runs on ``G``, and the captured-energy record just after it), keep
+  the full sum, as the non-layer-wise optimizer would;
+* there is one real optimizer, and at the end of the boundary backward its ``step()`` is called
+  once with no gradients left, so one learning-rate scheduler on it (and any step hooks) count
+  exactly one step per optimizer step;
+* clipping is per parameter: ``G_l <- G_l * min(1, c / (||G_l|| + 1e-6))`` (torch's
+  ``clip_grad_norm_`` formula on one tensor). Global-norm clipping needs every gradient at once,
+  which is what layer-wise updates avoid, so it is impossible here. For a parameter that
+  accumulated ``R = P^T G``, the norm is ``||R||``: the part of ``G`` the update uses.
+
+Not supported, and refused with an error: ``DistributedDataParallel`` or any process group of
+more than one rank (a parameter would step before its bucket is all-reduced), closures, and
+optimizers other than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses. WeLore
+hand-offs work through :meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the
+new factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+from torch.utils.hooks import RemovableHandle
+
+from lowrank_optim.optim.galore_adamw import GaLoreAdamW
+from lowrank_optim.optim.welore_adamw import WeLoreAdamW
+from lowrank_optim.projection import effective_rank, low_rank_shape, project
+
+__all__ = ["LayerwiseOptimizer"]
+
+_CHECKPOINT_KEY = "layerwise"
+_DDP_MESSAGE = (
+    "Layer-wise updates with DistributedDataParallel (or any process group of more than one "
+    "rank) are not supported: each parameter would step inside backward before DDP has "
+    "all-reduced its gradient, so ranks would diverge. Under DDP use the optimizer itself "
+    "(optimizer.step() after backward, no LayerwiseOptimizer); use layer-wise updates in a "
+    "single process."
+)
+
+
+class LayerwiseOptimizer:
+    """Drives a GaLore-family optimizer one parameter at a time, inside backward.
+
+    Args:
+        optimizer: a :class:`GaLoreAdamW` (or subclass: 8-bit, Q-GaLore, WeLore). Build the
+            learning-rate scheduler on it, as without layer-wise updates.
+        model: the model, to refuse DDP and for :meth:`maybe_handoff` (optional).
+        accumulation_steps: backward passes per optimizer step; the update happens in the last.
+        max_grad_norm: clip each parameter's accumulated gradient to this norm (``None``: off).
+
+    Example:
+        >>> optimizer = GaLoreAdamW(groups, lr=1e-2)
+        >>> scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        >>> layerwise = LayerwiseOptimizer(optimizer, model, accumulation_steps=4)
+        >>> for index, batch in enumerate(loader):
+        ...     (model(**batch).loss / 4).backward()   # steps in every 4th backward
+        ...     if layerwise.micro_step == 0:          # that backward closed a window
+        ...         scheduler.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: GaLoreAdamW,
+        model: nn.Module | None = None,
+        *,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if not isinstance(optimizer, GaLoreAdamW):
+            raise TypeError(
+                f"Invalid optimizer: {type(optimizer).__name__}; layer-wise updates need "
+                "GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW or WeLoreAdamW (pass the optimizer "
+                "itself, not one wrapped by accelerate)"
+            )
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
+            raise ValueError(
+                f"Invalid accumulation_steps: {accumulation_steps!r}; must be an integer >= 1"
+            )
+        if accumulation_steps < 1:
+            raise ValueError(
+                f"Invalid accumulation_steps: {accumulation_steps!r}; must be an integer >= 1"
+            )
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, int | float)
+            and not isinstance(max_grad_norm, bool)
+            and math.isfinite(max_grad_norm)
+            and max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"Invalid max_grad_norm: {max_grad_norm!r}; must be a positive finite number "
+                "or None"
+            )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(_DDP_MESSAGE)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(_DDP_MESSAGE)
+        self.optimizer = optimizer
+        self.model = model
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        #: backward passes finished in the current accumulation window (0 right after a step)
+        self.micro_step = 0
+        #: optimizer steps taken through this wrapper
+        self.optimizer_steps = 0
+        # Accumulated gradients of the window: full sums, or P^T G sums of projected params.
+        self._full: dict[torch.Tensor, torch.Tensor] = {}
+        self._low: dict[torch.Tensor, torch.Tensor] = {}
+        self._hooks: dict[torch.Tensor, RemovableHandle] = {}
+        self._locations: dict[torch.Tensor, tuple[int, int]] = {}
+        self._queued_for: int | None = None  # graph task that holds our end-of-backward callback
+        self._sync_hooks()
+
+    # ------------------------------------------------------------------------------- hooks
+    def _sync_hooks(self) -> None:
+        """Hook exactly the trainable parameters the optimizer holds now."""
+        locations = {
+            param: (group_index, index)
+            for group_index, group in enumerate(self.optimizer.param_groups)
+            for index, param in enumerate(group["params"])
+            if param.requires_grad
+        }
+        for param in [p for p in self._hooks if p not in locations]:
+            self._hooks.pop(param).remove()
+        for param in locations:
+            if param not in self._hooks:
+                self._hooks[param] = param.register_post_accumulate_grad_hook(self._on_grad)
+        self._locations = locations
+
+    def accumulator_numel(self) -> dict[str, int]:
+        """Elements held between backward passes: ``{"full": ..., "low_rank": ...}``."""
+        return {
+            "full": sum(grad.numel() for grad in self._full.values()),
+            "low_rank": sum(low.numel() for low in self._low.values()),
+        }
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters; backward then accumulates ``.grad`` as usual."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._queued_for != task:
+            # Runs once after this whole backward: counts the micro-step, closes the window.
+            Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._queued_for = task
+        grad = param.grad
+        param.grad = None  # freed now: the point of layer-wise updates
+        if grad is None:
+            return
+        if self.micro_step == self.accumulation_steps - 1:
+            self._step_parameter(param, grad)
+        else:
+            self._accumulate(param, grad)
+
+    def _bases(self, param: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        group_index, _ = self._locations[param]
+        return self.optimizer.next_step_bases(self.optimizer.param_groups[group_index], param)
+
+    def _accumulate(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        if param in self._full:
+            self._full[param].add_(grad)
+            return
+        bases = self._bases(param)
+        if bases is None:
+            # The window's first gradient becomes the sum, as autograd's own accumulation does.
+            self._full[param] = grad
+            return
+        # Low-rank sums are small, so keep them in fp32: bf16 sums lose the low bits.
+        low = project(grad, bases).float()
+        if param in self._low:
+            self._low[param].add_(low)
+        else:
+            self._low[param] = low
+
+    def _step_parameter(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
+        group_index, index = self._locations[param]
+        low = self._low.pop(param, None)
+        if low is not None:
+            bases = self._bases(param)
+            if grad is not None and bases is not None:  # bases are fixed inside a window
+                low.add_(project(grad, bases).float())
+            self._clip_(low)
+            self.optimizer.step_parameters(group_index, [index], {index: low})
+            return
+        total = self._full.pop(param, None)
+        if total is None:
+            total = grad
+        elif grad is not None:
+            total.add_(grad)
+        if total is None:
+            return
+        self._clip_(total)
+        param.grad = total
+        try:
+            self.optimizer.step_parameters(group_index, [index])
+        finally:
+            param.grad = None
+
+    def _clip_(self, grad: torch.Tensor) -> None:
+        """``grad *= min(1, max_norm / (||grad|| + 1e-6))``, torch's clip_grad_norm_ formula."""
+        if self.max_grad_norm is None:
+            return
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        grad.mul_(coefficient.to(grad.dtype))
+
+    def _end_of_backward(self) -> None:
+        self._queued_for = None
+        if self.micro_step < self.accumulation_steps - 1:
+            self.micro_step += 1
+            return
+        # Parameters that got gradients earlier in the window but none in its last backward.
+        for param in list(self._low) + list(self._full):
+            self._step_parameter(param, None)
+        self._check_unhooked_gradients()
+        # No gradient is left, so this updates nothing; it lets a scheduler built on the
+        # optimizer (and any step hooks) see exactly one step per optimizer step.
+        self.optimizer.step()
+        self.micro_step = 0
+        self.optimizer_steps += 1
+
+    def _check_unhooked_gradients(self) -> None:
+        for group in self.optimizer.param_groups:
+            for index, param in enumerate(group["params"]):
+                if param.grad is not None and param not in self._hooks:
+                    name = self.optimizer.param_name(group, index)
+                    raise RuntimeError(
+                        f"Parameter {name} has a gradient but no layer-wise hook: it joined the "
+                        "optimizer after LayerwiseOptimizer was built (add_param_group or a "
+                        "hand-off through optimizer.maybe_handoff). Call "
+                        "LayerwiseOptimizer.maybe_handoff(model) for hand-offs, or build a new "
+                        "LayerwiseOptimizer after add_param_group."
+                    )
+
+    # ------------------------------------------------------------------ optimizer interface
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        """Check that the last backward closed an accumulation window (the update is done).
+
+        The parameters were updated inside that backward, so loops written for a regular
+        optimizer keep their shape; calling it after a backward that did not close a window
+        means the loop and ``accumulation_steps`` disagree, and is refused.
+        """
+        if closure is not None:
+            raise ValueError(
+                "Layer-wise updates with a closure are not supported: parameters step inside "
+                "backward, so a closure cannot re-evaluate the loss before the update. Call "
+                "loss.backward() yourself, or use the optimizer without LayerwiseOptimizer."
+            )
+        if self.micro_step != 0:
+            raise RuntimeError(
+                f"step() called after {self.micro_step} of {self.accumulation_steps} backward "
+                "passes: layer-wise updates step inside the last backward of each window. Call "
+                "step() only after every accumulation_steps-th backward."
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients of hooked parameters are already freed; accumulators are kept."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
+        """``WeLoreAdamW.maybe_handoff``, then hooks moved from handed-off weights to factors."""
+        if not isinstance(self.optimizer, WeLoreAdamW):
+            raise TypeError(
+                f"maybe_handoff needs a WeLoreAdamW; this LayerwiseOptimizer drives a "
+                f"{type(self.optimizer).__name__}"
+            )
+        if self.micro_step != 0:
+            raise RuntimeError(
+                f"maybe_handoff called after {self.micro_step} of {self.accumulation_steps} "
+                "backward passes; hand off only between optimizer steps"
+            )
+        model = self.optimizer.maybe_handoff(model if model is not None else self.model)
+        self.model = model
+        self._sync_hooks()
+        return model
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _flat_params(self) -> list[torch.Tensor]:
+        return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus the window: micro-step and accumulated gradients.
+
+        Tensors only (loads with ``weights_only=True``); accumulators are keyed by the
+        parameter's position over all param groups, as torch keys optimizer state.
+        """
+        position = {param: n for n, param in enumerate(self._flat_params())}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            _CHECKPOINT_KEY: {
+                "accumulation_steps": self.accumulation_steps,
+                "micro_step": self.micro_step,
+                "optimizer_steps": self.optimizer_steps,
+                "full": {position[p]: grad for p, grad in self._full.items()},
+                "low_rank": {position[p]: low for p, low in self._low.items()},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output (after hand-offs, with the dense model, as usual)."""
+        saved = state_dict[_CHECKPOINT_KEY]
+        if int(saved["micro_step"]) >= self.accumulation_steps:
+            raise ValueError(
+                f"Checkpoint was saved after {saved['micro_step']} backward passes of a window; "
+                f"this LayerwiseOptimizer has accumulation_steps={self.accumulation_steps}"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._sync_hooks()
+        params = self._flat_params()
+        self._full, self._low = {}, {}
+        for position, grad in saved["full"].items():
+            param = params[int(position)]
+            self._check_shape("full", param, grad, tuple(param.shape))
+            self._full[param] = grad.to(device=param.device, dtype=param.dtype)
+        for position, low in saved["low_rank"].items():
+            param = params[int(position)]
+            group = self.optimizer.param_groups[self._locations[param][0]]
+            if self.optimizer.next_step_bases(group, param) is None:
+                raise ValueError(
+                    f"Checkpoint holds a low-rank gradient for parameter {position}, whose next "
+                    "step needs the full gradient; the optimizer state does not match it"
+                )
+            rank = effective_rank(group["rank"], param.shape)
+            self._check_shape(
+                "low-rank", param, low, low_rank_shape(group["proj_type"], param.shape, rank)
+            )
+            self._low[param] = low.to(device=param.device)
+        self.micro_step = int(saved["micro_step"])
+        self.optimizer_steps = int(saved["optimizer_steps"])
+
+    @staticmethod
+    def _check_shape(
+        kind: str, param: torch.Tensor, value: torch.Tensor, expected: tuple[int, ...]
+    ) -> None:
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"Checkpoint {kind} gradient has shape {tuple(value.shape)}; the parameter of "
+                f"shape {tuple(param.shape)} needs {expected}"
+            )
