@@ -9,6 +9,13 @@ accumulation with ``no_sync`` on all but the last micro-batch), gradient clippin
 schedule with warm-up, DDP over gloo (CPU) or NCCL (GPU). With WeLoreAdamW, one extra line
 (``ddp_model = optimizer.maybe_handoff(ddp_model)``) hands converged layers off to low-rank
 factors and re-wraps DDP. Rank 0 writes ``OUT/metrics.jsonl``.
+
+``--layerwise`` (one process only) steps every parameter inside backward and frees its gradient
+at once (:class:`lowrank_optim.LayerwiseOptimizer`), accumulating over the micro-batches and
+clipping each parameter's gradient to ``--grad-clip`` (a global norm needs every gradient at
+once, which layer-wise updates never hold):
+
+    python examples/torchrun_pretrain.py --model 9m --optimizer galore_adamw --layerwise
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
 from lowrank_optim.factory import OPTIMIZER_NAMES, OptimizerSpec, build_optimizer
+from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.models import LLAMA_SIZES, build_llama, load_llama_config
 from lowrank_optim.pretrain import cosine_with_warmup, evaluate
 from lowrank_optim.reporting import MetricsWriter
@@ -43,7 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument(
+        "--grad-clip", type=float, default=1.0, help="global norm; per parameter with --layerwise"
+    )
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--update-proj-gap", type=int, default=50)
     parser.add_argument("--scale", type=float, default=0.25)
@@ -55,6 +65,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="runs/torchrun")
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="step each parameter inside backward (one process only, not with DDP)",
+    )
     return parser.parse_args()
 
 
@@ -68,6 +83,12 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if args.layerwise and world_size > 1:
+        raise SystemExit(
+            f"--layerwise with DDP (world size {world_size}) is not supported: a parameter would "
+            "step before DDP has all-reduced its gradient. Run --layerwise in one process, or "
+            "drop --layerwise under torchrun."
+        )
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     per_pass = args.micro_batch_size * world_size
@@ -103,6 +124,16 @@ def main() -> None:
     )
     optimizer = build_optimizer(model, spec)  # before DDP: WeLoreAdamW keeps the module
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    layerwise = (
+        LayerwiseOptimizer(
+            optimizer,
+            model,
+            accumulation_steps=accumulation,
+            max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
+        )
+        if args.layerwise
+        else None
+    )
     warmup = max(int(args.warmup_ratio * args.steps), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, args.steps, warmup, args.min_lr_ratio)
@@ -134,12 +165,17 @@ def main() -> None:
         if world_size > 1:
             dist.all_reduce(step_loss)
             step_loss /= world_size
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.grad_clip)
-        optimizer.step()
+        if layerwise is not None:
+            layerwise.step()  # the last backward stepped every parameter; this checks it did
+        else:
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.grad_clip)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if hasattr(optimizer, "maybe_handoff"):
+        if layerwise is not None and hasattr(optimizer, "maybe_handoff"):
+            ddp_model = layerwise.maybe_handoff(ddp_model)  # moves the hooks onto new factors
+        elif hasattr(optimizer, "maybe_handoff"):
             ddp_model = optimizer.maybe_handoff(ddp_model)
         if writer is not None:
             writer.write(

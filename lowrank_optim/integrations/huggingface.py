@@ -25,10 +25,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """Our optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    """Our optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself).
+
+    ``AcceleratedOptimizer`` is itself a ``torch.optim.Optimizer`` holding the real one under
+    ``.optimizer``, so unwrapping follows that attribute, not the type.
+    """
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            return optimizer
+        optimizer = inner
 
 
 class WeLoreHandoffCallback(TrainerCallback):
