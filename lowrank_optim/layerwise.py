@@ -12,7 +12,8 @@ parameter (so the schedule advances once per parameter) and cannot clip. Here, w
 
 * the update runs inside the ``k``-th backward; in earlier ones each gradient is folded into an
   accumulator and freed. A projected parameter whose next step keeps its basis ``P`` accumulates
-  ``R = sum_i P^T G_i = P^T G`` (linear, so exact up to rounding): ``r x n`` instead of ``m x n``.
+  ``R = sum_i P^T G_i = P^T G`` (linear, so exact up to rounding): ``r x n`` instead of ``m x n``
+  (in fp32, and only where that is smaller than the full sum).
   Dense parameters, and projected ones whose next step needs ``G`` itself (the first step, a
   basis refresh, whose SVD runs on ``G``, and the captured-energy record just after it), keep
   the full sum, as the non-layer-wise optimizer would;
@@ -184,7 +185,7 @@ class LayerwiseOptimizer:
             self._full[param].add_(grad)
             return
         bases = self._bases(param)
-        if bases is None:
+        if bases is None or not self._low_rank_saves_memory(param, grad):
             # The window's first gradient becomes the sum, as autograd's own accumulation does.
             self._full[param] = grad
             return
@@ -194,6 +195,13 @@ class LayerwiseOptimizer:
             self._low[param].add_(low)
         else:
             self._low[param] = low
+
+    def _low_rank_saves_memory(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Whether an fp32 ``P^T G`` sum is smaller than the full sum (not if r ~ min(m, n))."""
+        group = self.optimizer.param_groups[self._locations[param][0]]
+        rank = effective_rank(group["rank"], param.shape)
+        low_numel = math.prod(low_rank_shape(group["proj_type"], param.shape, rank))
+        return low_numel * 4 < grad.numel() * grad.element_size()
 
     def _step_parameter(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
         group_index, index = self._locations[param]
