@@ -27,9 +27,10 @@ parameter (so the schedule advances once per parameter) and cannot clip. Here, w
 
 Not supported, and refused with an error: ``DistributedDataParallel`` or any process group of
 more than one rank (a parameter would step before its bucket is all-reduced), closures, and
-optimizers other than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses. WeLore
-hand-offs work through :meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the
-new factors.
+optimizers other than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses (an
+accelerate-wrapped optimizer included). Hugging Face ``Trainer`` calls ``optimizer.step()``
+itself, so there use the optimizer without this wrapper. WeLore hand-offs work through
+:meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the new factors.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ __all__ = ["LayerwiseOptimizer"]
 
 _CHECKPOINT_KEY = "layerwise"
 _DDP_MESSAGE = (
-    "Layer-wise updates with DistributedDataParallel (or any process group of more than one "
-    "rank) are not supported: each parameter would step inside backward before DDP has "
-    "all-reduced its gradient, so ranks would diverge. Under DDP use the optimizer itself "
+    "Layer-wise updates with DistributedDataParallel (or FSDP, or any process group of more "
+    "than one rank) are not supported: each parameter would step inside backward before its "
+    "gradient is all-reduced, so ranks would diverge. Under DDP use the optimizer itself "
     "(optimizer.step() after backward, no LayerwiseOptimizer); use layer-wise updates in a "
     "single process."
 )
