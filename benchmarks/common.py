@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RESULTS", "environment", "markdown_table", "write_json"]
+__all__ = ["RESULTS", "environment", "interleaved_medians", "markdown_table", "write_json"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,3 +46,22 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def interleaved_medians(
+    actions: dict[str, Callable[[], None]], rounds: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds per call of each action, the actions timed in turn within every round.
+
+    Each round runs ``repeats`` calls of every action back to back; interleaving the actions
+    cancels the drift of machine load between them that sequential timing suffers, and the
+    median over rounds drops rounds disturbed by other processes.
+    """
+    samples: dict[str, list[float]] = {label: [] for label in actions}
+    for _ in range(rounds):
+        for label, action in actions.items():
+            tick = time.perf_counter()
+            for _ in range(repeats):
+                action()
+            samples[label].append((time.perf_counter() - tick) / repeats)
+    return {label: statistics.median(values) for label, values in samples.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, markdown_table, write_json
+from common import RESULTS, interleaved_medians, markdown_table, write_json
 
 from lowrank_optim import GaLoreAdamW, ProjectionConfig, StabilityConfig
 from lowrank_optim.factory import lowrank_param_groups
@@ -133,14 +133,8 @@ def interleaved_step_times(
         model(input_ids=ids, labels=ids).loss.backward()
         models[label], optimizers[label] = model, factory(model)
         optimizers[label].step()  # state creation and the first refresh are not timed
-    samples: dict[str, list[float]] = {label: [] for label in factories}
-    for _ in range(rounds):
-        for label, optimizer in optimizers.items():
-            tick = time.perf_counter()
-            for _ in range(2 * gap):
-                optimizer.step()
-            samples[label].append((time.perf_counter() - tick) / (2 * gap))
-    return {label: statistics.median(values) for label, values in samples.items()}
+    steps = {label: optimizer.step for label, optimizer in optimizers.items()}
+    return interleaved_medians(steps, rounds, 2 * gap)
 
 
 def refresh_timings(repeats: int) -> list[dict[str, Any]]:

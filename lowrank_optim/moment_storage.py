@@ -9,7 +9,8 @@ plain tensors under named keys, so checkpoints load with ``weights_only=True``.
   ``torch.optim.AdamW`` keeps them (16-bit moments are widened to fp32 for the math).
 * :class:`Blockwise8bitMoments`: bitsandbytes' blockwise dynamic quantization (Dettmers et al.,
   "8-bit Optimizers via Block-wise Quantization", ICLR 2022): uint8 codes, one fp32 absmax per
-  block of 256, a signed map for the first moment and an unsigned one for the second. Tensors
+  block of 256, a signed map for the first moment and an unsigned one for the second (or the
+  same format through torchao's primitives, ``backend="torchao"``). Tensors
   under 4096 elements stay in full precision: their absmax overhead and quantization error are
   not worth the bytes saved.
 """
@@ -79,9 +80,12 @@ class FullPrecisionMoments(MomentStorage):
 class Blockwise8bitMoments(MomentStorage):
     fixed_dtype_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
 
-    def __init__(self) -> None:
-        from lowrank_optim.quant import MIN_QUANTIZED_NUMEL
+    def __init__(self, backend: str = "bitsandbytes") -> None:
+        from lowrank_optim.quant import BACKENDS, MIN_QUANTIZED_NUMEL
 
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
         self.min_numel = MIN_QUANTIZED_NUMEL
         self._full = FullPrecisionMoments()
 
@@ -103,10 +107,14 @@ class Blockwise8bitMoments(MomentStorage):
 
         shape = tuple(int(d) for d in state[MOMENT_SHAPE])
         exp_avg = dequantize_blockwise8(
-            state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX], shape, signed=True
+            state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX], shape, signed=True, backend=self.backend
         )
         exp_avg_sq = dequantize_blockwise8(
-            state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX], shape, signed=False
+            state[EXP_AVG_SQ_CODES],
+            state[EXP_AVG_SQ_ABSMAX],
+            shape,
+            signed=False,
+            backend=self.backend,
         )
         return exp_avg, exp_avg_sq
 
@@ -117,11 +125,11 @@ class Blockwise8bitMoments(MomentStorage):
         from lowrank_optim.quant import quantize_blockwise8
 
         state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX] = quantize_blockwise8(
-            exp_avg.float(), signed=True
+            exp_avg.float(), signed=True, backend=self.backend
         )
         # Rounding can leave -0.0 or tiny negatives after a rotation; the unsigned map needs >= 0.
         state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX] = quantize_blockwise8(
-            exp_avg_sq.float().clamp_min(0.0), signed=False
+            exp_avg_sq.float().clamp_min(0.0), signed=False, backend=self.backend
         )
 
     def numel(self, state: dict[str, Any]) -> int:

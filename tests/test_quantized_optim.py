@@ -168,3 +168,29 @@ def test_qgalore_resume_is_bit_for_bit_including_stochastic_rounding() -> None:
     expected = model.state_dict()
     for name, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_torchao_backend_tracks_bitsandbytes_and_shares_its_checkpoints() -> None:
+    import pytest
+
+    grads = gradient_stream(30)
+    weight_bnb, optimizer_bnb = run(GaLoreAdamW8bit, grads)
+    weight_ao, optimizer_ao = run(GaLoreAdamW8bit, grads, quant_backend="torchao")
+    assert optimizer_ao.state[weight_ao]["exp_avg_codes"].dtype == torch.uint8
+    # Same map and format; the two kernels differ only in ties, so the runs stay close.
+    assert float((weight_ao - weight_bnb).norm() / weight_bnb.norm()) < 0.01
+    # A torchao-written state resumes under bitsandbytes (and reads back identically).
+    first, first_optimizer = run(GaLoreAdamW8bit, grads[:13], quant_backend="torchao")
+    resumed = torch.nn.Parameter(first.detach().clone())
+    optimizer = GaLoreAdamW8bit(
+        [{"params": [resumed], "rank": RANK, "update_proj_gap": 10, "scale": 1.0}],
+        lr=1e-2,
+        weight_decay=0.0,
+    )
+    optimizer.load_state_dict(roundtrip(first_optimizer.state_dict()))
+    read_ao = first_optimizer.moment_storage.read(first_optimizer.state[first])
+    read_bnb = optimizer.moment_storage.read(optimizer.state[resumed])
+    for ours, theirs in zip(read_ao, read_bnb, strict=True):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="Invalid backend: 'fp8'; allowed: bitsandbytes, torchao"):
+        GaLoreAdamW8bit([resumed], quant_backend="fp8")

@@ -3,13 +3,18 @@
 Combines GaLore's low-rank projection (Zhao et al., ICML 2024) with 8-bit optimizer states
 (Dettmers et al., ICLR 2022), as galore-torch's ``GaLoreAdamW8bit`` does, but through
 bitsandbytes' functional quantization with keyword arguments (bitsandbytes 0.50 reordered the
-positional ones, which silently stopped galore-torch's 8-bit updates) and on CPU as well as CUDA.
-The update math runs in fp32; only storage is 8-bit. Moments of fewer than 4096 elements stay in
-full precision. Everything else (projection, refresh, stability, checkpoints) is GaLoreAdamW's.
+positional ones, which silently stopped galore-torch's 8-bit updates) or torchao's 8-bit
+optimizer primitives, on CPU as well as CUDA. The update math runs in fp32; only storage is
+8-bit. Moments of fewer than 4096 elements stay in full precision. Everything else (projection,
+refresh, stability, checkpoints) is GaLoreAdamW's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from lowrank_optim.config import ProjectionConfig, StabilityConfig
 from lowrank_optim.moment_storage import Blockwise8bitMoments, MomentStorage
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
 
@@ -17,6 +22,40 @@ __all__ = ["GaLoreAdamW8bit"]
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
-    """:class:`GaLoreAdamW` whose moments (low-rank and dense alike) are stored in 8 bits."""
+    """:class:`GaLoreAdamW` whose moments (low-rank and dense alike) are stored in 8 bits.
+
+    Args:
+        params, lr, betas, eps, weight_decay, projection, stability, on_bad_gradient: as
+            :class:`GaLoreAdamW`.
+        quant_backend: ``bitsandbytes`` (default) or ``torchao``. Both write the same format
+            (the same dynamic map, uint8 codes, fp32 absmax per block of 256), so a checkpoint
+            written with one loads with the other.
+    """
 
     moment_storage: MomentStorage = Blockwise8bitMoments()
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        projection: ProjectionConfig | None = None,
+        stability: StabilityConfig | None = None,
+        on_bad_gradient: str = "raise",
+        quant_backend: str = "bitsandbytes",
+    ) -> None:
+        # Validated before the param groups are built, so a bad backend fails first.
+        self.moment_storage = Blockwise8bitMoments(quant_backend)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            projection=projection,
+            stability=stability,
+            on_bad_gradient=on_bad_gradient,
+        )

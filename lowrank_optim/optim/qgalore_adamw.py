@@ -45,6 +45,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
             ``quantize_model(model)``); their weight handles must be in projected groups.
             Without it, weights are updated in full precision like GaLoreAdamW8bit.
         seed: seed of the stochastic-rounding generator.
+        quant_backend: who quantizes the 8-bit moments (as :class:`GaLoreAdamW8bit`).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
         on_bad_gradient: str = "raise",
         model: nn.Module | None = None,
         seed: int = 0,
+        quant_backend: str = "bitsandbytes",
     ) -> None:
         super().__init__(
             params,
@@ -70,6 +72,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
             projection=projection or ProjectionConfig(proj_bits=4),
             stability=stability or StabilityConfig(policy="qgalore"),
             on_bad_gradient=on_bad_gradient,
+            quant_backend=quant_backend,
         )
         self.model = model
         self.owners: dict[nn.Parameter, QuantizedLinear] = (

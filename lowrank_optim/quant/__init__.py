@@ -1,6 +1,6 @@
 """Quantized storage primitives: 8-bit blockwise moments, group-wise projections, INT8 weights.
 
-* :mod:`.blockwise8bit`: Adam moments in 8 bits via bitsandbytes (Dettmers et al., 2022).
+* :mod:`.blockwise8bit`: Adam moments in 8 bits via bitsandbytes or torchao (Dettmers et al., 2022).
 * :mod:`.groupwise`: 4/8-bit asymmetric min/max groups for projection matrices (Q-GaLore,
   Zhang et al., 2024), with a float offset so same-signed groups are not clipped.
 * :mod:`.int8_weights`: symmetric INT8 weight codes with stochastic rounding (Q-GaLore).
@@ -10,6 +10,7 @@ Everything stored is a plain tensor, so checkpoints load with ``torch.load(weigh
 """
 
 from lowrank_optim.quant.blockwise8bit import (
+    BACKENDS,
     BLOCKSIZE,
     MIN_QUANTIZED_NUMEL,
     blockwise8_error_bound,
@@ -40,6 +41,7 @@ from lowrank_optim.quant.quantized_linear import (
 )
 
 __all__ = [
+    "BACKENDS",
     "BLOCKSIZE",
     "MIN_QUANTIZED_NUMEL",
     "QuantizedLinear",

@@ -10,10 +10,19 @@ so ``|x_i - deq_i| <= absmax_b * max_gap(Q) / 2`` (see :func:`blockwise8_error_b
 first moment uses the signed map, the second moment (non-negative) the unsigned map, which
 spends its extra bit on resolution, as bitsandbytes' own 8-bit Adam does.
 
-We do not write our own quantizer: bitsandbytes' ``quantize_blockwise`` runs on CPU from 0.50 on.
-Every bitsandbytes call passes KEYWORD arguments, because 0.50 re-ordered the positional ones
-(that silently broke galore-torch's 8-bit path). Only plain tensors (codes, absmax) come back, so
-an optimizer state built from them loads with ``torch.load(weights_only=True)``.
+We do not write our own quantizer. Two backends produce the same format (the same sorted
+256-entry dynamic map, uint8 indices into it, one fp32 absmax per block of 256), so states are
+interchangeable between them:
+
+* ``bitsandbytes`` (default): ``bitsandbytes.functional.quantize_blockwise``, which runs on CPU
+  from 0.50 on. Every call passes KEYWORD arguments, because 0.50 re-ordered the positional ones
+  (that silently broke galore-torch's 8-bit path).
+* ``torchao``: the primitives of torchao's own 8-bit optimizers (``torchao.optim.quant_utils``:
+  ``scale_tensor``, ``quantize_8bit_with_qmap``, ``dequant_with_qmap``), for users who have
+  torchao but not a bitsandbytes build for their platform.
+
+Only plain tensors (codes, absmax) come back, so an optimizer state built from them loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BACKENDS",
     "BLOCKSIZE",
     "MIN_QUANTIZED_NUMEL",
     "blockwise8_error_bound",
@@ -45,7 +55,9 @@ round trip costs accuracy (bitsandbytes uses the same threshold for its optimize
 _BNB_MIDPOINT_SLACK = 2e-5
 """Measured tie-breaking tolerance of bitsandbytes' code search (normalized units)."""
 
-_MAPS: dict[tuple[str, bool], Tensor] = {}
+BACKENDS = ("bitsandbytes", "torchao")
+
+_MAPS: dict[tuple[str, bool, str], Tensor] = {}
 
 
 def _bnb_functional() -> ModuleType:
@@ -56,12 +68,23 @@ def _bnb_functional() -> ModuleType:
     return bnb_f
 
 
-def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
-    """Return bitsandbytes' 256-entry dynamic code book, cached per ``(device, signed)``."""
+def dynamic_map(
+    signed: bool, device: torch.device | str = "cpu", backend: str = "bitsandbytes"
+) -> Tensor:
+    """The backend's 256-entry dynamic code book (sorted), cached per device, sign and backend.
+
+    bitsandbytes and torchao build the same map (Dettmers et al., 2022); each backend uses its
+    own so that it does not need the other installed.
+    """
     dev = torch.device(device)
-    key = (str(dev), bool(signed))
+    key = (str(dev), bool(signed), _check_backend(backend))
     if key not in _MAPS:
-        code = _bnb_functional().create_dynamic_map(signed=bool(signed))
+        if backend == "torchao":
+            from torchao.optim.quant_utils import create_dynamic_map
+
+            code = torch.tensor(create_dynamic_map(signed=bool(signed)))
+        else:
+            code = _bnb_functional().create_dynamic_map(signed=bool(signed))
         _MAPS[key] = code.to(device=dev, dtype=torch.float32)
     return _MAPS[key]
 
@@ -94,28 +117,51 @@ def _check_input(x: Tensor, signed: bool) -> None:
         )
 
 
-def quantize_blockwise8(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; allowed: {', '.join(BACKENDS)}")
+    return backend
+
+
+def quantize_blockwise8(
+    x: Tensor, signed: bool, backend: str = "bitsandbytes"
+) -> tuple[Tensor, Tensor]:
     """Quantize ``x`` to ``(codes uint8 [numel], absmax fp32 [ceil(numel/256)])``.
 
     ``signed`` picks the dynamic map: True for the first moment, False for the second.
+    ``backend`` is ``bitsandbytes`` or ``torchao`` (same format, see the module docstring).
     """
     _check_input(x, signed)
+    _check_backend(backend)
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     if flat.numel() == 0:
         return (
             torch.empty(0, dtype=torch.uint8, device=x.device),
             torch.empty(0, dtype=torch.float32, device=x.device),
         )
-    code = dynamic_map(signed, flat.device)
+    code = dynamic_map(signed, flat.device, backend)
+    if backend == "torchao":
+        from torchao.optim.quant_utils import quantize_8bit_with_qmap, scale_tensor
+
+        # torchao scales whole blocks only: pad with zeros, which never raise a block's absmax.
+        padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCKSIZE))
+        normalized, absmax = scale_tensor(padded, BLOCKSIZE)
+        codes = quantize_8bit_with_qmap(normalized, code)[: flat.numel()]
+        return codes, absmax.to(torch.float32)
     codes, state = _bnb_functional().quantize_blockwise(A=flat, code=code, blocksize=BLOCKSIZE)
     # Keep only plain tensors: QuantState objects do not survive weights_only loading.
     return codes, state.absmax.to(torch.float32)
 
 
 def dequantize_blockwise8(
-    codes: Tensor, absmax: Tensor, shape: torch.Size | tuple[int, ...], signed: bool
+    codes: Tensor,
+    absmax: Tensor,
+    shape: torch.Size | tuple[int, ...],
+    signed: bool,
+    backend: str = "bitsandbytes",
 ) -> Tensor:
     """Inverse of :func:`quantize_blockwise8`; returns an fp32 tensor of ``shape``."""
+    _check_backend(backend)
     numel = math.prod(shape)
     if codes.dtype != torch.uint8 or codes.numel() != numel:
         raise ValueError(
@@ -128,6 +174,13 @@ def dequantize_blockwise8(
         )
     if numel == 0:
         return torch.empty(tuple(shape), dtype=torch.float32, device=codes.device)
+    if backend == "torchao":
+        from torchao.optim.quant_utils import dequant_with_qmap
+
+        padded = torch.nn.functional.pad(codes.reshape(-1), (0, -numel % BLOCKSIZE))
+        code = dynamic_map(signed, codes.device, backend)
+        out = dequant_with_qmap(padded, code, absmax.float())
+        return out[:numel].to(torch.float32).reshape(tuple(shape))
     out = _bnb_functional().dequantize_blockwise(
         A=codes.reshape(-1),
         absmax=absmax.to(torch.float32),
