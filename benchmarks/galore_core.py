@@ -13,6 +13,7 @@ matrix (exact SVD vs warm-started randomized) at the LLaMA 60M, 350M and 1B shap
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -108,6 +109,17 @@ def pretraining_runs(steps: int, out: Path) -> list[dict[str, Any]]:
         print(f"{label}: eval {summary['final_eval_loss']:.4f} in {seconds:.0f}s")
         rows.append({"method": label, **{k: v for k, v in summary.items() if k != "step_seconds"}})
     return rows
+
+
+def previous_runs(steps: int) -> list[dict[str, Any]]:
+    """The pretraining rows of the last full run of this script, which must have ``steps``."""
+    previous = json.loads((RESULTS / "galore_core.json").read_text())
+    if previous["steps"] != steps:
+        raise ValueError(
+            f"Invalid --reuse-runs: results/galore_core.json has {previous['steps']} steps, "
+            f"not {steps}; run without --reuse-runs"
+        )
+    return previous["runs"]
 
 
 def interleaved_step_times(
@@ -224,13 +236,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved step-timing rounds")
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 repeat, 60M shapes")
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="take the pretraining runs from results/galore_core.json (same --steps; the runs "
+        "are deterministic) and measure only the timings again",
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.rounds = 20, 1, 1
         for key in ("350M", "1B"):
             REFRESH_SHAPES.pop(key)
     out = RESULTS / "runs" / "galore_core"
-    runs = pretraining_runs(args.steps, out)
+    runs = previous_runs(args.steps) if args.reuse_runs else pretraining_runs(args.steps, out)
     refresh = refresh_timings(args.repeats)
     base = PretrainConfig()
     step_times = interleaved_step_times(

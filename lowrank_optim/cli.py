@@ -50,6 +50,25 @@ COMMANDS["plot-stability"] = (
 )
 
 
+def _add_compress(parser: argparse.ArgumentParser) -> None:
+    from lowrank_optim.compress import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from lowrank_optim.compress import run
+
+    return run(args)
+
+
+COMMANDS["compress"] = (
+    "WeLore data-free compression of a local Hugging Face model (table, spectra plot, save)",
+    _add_compress,
+    _run_compress,
+)
+
+
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="a script of the checkout's benchmarks/ folder, e.g. memory")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
@@ -69,9 +88,15 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"Invalid benchmark: {args.name!r}; allowed: {', '.join(found) or 'none'} "
             f"(scripts of {folder}, present in a source checkout)"
         )
-    sys.argv = [str(script), *args.args]
+    saved_argv, sys.argv = sys.argv, [str(script), *args.args]
     sys.path.insert(0, str(folder))
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as finished:  # scripts end with `raise SystemExit(main())`
+        code = finished.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = saved_argv
     return 0
 
 

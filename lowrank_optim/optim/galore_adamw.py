@@ -29,6 +29,7 @@ from lowrank_optim.config import (
     validate_adam_hyperparameters,
     validate_on_bad_gradient,
 )
+from lowrank_optim.distributed import fsdp  # FSDP2 DTensor parameters
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
 from lowrank_optim.moment_storage import FullPrecisionMoments, MomentStorage, _as_fp32
 from lowrank_optim.moments import adam_denominators, adam_step_sizes, update_moments_
@@ -242,6 +243,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._projected_step(group, projected, low_rank_grads)
 
     def _dense_step(self, group: dict[str, Any], items: list[tuple[int, torch.Tensor]]) -> None:
+        items = fsdp.step_sharded(self, group, items, projected=False)  # steps DTensors
         for _, param in items:
             state = self.state[param]
             if not state:
@@ -274,6 +276,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         items: list[tuple[int, torch.Tensor]],
         low_rank_grads: Mapping[int, torch.Tensor],
     ) -> None:
+        items = fsdp.step_sharded(self, group, items, projected=True)  # steps DTensors
         kept, lows = [], []
         bases_of: dict[int, dict[str, torch.Tensor]] = {}
         for index, param in items:

@@ -33,6 +33,7 @@ from torch import nn
 from lowrank_optim import state_keys as keys
 from lowrank_optim.basis_storage import read_basis
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+from lowrank_optim.distributed.fsdp import refuse_sharded_handoff
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.handoff import (
     HandoffCandidate,
@@ -149,6 +150,7 @@ class WeLoreAdamW(GaLoreAdamW):
         step = self.current_step()
         if step < max(config.start_step, 1) or step % config.check_every != 0:
             return model
+        refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if ddp else model
         candidates = projected_linears(module, self, self.is_projected)

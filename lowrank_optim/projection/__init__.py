@@ -1,5 +1,6 @@
 """Gradient projection: bases, projection maps and refresh methods (exact and randomized)."""
 
+from lowrank_optim.projection.gram import gram_eigh_basis
 from lowrank_optim.projection.randomized import randomized_basis
 from lowrank_optim.projection.registry import (
     RefreshMethod,
@@ -29,6 +30,7 @@ __all__ = [
     "basis_keys",
     "effective_rank",
     "get_refresh_method",
+    "gram_eigh_basis",
     "low_rank_shape",
     "project",
     "project_back_",
