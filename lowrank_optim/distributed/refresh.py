@@ -1,0 +1,198 @@
+"""Basis refresh for a row-sharded gradient: every rank ends up with the same ``n x r`` basis.
+
+Under FSDP2 rank ``k`` holds rows ``G_k`` of the gradient ``G`` (``m x n``). The projection is on
+the right, ``R_k = G_k Q`` with ``Q`` (``n x r``) replicated, so the per-step projection and the
+update ``W_k -= lr * scale * d_k Q^T`` need no communication. Only a refresh, which needs the
+top-``r`` right singular vectors of the *whole* ``G``, communicates. Two ways:
+
+``gram`` (``refresh="gram_eigh"`` only): ``G^T G = sum_k G_k^T G_k``. Each rank forms its
+    ``n x n`` partial Gram matrix (``O(m n^2 / R)`` flops, the big product shared out), one
+    ``all_reduce`` (fp32, ``4 n^2`` bytes of payload, about ``2 (R - 1) / R`` times that on the
+    wire per rank with a ring) sums them, and every rank takes the top-``r`` eigenvectors.
+``gather``: one ``all_gather`` of the row blocks (``4 m n`` bytes of payload, each rank
+    receiving ``(R - 1) / R`` of it), after which every rank runs the group's own refresh
+    method (``svd``, ``randomized`` or ``gram_eigh``) on the full ``G``, exactly as a single
+    process would: bit-for-bit the single-process basis, at ``O(m n^2)`` flops on every rank.
+
+``auto`` (the default; a param group may set ``fsdp_refresh`` to ``gram`` or ``gather``) picks,
+for ``gram_eigh``, the one that moves fewer bytes: ``gram`` when ``2 n <= m`` (tall matrices,
+e.g. LLaMA's ``5461 x 2048`` gate/up projections), ``gather`` otherwise (square attention
+matrices, the wide down projection). Other refresh methods always ``gather``. Measured at two
+ranks with the LLaMA-1B shapes (``benchmarks/fsdp_comm.py``): the byte counts match these
+formulas, and the faster strategy per shape on CPU/gloo is the one with fewer bytes
+(see ``benchmarks/results/fsdp_comm.md``).
+
+Every rank gets identical input (an all-reduce returns the same sums everywhere; a gather the
+same matrix) and runs the same deterministic LAPACK call, so the bases agree bit for bit; the
+tests check it by gathering them. The bookkeeping after the new basis (metrics, moment rotation,
+gap) mirrors :func:`lowrank_optim.optim.refresh.refresh_parameter` on the rank's local state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lowrank_optim import state_keys as keys
+from lowrank_optim.basis_storage import read_basis, write_basis
+from lowrank_optim.config import StabilityConfig
+from lowrank_optim.distributed.sharding import rows_per_rank
+from lowrank_optim.errors import SubspaceRefreshError
+from lowrank_optim.moment_storage import MomentStorage
+from lowrank_optim.optim.refresh import compute_bases
+from lowrank_optim.projection import RIGHT, rotate_moments_
+from lowrank_optim.projection.gram import gram_top_eigenvectors
+from lowrank_optim.stability import (
+    LEADING_HISTORY,
+    OVERLAP_HISTORY,
+    leading_vector_similarity,
+    make_policy,
+    push_history_,
+    subspace_overlap,
+    update_stability_,
+)
+
+__all__ = [
+    "FSDP_REFRESH",
+    "choose_strategy",
+    "gather_rows",
+    "gram_refresh_bytes",
+    "gather_refresh_bytes",
+    "refresh_sharded",
+    "sharded_right_basis",
+]
+
+#: Values of the optional ``fsdp_refresh`` param-group key.
+FSDP_REFRESH = ("auto", "gram", "gather")
+
+
+def gram_refresh_bytes(cols: int, itemsize: int = 4) -> int:
+    """Payload of the ``gram`` refresh's one all-reduce: the ``n x n`` Gram matrix."""
+    return cols * cols * itemsize
+
+
+def gather_refresh_bytes(rows: int, cols: int, world_size: int, itemsize: int = 4) -> int:
+    """Payload of the ``gather`` refresh's all-gather: ``R`` blocks of ``ceil(m / R)`` rows."""
+    return max(rows_per_rank(rows, world_size)) * world_size * cols * itemsize
+
+
+def choose_strategy(group: dict[str, Any], shape: tuple[int, int]) -> str:
+    """``gram`` or ``gather`` for a parameter of global ``shape`` in ``group`` (see module doc)."""
+    choice = group.get("fsdp_refresh", "auto")
+    if choice not in FSDP_REFRESH:
+        raise ValueError(f"Invalid fsdp_refresh: {choice!r}; allowed: {', '.join(FSDP_REFRESH)}")
+    if choice == "gram" and group["refresh"] != "gram_eigh":
+        raise ValueError(
+            f"Invalid fsdp_refresh: 'gram' with refresh={group['refresh']!r}; the all-reduced "
+            "Gram matrix only serves refresh='gram_eigh' (use fsdp_refresh='gather' or 'auto')"
+        )
+    if choice != "auto":
+        return choice
+    rows, cols = shape
+    # Ring all-reduce moves ~2x its payload per rank, all-gather ~1x: compare 2 n^2 with m n.
+    return "gram" if group["refresh"] == "gram_eigh" and 2 * cols <= rows else "gather"
+
+
+def gather_rows(local: torch.Tensor, rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The full ``rows x n`` matrix from each rank's row block (padded to equal blocks)."""
+    world = dist.get_world_size(group)
+    chunk = max(rows_per_rank(rows, world))
+    padded = local.new_zeros(chunk, local.shape[1])
+    padded[: local.shape[0]] = local
+    out = local.new_empty(chunk * world, local.shape[1])
+    dist.all_gather_single(out, padded, group=group)
+    counts = rows_per_rank(rows, world)
+    return torch.cat([out[k * chunk : k * chunk + counts[k]] for k in range(world)])
+
+
+def sharded_right_basis(
+    grad_local: torch.Tensor,
+    shape: tuple[int, int],
+    rank: int,
+    previous: dict[str, torch.Tensor],
+    group: dict[str, Any],
+    step: int,
+    name: str,
+    process_group: dist.ProcessGroup | None,
+) -> dict[str, torch.Tensor]:
+    """``{RIGHT: Q}``, the fp32 top-``rank`` right singular basis of the row-sharded gradient."""
+    if choose_strategy(group, shape) == "gather":
+        full = gather_rows(grad_local, shape[0], process_group)
+        return compute_bases(full, (RIGHT,), rank, previous, group, step, name)
+    local = grad_local.float()
+    gram = local.T @ local
+    dist.all_reduce(gram, group=process_group)
+    try:
+        basis = gram_top_eigenvectors(gram, rank)
+    except torch.linalg.LinAlgError:
+        try:  # as compute_bases: LAPACK's fp32 driver failing usually succeeds in fp64
+            basis = gram_top_eigenvectors(gram.double(), rank).float()
+        except torch.linalg.LinAlgError as error:
+            raise SubspaceRefreshError(
+                f"Basis refresh (gram_eigh, sharded) of parameter {name} (shape {shape}) did "
+                f"not converge at step {step}: {error}"
+            ) from error
+    if not bool(torch.isfinite(basis).all()):
+        raise SubspaceRefreshError(
+            f"Basis refresh (gram_eigh, sharded) of parameter {name} returned a non-finite "
+            f"basis at step {step}"
+        )
+    return {RIGHT: basis}
+
+
+def refresh_sharded(
+    grad_local: torch.Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    shape: tuple[int, int],
+    rank: int,
+    step: int,
+    name: str,
+    storage: MomentStorage,
+    dtype: torch.dtype,
+    process_group: dist.ProcessGroup | None,
+) -> bool:
+    """Refresh the right basis in the rank's local ``state``; ``False`` if skipped.
+
+    The skip decision (an SVD that failed) is the same on every rank, since all ranks computed
+    from the same input.
+    """
+    bits = group.get("proj_bits")
+    previous = {}
+    old = read_basis(state, RIGHT, bits, torch.float32)
+    if old is not None:
+        previous[RIGHT] = old
+    try:
+        new_bases = sharded_right_basis(
+            grad_local, shape, rank, previous, group, step, name, process_group
+        )
+    except SubspaceRefreshError as error:
+        if group["on_bad_gradient"] == "raise":
+            raise
+        warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=4)
+        state[keys.REFRESHES_FAILED] += 1
+        state[keys.NEXT_REFRESH] = step + 1
+        return False
+    if previous:
+        push_history_(state[OVERLAP_HISTORY], subspace_overlap(old, new_bases[RIGHT]))
+        push_history_(state[LEADING_HISTORY], leading_vector_similarity(old, new_bases[RIGHT]))
+        if group["moment_transfer"] == "rotate":
+            exp_avg, exp_avg_sq = storage.read(state)
+            rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
+            storage.write(state, exp_avg, exp_avg_sq)
+    write_basis(state, RIGHT, new_bases[RIGHT], bits, dtype)
+    base_gap = int(group["update_proj_gap"])
+    last = state[keys.LAST_REFRESH]
+    if last > 0:
+        state[keys.REFRESHES_SKIPPED] += max((step - last) // base_gap - 1, 0)
+    state[keys.REFRESHES] += 1
+    state[keys.LAST_REFRESH] = step
+    config = StabilityConfig.from_group(group)
+    stable = update_stability_(state, config, step)
+    gap = make_policy(config).next_gap(state, state[keys.REFRESH_GAP], base_gap, stable)
+    state[keys.REFRESH_GAP] = gap
+    state[keys.NEXT_REFRESH] = step + gap
+    return True

@@ -1,0 +1,429 @@
+"""GaLore-family optimizers on FSDP2 (``fully_shard``) parameters, 2 CPU processes over gloo.
+
+One 2-rank run (a module fixture) plays every scenario and saves what each rank saw; the tests
+compare that with single-process runs of the same global batches. A second, 1-rank run loads
+the 2-rank checkpoints (a different number of ranks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from lowrank_optim import GaLoreAdamW, HandoffConfig, StabilityConfig, WeLoreAdamW
+from lowrank_optim.distributed import (
+    CollectiveCounter,
+    gather_refresh_bytes,
+    gram_refresh_bytes,
+)
+from lowrank_optim.errors import CheckpointMismatchError
+from lowrank_optim.optim import GaLoreAdamW8bit, QGaLoreAdamW
+from lowrank_optim.projection import RIGHT
+from lowrank_optim.quant import quantize_model
+from lowrank_optim.stability import ENERGY_HISTORY, OVERLAP_HISTORY
+
+WORLD = 2
+BATCH = 16  # global batch; each rank takes BATCH / world rows
+STEPS = 10  # update_proj_gap 4: refreshes at steps 1, 5 and 9
+SAVE_AT = 4
+TIMEOUT_S = 120
+
+
+# --------------------------------------------------------------------------- shared set-up
+def _model(wide: int) -> nn.Sequential:
+    """Three linears: tall (32 x 8, Gram all-reduce), ``wide x 32`` and ``5 x wide`` (uneven
+    shards of 5 rows: 3 + 2)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, wide), nn.Tanh(), nn.Linear(wide, 5)
+    )
+
+
+def _groups(model: nn.Module, rank: int) -> list[dict[str, Any]]:
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
+    common = {
+        "rank": rank,
+        "update_proj_gap": 4,
+        "scale": 0.5,
+        "proj_type": "right",
+        "refresh": "gram_eigh",
+    }
+    return [
+        {"params": rest},
+        {"params": [mats[0], mats[2]], **common},  # auto: gram (32 x 8), gather (5 x wide)
+        {"params": [mats[1]], **common, "fsdp_refresh": "gram"},  # forced Gram on wide x 32
+    ]
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(BATCH, 8, generator=generator), torch.randn(BATCH, 5, generator=generator))
+        for _ in range(STEPS)
+    ]
+
+
+CASES: dict[str, tuple[type[GaLoreAdamW], int, int]] = {
+    # name: optimizer class, width of the middle layer, rank
+    "galore": (GaLoreAdamW, 16, 4),
+    # 768 x 32 at rank 8: 6144-element moments, quantized (a 3072-element shard alone is not)
+    "galore8bit": (GaLoreAdamW8bit, 768, 8),
+}
+
+
+def _train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    rows: slice,
+) -> None:
+    for inputs, targets in batches:
+        optimizer.zero_grad(set_to_none=True)
+        (model(inputs[rows]) - targets[rows]).square().mean().backward()
+        optimizer.step()
+
+
+def _single_process(case: str, steps: int = STEPS) -> tuple[nn.Module, GaLoreAdamW]:
+    cls, wide, rank = CASES[case]
+    model = _model(wide)
+    optimizer = cls(_groups(model, rank), lr=1e-2)
+    _train(model, optimizer, _batches()[:steps], slice(None))
+    return model, optimizer
+
+
+# ------------------------------------------------------------------------------ the workers
+def _sharded(case: str) -> tuple[nn.Module, GaLoreAdamW, slice]:
+    cls, wide, rank = CASES[case]
+    model = _model(wide)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    world, me = dist.get_world_size(), dist.get_rank()
+    per = BATCH // world
+    return model, cls(_groups(model, rank), lr=1e-2), slice(me * per, (me + 1) * per)
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _all_ranks_equal(tensor: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return all(torch.equal(gathered[0], other) for other in gathered)
+
+
+def _scenario_train(case: str) -> dict[str, Any]:
+    model, optimizer, rows = _sharded(case)
+    batches = _batches()
+    counters = {}  # step 8: plain; step 9: refresh; step 10: captured-energy record
+    for step, (inputs, targets) in enumerate(batches, start=1):
+        optimizer.zero_grad(set_to_none=True)
+        (model(inputs[rows]) - targets[rows]).square().mean().backward()
+        with CollectiveCounter() as counters[step]:
+            optimizer.step()
+    projected = [p for group in optimizer.param_groups[1:] for p in group["params"]]
+    states = [optimizer.state[p] for p in projected]
+    return {
+        "weights": _full(model),
+        "bases": [state[RIGHT].clone() for state in states],
+        "bases_equal": all(_all_ranks_equal(state[RIGHT]) for state in states),
+        "overlap": [state[OVERLAP_HISTORY].clone() for state in states],
+        "energy": [state[ENERGY_HISTORY].clone() for state in states],
+        "sharded_moments": [
+            sorted(k for k, v in state.items() if isinstance(v, DTensor)) for state in states
+        ],
+        "placements": [
+            v.placements for state in states for v in state.values() if isinstance(v, DTensor)
+        ],
+        "calls": {step: dict(counter.calls) for step, counter in counters.items()},
+        "bytes": {step: dict(counter.bytes) for step, counter in counters.items()},
+        "sharded_params": sum(1 for p in model.parameters() if isinstance(p, DTensor)),
+    }
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+
+
+def _scenario_dcp(case: str, directory: Path) -> dict[str, Any]:
+    batches = _batches()
+    model, optimizer, rows = _sharded(case)
+    _train(model, optimizer, batches[:SAVE_AT], rows)
+    dcp.save(_checkpoint(model, optimizer), checkpoint_id=str(directory / f"ckpt_{case}"))
+    _train(model, optimizer, batches[SAVE_AT:], rows)
+    straight = _full(model)
+
+    model, optimizer, rows = _sharded(case)
+    state = _checkpoint(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory / f"ckpt_{case}"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    _train(model, optimizer, batches[SAVE_AT:], rows)
+    resumed = _full(model)
+    return {"straight": straight, "resumed": resumed}
+
+
+def _error_of(action: Callable[[], object]) -> str:
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - the test inspects type and message
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _scenario_errors() -> dict[str, str]:
+    errors = {}
+    batches = _batches()
+    mesh = dist.init_device_mesh("cpu", (dist.get_world_size(),))
+
+    # a weight sharded on its columns (tensor parallelism), not FSDP2's rows
+    weight = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    weight.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2, "proj_type": "right"}])
+    errors["shard1"] = _error_of(optimizer.step)
+
+    def left_projection() -> None:
+        model, _, rows = _sharded("galore")
+        groups = _groups(model, 4)
+        for group in groups[1:]:
+            group["proj_type"] = "std"  # the wide 16 x 32 layer would project on the left
+        _train(model, GaLoreAdamW(groups, lr=1e-2), batches[:1], rows)
+
+    errors["proj_type"] = _error_of(left_projection)
+
+    def bad_strategy() -> None:
+        model, _, rows = _sharded("galore")
+        groups = _groups(model, 4)
+        groups[2]["fsdp_refresh"] = "broadcast"
+        _train(model, GaLoreAdamW(groups, lr=1e-2), batches[:1], rows)
+
+    errors["fsdp_refresh"] = _error_of(bad_strategy)
+
+    def layerwise() -> None:
+        model, optimizer, rows = _sharded("galore")
+        _train(model, optimizer, batches[:2], rows)  # past the refresh and the energy record
+        (model(batches[2][0][rows]) - batches[2][1][rows]).square().mean().backward()
+        weight = optimizer.param_groups[2]["params"][0]
+        basis = optimizer.state[weight][RIGHT]
+        low = weight.grad.to_local() @ basis
+        weight.grad = None  # layer-wise stepping frees the gradient once it is projected
+        optimizer.step_parameters(2, [0], {0: low})
+
+    errors["layerwise"] = _error_of(layerwise)
+
+    def qgalore_int8() -> None:
+        model = quantize_model(_model(16), include=lambda name: True)
+        for layer in model:
+            if isinstance(layer, nn.Module) and any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(model)
+        optimizer = QGaLoreAdamW(_groups(model, 4), lr=1e-2, model=model)
+        per = BATCH // dist.get_world_size()
+        _train(
+            model, optimizer, batches[:1], slice(dist.get_rank() * per, (dist.get_rank() + 1) * per)
+        )
+
+    errors["qgalore_int8"] = _error_of(qgalore_int8)
+
+    def welore_handoff() -> None:
+        model, _, rows = _sharded("galore")
+        optimizer = WeLoreAdamW(
+            _groups(model, 4),
+            lr=1e-2,
+            model=model,
+            stability=StabilityConfig(threshold=1e-6, patience=1),
+            handoff=HandoffConfig(start_step=1, check_every=1, target_reduction=0.5),
+        )
+        for step in range(STEPS):
+            _train(model, optimizer, batches[step : step + 1], rows)
+            optimizer.maybe_handoff(model)
+
+    errors["welore_handoff"] = _error_of(welore_handoff)
+    return errors
+
+
+def _run(rank: int, world: int, port: int, directory: str, plan: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+    )
+    results: dict[str, Any] = {}
+    scenarios: dict[str, Callable[[], Any]]
+    if plan == "main":
+        scenarios = {f"train_{case}": (lambda c=case: _scenario_train(c)) for case in CASES}
+        scenarios |= {
+            f"dcp_{case}": (lambda c=case: _scenario_dcp(c, Path(directory))) for case in CASES
+        }
+        scenarios["errors"] = _scenario_errors
+    else:
+        scenarios = {
+            f"reshard_{case}": (lambda c=case: _reshard(c, Path(directory))) for case in CASES
+        }
+    for name, scenario in scenarios.items():
+        try:
+            results[name] = scenario()
+        except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
+            results[name] = {"failure": traceback.format_exc()}
+    torch.save(results, Path(directory) / f"{plan}_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _reshard(case: str, directory: Path) -> dict[str, Any]:
+    """Load a 2-rank checkpoint on this (1-rank) run and continue."""
+    model, optimizer, rows = _sharded(case)
+    state = _checkpoint(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory / f"ckpt_{case}"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    error = _error_of(lambda: _train(model, optimizer, _batches()[SAVE_AT:], rows))
+    return {"error": error, "weights": _full(model)}
+
+
+def _spawn(world: int, directory: Path, plan: str) -> list[dict[str, Any]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.spawn(_run, args=(world, port, str(directory), plan), nprocs=world, join=False)
+    while not context.join(timeout=TIMEOUT_S * 2):
+        pass
+    return [torch.load(directory / f"{plan}_rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    directory = tmp_path_factory.mktemp("fsdp")
+    main = _spawn(WORLD, directory, "main")
+    return {"main": main, "reshard": _spawn(1, directory, "reshard")}
+
+
+def _result(runs: dict[str, list[dict[str, Any]]], run: str, name: str) -> list[Any]:
+    per_rank = [results[name] for results in runs[run]]
+    for result in per_rank:
+        if isinstance(result, dict) and "failure" in result:
+            pytest.fail(f"scenario {name} failed on a rank:\n{result['failure']}")
+    return per_rank
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_fsdp_matches_single_process(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """10 steps with refreshes at 1, 5, 9 (Gram all-reduce and all-gather paths, uneven
+    shards): the 2-rank weights, bases and stability metrics match one process."""
+    sharded = _result(runs, "main", "train_galore")
+    model, optimizer = _single_process("galore")
+    reference = [p.detach() for p in model.parameters()]
+    projected = [p for group in optimizer.param_groups[1:] for p in group["params"]]
+    for rank_result in sharded:
+        assert rank_result["bases_equal"]
+        for got, want in zip(rank_result["weights"], reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for index, param in enumerate(projected):
+            state = optimizer.state[param]
+            torch.testing.assert_close(rank_result["bases"][index], state[RIGHT], atol=1e-4, rtol=0)
+            for key in ("overlap", "energy"):
+                history = OVERLAP_HISTORY if key == "overlap" else ENERGY_HISTORY
+                torch.testing.assert_close(
+                    rank_result[key][index], state[history], atol=1e-5, rtol=0, equal_nan=True
+                )
+            assert rank_result["sharded_moments"][index] == ["exp_avg", "exp_avg_sq"]
+        assert all(placement == (Shard(0),) for placement in rank_result["placements"])
+    # The training moved the weights: equality is not the trivial one.
+    initial = [p.detach() for p in _model(16).parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(initial, reference, strict=True))
+
+
+def test_fsdp_communication_per_step(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Plain steps all-reduce one fp32 finite-flag per sharded parameter (one call per group);
+    a refresh adds one Gram all-reduce or one all-gather per matrix, as the formulas say; the
+    step after it two fp64 sums per matrix (captured energy)."""
+    result = _result(runs, "main", "train_galore")[0]
+    flags = 4 * result["sharded_params"]
+    assert result["calls"][8] == {"all_reduce": 3}  # one per param group
+    assert result["bytes"][8] == {"all_reduce": flags}
+    gram = gram_refresh_bytes(8) + gram_refresh_bytes(32)  # 32 x 8 (auto), 16 x 32 (forced)
+    assert result["calls"][9] == {"all_reduce": 3 + 2, "all_gather_single": 1}
+    assert result["bytes"][9] == {
+        "all_reduce": flags + gram,
+        "all_gather_single": gather_refresh_bytes(5, 16, WORLD),  # 5 x 16: rows 3 + 2
+    }
+    assert result["calls"][10] == {"all_reduce": 3 + 2}  # energy: one call per projected group
+    assert result["bytes"][10] == {"all_reduce": flags + 3 * 2 * 8}
+
+
+def test_fsdp_8bit_moments_sharded(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """8-bit moments are quantized per rank: close to, not equal to, one process."""
+    sharded = _result(runs, "main", "train_galore8bit")
+    model, _ = _single_process("galore8bit")
+    for rank_result in sharded:
+        assert rank_result["bases_equal"]
+        assert "exp_avg_codes" in rank_result["sharded_moments"][2]
+        for got, want in zip(rank_result["weights"], model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dcp_round_trip_is_bit_for_bit(runs: dict[str, list[dict[str, Any]]], case: str) -> None:
+    for rank_result in _result(runs, "main", f"dcp_{case}"):
+        for straight, resumed in zip(rank_result["straight"], rank_result["resumed"], strict=True):
+            assert torch.equal(straight, resumed)
+
+
+def test_dcp_load_on_other_rank_count(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Full-precision state reshards (2 -> 1 rank) and continues; 8-bit state is refused."""
+    resumed = _result(runs, "reshard", "reshard_galore")[0]
+    assert resumed["error"] == "no error"
+    straight = _result(runs, "main", "dcp_galore")[0]["straight"]
+    for got, want in zip(resumed["weights"], straight, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    refused = _result(runs, "reshard", "reshard_galore8bit")[0]["error"]
+    assert refused.startswith(CheckpointMismatchError.__name__)
+    assert "saved on 2 ranks" in refused and "has 1" in refused
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "words"),
+    [
+        ("shard1", "ValueError", ["Shard(dim=1)", "Shard(0)"]),
+        ("proj_type", "ValueError", ["'std'", "proj_type='right'"]),
+        ("fsdp_refresh", "ValueError", ["'broadcast'", "auto, gram, gather"]),
+        ("layerwise", "NotImplementedError", ["Layer-wise", "optimizer.step()"]),
+        # fully_shard itself refuses QuantizedLinear's INT8 weight handle (stride 0); the
+        # optimizer's own check stays for the day it does not
+        ("qgalore_int8", "NotImplementedError", ["FSDP", "non-contiguous"]),
+        ("welore_handoff", "NotImplementedError", ["hand-off", "fully_shard again"]),
+    ],
+)
+def test_unsupported_combinations_raise(
+    runs: dict[str, list[dict[str, Any]]], name: str, kind: str, words: list[str]
+) -> None:
+    for errors in _result(runs, "main", "errors"):
+        message = errors[name]
+        assert message.startswith(f"{kind}:"), message
+        for word in words:
+            assert word in message, message
