@@ -182,6 +182,13 @@ def _parameter_reduction(plan: RankPlan) -> float:
     return 1.0 - plan.parameters_after() / plan.parameters_before()
 
 
+def _check_target(target: float, measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"Invalid measure: {measure!r}; allowed: {', '.join(MEASURES)}")
+    if not isinstance(target, float | int) or not 0.0 < target < 1.0:
+        raise ValueError(f"Invalid target: {target!r}; must be in (0, 1)")
+
+
 def plan_for_target(
     spectra: dict[str, torch.Tensor],
     shapes: dict[str, tuple[int, int]],
@@ -195,10 +202,7 @@ def plan_for_target(
     matrices only ever become LRCs), so bisection on the rank target finds the smallest one
     that removes at least ``target`` of the linear layers' parameters.
     """
-    if measure not in MEASURES:
-        raise ValueError(f"Invalid measure: {measure!r}; allowed: {', '.join(MEASURES)}")
-    if not isinstance(target, float | int) or not 0.0 < target < 1.0:
-        raise ValueError(f"Invalid target: {target!r}; must be in (0, 1)")
+    _check_target(target, measure)
     if measure == "rank":
         return plan_ranks(spectra, shapes, float(target), min_ratio)
     low, high = 1e-6, 1.0 - 1e-6
@@ -362,6 +366,7 @@ def compress_pretrained(
     progress: bool = True,
 ) -> CompressionResult:
     """Load ``model_dir``, compress it, save it (plus tokenizer, report and spectra plot)."""
+    _check_target(target, measure)  # before reading gigabytes of weights
     config = check_model_dir(model_dir, allow_untested)
     model = model_class_for(config).from_pretrained(model_dir).eval()
     result = compress_model(model, target, measure=measure, min_ratio=min_ratio, progress=progress)
@@ -422,6 +427,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except CompressionError as error:
         print(f"lowrank-optim compress: refused: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a bad option value (target, min_ratio): name it, no traceback
+        print(f"lowrank-optim compress: error: {error}", file=sys.stderr)
         return 2
     print(_format_table(summary_rows(result)))
     saved = 1 - result.parameters_after / result.parameters_before
