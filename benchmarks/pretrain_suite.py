@@ -60,8 +60,14 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
             stability_policy="overlap",
             out_dir=str(out / "galore_adaptive"),
         ),
+        # The hand-off asks "has this subspace settled enough to factorize the weight?", the
+        # adaptive gap "can this refresh wait?": separate thresholds (--handoff-threshold).
         "WeLoreAdamW": replace(
-            base, optimizer="welore_adamw", stability_policy="fixed", out_dir=str(out / "welore")
+            base,
+            optimizer="welore_adamw",
+            stability_policy="fixed",
+            stability_threshold=args.handoff_threshold,
+            out_dir=str(out / "welore"),
         ),
         "GaLoreAdamW8bit": replace(
             base,
@@ -205,20 +211,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--gap", type=int, default=50)
-    parser.add_argument("--threshold", type=float, default=0.6)
+    parser.add_argument("--threshold", type=float, default=0.6, help="adaptive-gap overlap")
+    parser.add_argument(
+        "--handoff-threshold", type=float, default=0.5, help="overlap at which a layer is stable"
+    )
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--handoff-start", type=float, default=0.4)
-    parser.add_argument("--target", type=float, default=0.7)
+    parser.add_argument("--target", type=float, default=0.8, help="WeLore rank reduction")
     parser.add_argument("--min-ratio", type=float, default=0.5)
     parser.add_argument("--only", nargs="*", default=None, help="run only these labels")
+    parser.add_argument(
+        "--report-only", action="store_true", help="no runs: report the cached ones again"
+    )
     args = parser.parse_args()
     runs = configs(args)
     summaries = {}
     cache = RESULTS / "pretrain_suite_runs.json"
-    if args.only and cache.exists():
+    if (args.only or args.report_only) and cache.exists():
         summaries = json.loads(cache.read_text())
     for label, config in runs.items():
-        if args.only and label not in args.only:
+        if args.report_only or (args.only and label not in args.only):
             continue
         summaries[label] = run_pretraining(config)
         print(f"{label}: eval {summaries[label]['final_eval_loss']:.4f}")
