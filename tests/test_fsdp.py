@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,8 @@ WORLD = 2
 BATCH = 16  # global batch; each rank takes BATCH / world rows
 STEPS = 10  # update_proj_gap 4: refreshes at steps 1, 5 and 9
 SAVE_AT = 4
-TIMEOUT_S = 120
+TIMEOUT_S = 120  # a collective that waits longer raises in the worker
+SPAWN_TIMEOUT_S = 900  # a whole run (generous: the CI machine may be loaded)
 
 
 # --------------------------------------------------------------------------- shared set-up
@@ -311,8 +313,12 @@ def _spawn(world: int, directory: Path, plan: str) -> list[dict[str, Any]]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     context = mp.spawn(_run, args=(world, port, str(directory), plan), nprocs=world, join=False)
-    while not context.join(timeout=TIMEOUT_S * 2):
-        pass
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world}-rank run did not finish in {SPAWN_TIMEOUT_S} s")
     return [torch.load(directory / f"{plan}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 
