@@ -119,7 +119,8 @@ def previous_runs(steps: int) -> list[dict[str, Any]]:
             f"Invalid --reuse-runs: results/galore_core.json has {previous['steps']} steps, "
             f"not {steps}; run without --reuse-runs"
         )
-    return previous["runs"]
+    # "method" names each run; older files also carry a misleading "optimizer" field.
+    return [{k: v for k, v in run.items() if k != "optimizer"} for run in previous["runs"]]
 
 
 def interleaved_step_times(
