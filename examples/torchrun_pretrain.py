@@ -24,6 +24,8 @@ import argparse
 import contextlib
 import math
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import torch
@@ -70,10 +72,22 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="step each parameter inside backward (one process only, not with DDP)",
     )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard with FSDP2 instead of DDP: runs examples/fsdp_pretrain.py with these flags "
+        "(galore_adamw, galore_adamw8bit, welore_adamw without hand-offs; DCP checkpoints)",
+    )
     return parser.parse_args()
 
 
 def main() -> None:
+    if "--fsdp" in sys.argv[1:]:
+        # The FSDP2 loop differs (fully_shard per layer, DTensor state, DCP checkpoints), so it
+        # lives in its own file; the flags are the same.
+        sys.argv.remove("--fsdp")
+        runpy.run_path(str(Path(__file__).with_name("fsdp_pretrain.py")), run_name="__main__")
+        return
     args = parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

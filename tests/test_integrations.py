@@ -289,3 +289,21 @@ def test_torchrun_example_layerwise_matches_regular(monkeypatch, example_setup) 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--layerwise with DDP"):
         run_example_here(monkeypatch, folder, [*args, "--layerwise"], "refused")
+
+
+def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> None:
+    folder, args = example_setup
+    command = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        str(EXAMPLE),
+        "--fsdp",
+        *args,
+        *("--out-dir", str(folder / "fsdp")),
+    ]
+    env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = train_losses(folder / "fsdp")
+    assert len(losses) == 4 and losses[-1] < losses[0]
