@@ -41,21 +41,18 @@ import torch.distributed as dist
 
 from lowrank_optim import state_keys as keys
 from lowrank_optim.basis_storage import read_basis, write_basis
-from lowrank_optim.config import StabilityConfig
 from lowrank_optim.distributed.sharding import rows_per_rank
 from lowrank_optim.errors import SubspaceRefreshError
 from lowrank_optim.moment_storage import MomentStorage
-from lowrank_optim.optim.refresh import compute_bases
+from lowrank_optim.optim.refresh import compute_bases, record_refresh_
 from lowrank_optim.projection import RIGHT, rotate_moments_
 from lowrank_optim.projection.gram import gram_top_eigenvectors
 from lowrank_optim.stability import (
     LEADING_HISTORY,
     OVERLAP_HISTORY,
     leading_vector_similarity,
-    make_policy,
     push_history_,
     subspace_overlap,
-    update_stability_,
 )
 
 __all__ = [
@@ -187,15 +184,5 @@ def refresh_sharded(
             rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
             storage.write(state, exp_avg, exp_avg_sq)
     write_basis(state, RIGHT, new_bases[RIGHT], bits, dtype)
-    base_gap = int(group["update_proj_gap"])
-    last = state[keys.LAST_REFRESH]
-    if last > 0:
-        state[keys.REFRESHES_SKIPPED] += max((step - last) // base_gap - 1, 0)
-    state[keys.REFRESHES] += 1
-    state[keys.LAST_REFRESH] = step
-    config = StabilityConfig.from_group(group)
-    stable = update_stability_(state, config, step)
-    gap = make_policy(config).next_gap(state, state[keys.REFRESH_GAP], base_gap, stable)
-    state[keys.REFRESH_GAP] = gap
-    state[keys.NEXT_REFRESH] = step + gap
+    record_refresh_(state, group, step)
     return True

@@ -29,7 +29,7 @@ from lowrank_optim.stability import (
     update_stability_,
 )
 
-__all__ = ["compute_bases", "refresh_parameter"]
+__all__ = ["compute_bases", "record_refresh_", "refresh_parameter"]
 
 
 def compute_bases(
@@ -112,6 +112,12 @@ def refresh_parameter(
     for key, basis in new_bases.items():
         write_basis(state, key, basis, bits, param.dtype)
 
+    record_refresh_(state, group, step)
+    return True
+
+
+def record_refresh_(state: dict[str, Any], group: dict[str, Any], step: int) -> None:
+    """Bookkeeping after a refresh at ``step``: counts, stability, and the next refresh step."""
     base_gap = int(group["update_proj_gap"])
     last = state[keys.LAST_REFRESH]
     if last > 0:
@@ -124,7 +130,6 @@ def refresh_parameter(
     gap = make_policy(config).next_gap(state, state[keys.REFRESH_GAP], base_gap, stable)
     state[keys.REFRESH_GAP] = gap
     state[keys.NEXT_REFRESH] = step + gap
-    return True
 
 
 def _record_metrics(
