@@ -33,27 +33,22 @@ gap) mirrors :func:`lowrank_optim.optim.refresh.refresh_parameter` on the rank's
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lowrank_optim import state_keys as keys
-from lowrank_optim.basis_storage import read_basis, write_basis
 from lowrank_optim.distributed.sharding import rows_per_rank
 from lowrank_optim.errors import SubspaceRefreshError
 from lowrank_optim.moment_storage import MomentStorage
-from lowrank_optim.optim.refresh import compute_bases, record_refresh_
-from lowrank_optim.projection import RIGHT, rotate_moments_
-from lowrank_optim.projection.gram import gram_top_eigenvectors
-from lowrank_optim.stability import (
-    LEADING_HISTORY,
-    OVERLAP_HISTORY,
-    leading_vector_similarity,
-    push_history_,
-    subspace_overlap,
+from lowrank_optim.optim.refresh import (
+    compute_bases,
+    install_bases_,
+    read_previous_bases,
+    refresh_failed_,
 )
+from lowrank_optim.projection import RIGHT
+from lowrank_optim.projection.gram import gram_top_eigenvectors
 
 __all__ = [
     "FSDP_REFRESH",
@@ -160,29 +155,12 @@ def refresh_sharded(
     The skip decision (an SVD that failed) is the same on every rank, since all ranks computed
     from the same input.
     """
-    bits = group.get("proj_bits")
-    previous = {}
-    old = read_basis(state, RIGHT, bits, torch.float32)
-    if old is not None:
-        previous[RIGHT] = old
+    previous = read_previous_bases(state, (RIGHT,), group.get("proj_bits"))
     try:
         new_bases = sharded_right_basis(
             grad_local, shape, rank, previous, group, step, name, process_group
         )
     except SubspaceRefreshError as error:
-        if group["on_bad_gradient"] == "raise":
-            raise
-        warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=4)
-        state[keys.REFRESHES_FAILED] += 1
-        state[keys.NEXT_REFRESH] = step + 1
-        return False
-    if previous:
-        push_history_(state[OVERLAP_HISTORY], subspace_overlap(old, new_bases[RIGHT]))
-        push_history_(state[LEADING_HISTORY], leading_vector_similarity(old, new_bases[RIGHT]))
-        if group["moment_transfer"] == "rotate":
-            exp_avg, exp_avg_sq = storage.read(state)
-            rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
-            storage.write(state, exp_avg, exp_avg_sq)
-    write_basis(state, RIGHT, new_bases[RIGHT], bits, dtype)
-    record_refresh_(state, group, step)
+        return refresh_failed_(state, group, error, step)
+    install_bases_(state, group, previous, new_bases, step, storage, dtype)
     return True

@@ -29,7 +29,14 @@ from lowrank_optim.stability import (
     update_stability_,
 )
 
-__all__ = ["compute_bases", "record_refresh_", "refresh_parameter"]
+__all__ = [
+    "compute_bases",
+    "install_bases_",
+    "read_previous_bases",
+    "record_refresh_",
+    "refresh_failed_",
+    "refresh_parameter",
+]
 
 
 def compute_bases(
@@ -87,22 +94,49 @@ def refresh_parameter(
 ) -> bool:
     """Refresh ``param``'s bases in ``state``. Returns ``False`` if the refresh was skipped."""
     grad = param.grad
-    bits = group.get("proj_bits")
+    previous = read_previous_bases(state, basis_keys, group.get("proj_bits"))
+    try:
+        new_bases = compute_bases(grad, basis_keys, rank, previous, group, step, name)
+    except SubspaceRefreshError as error:
+        return refresh_failed_(state, group, error, step)
+    install_bases_(state, group, previous, new_bases, step, storage, param.dtype)
+    return True
+
+
+def read_previous_bases(
+    state: dict[str, Any], basis_keys: tuple[str, ...], bits: int | None
+) -> dict[str, torch.Tensor]:
+    """The bases stored under ``basis_keys`` as fp32 (none before the first refresh)."""
     previous = {}
     for key in basis_keys:
         basis = read_basis(state, key, bits, torch.float32)
         if basis is not None:
             previous[key] = basis
-    try:
-        new_bases = compute_bases(grad, basis_keys, rank, previous, group, step, name)
-    except SubspaceRefreshError as error:
-        if group["on_bad_gradient"] == "raise":
-            raise
-        warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=4)
-        state[keys.REFRESHES_FAILED] += 1
-        state[keys.NEXT_REFRESH] = step + 1
-        return False
+    return previous
 
+
+def refresh_failed_(
+    state: dict[str, Any], group: dict[str, Any], error: SubspaceRefreshError, step: int
+) -> bool:
+    """Raise ``error``, or (``on_bad_gradient="skip"``) keep the basis and retry next step."""
+    if group["on_bad_gradient"] == "raise":
+        raise error
+    warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=5)
+    state[keys.REFRESHES_FAILED] += 1
+    state[keys.NEXT_REFRESH] = step + 1
+    return False
+
+
+def install_bases_(
+    state: dict[str, Any],
+    group: dict[str, Any],
+    previous: dict[str, torch.Tensor],
+    new_bases: dict[str, torch.Tensor],
+    step: int,
+    storage: MomentStorage,
+    dtype: torch.dtype,
+) -> None:
+    """Record the refresh metrics, carry the moments over, store the bases, book the refresh."""
     if previous:
         _record_metrics(state, previous, new_bases)
         if group["moment_transfer"] == "rotate":
@@ -110,10 +144,8 @@ def refresh_parameter(
             rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
             storage.write(state, exp_avg, exp_avg_sq)
     for key, basis in new_bases.items():
-        write_basis(state, key, basis, bits, param.dtype)
-
+        write_basis(state, key, basis, group.get("proj_bits"), dtype)
     record_refresh_(state, group, step)
-    return True
 
 
 def record_refresh_(state: dict[str, Any], group: dict[str, Any], step: int) -> None:
