@@ -34,11 +34,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
+from torchrun_pretrain import add_common_arguments  # same folder: the shared flags
 
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
 from lowrank_optim.factory import OptimizerSpec, build_optimizer
-from lowrank_optim.models import LLAMA_SIZES, build_llama, load_llama_config
+from lowrank_optim.models import build_llama, load_llama_config
 from lowrank_optim.pretrain import cosine_with_warmup, evaluate
 from lowrank_optim.reporting import MetricsWriter
 
@@ -50,26 +51,7 @@ FSDP_OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "welore_adamw", "adamw")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="9m", help=f"{', '.join(LLAMA_SIZES)} or a JSON path")
-    parser.add_argument("--optimizer", default="galore_adamw", choices=FSDP_OPTIMIZERS)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="per rank per pass")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--update-proj-gap", type=int, default=50)
-    parser.add_argument("--scale", type=float, default=0.25)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="runs/fsdp")
+    add_common_arguments(parser, FSDP_OPTIMIZERS, "galore_adamw", "runs/fsdp")
     parser.add_argument("--checkpoint-dir", default=None, help="DCP directory to save to")
     parser.add_argument(
         "--save-at", type=int, default=None, help="step to save at (default: the last)"

@@ -41,10 +41,12 @@ from lowrank_optim.pretrain import cosine_with_warmup, evaluate
 from lowrank_optim.reporting import MetricsWriter
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(
+    parser: argparse.ArgumentParser, optimizers: tuple[str, ...], optimizer: str, out_dir: str
+) -> None:
+    """The flags this script shares with ``fsdp_pretrain.py`` (model, data, schedule, GaLore)."""
     parser.add_argument("--model", default="9m", help=f"{', '.join(LLAMA_SIZES)} or a JSON path")
-    parser.add_argument("--optimizer", default="welore_adamw", choices=OPTIMIZER_NAMES)
+    parser.add_argument("--optimizer", default=optimizer, choices=optimizers)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="per rank per pass")
@@ -54,19 +56,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
-        "--grad-clip", type=float, default=1.0, help="global norm; per parameter with --layerwise"
+        "--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none"
     )
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--update-proj-gap", type=int, default=50)
     parser.add_argument("--scale", type=float, default=0.25)
-    parser.add_argument("--handoff-start", type=float, default=0.4, help="fraction of steps")
-    parser.add_argument("--target-reduction", type=float, default=0.6)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default="runs/torchrun")
+    parser.add_argument("--out-dir", default=out_dir)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, OPTIMIZER_NAMES, "welore_adamw", "runs/torchrun")
+    parser.add_argument("--handoff-start", type=float, default=0.4, help="fraction of steps")
+    parser.add_argument("--target-reduction", type=float, default=0.6)
     parser.add_argument(
         "--layerwise",
         action="store_true",
