@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,13 +30,7 @@ STEPS, ACCUMULATION = 7, 4
 PROJECTED = {"rank": 4, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tensors here are tiny: on a busy 2-core machine, intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def galore(model: torch.nn.Module) -> GaLoreAdamW:
