@@ -42,6 +42,9 @@ class MomentStorage(ABC):
 
     #: State keys whose dtype is fixed by design (kept as saved when a checkpoint loads).
     fixed_dtype_keys: frozenset[str] = frozenset()
+    #: Whether the moments are plain tensors under ``exp_avg``/``exp_avg_sq`` that torch's fused
+    #: AdamW kernel may update in place (see :func:`lowrank_optim.moments.fused_adamw_`).
+    plain_tensors: bool = False
 
     @abstractmethod
     def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
@@ -61,6 +64,8 @@ class MomentStorage(ABC):
 
 
 class FullPrecisionMoments(MomentStorage):
+    plain_tensors = True
+
     def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
         state[keys.EXP_AVG] = like.new_zeros(shape)
         state[keys.EXP_AVG_SQ] = like.new_zeros(shape)

@@ -15,6 +15,7 @@ from lowrank_optim import (
     SubspaceRefreshError,
     register_refresh_method,
 )
+from lowrank_optim.moment_storage import FullPrecisionMoments
 from lowrank_optim.projection import randomized_basis, rotate_moments_, svd_basis
 from lowrank_optim.stability import subspace_overlap
 
@@ -248,3 +249,47 @@ def test_galore_torch_style_groups_are_accepted() -> None:
     train_steps(model, optimizer, make_batches(2, torch.float32))
     assert optimizer.state[model.up.weight]["exp_avg"].shape == (20, 4)  # 20 x 12: right side
     assert optimizer.state[model.up.bias]["exp_avg"].shape == (20,)
+
+
+class _ForeachOnlyMoments(FullPrecisionMoments):
+    """Full-precision moments that the fused kernel may not touch: forces the foreach path."""
+
+    plain_tensors = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_kernel_path_equals_the_foreach_path(dtype: torch.dtype) -> None:
+    """Same math either way, refreshes and weight decay included."""
+    weights = {}
+    for path in ("fused", "foreach"):
+        model = TinyNet(dtype=dtype)
+        optimizer = GaLoreAdamW(
+            split_groups(model, rank=3, update_proj_gap=4), lr=1e-2, weight_decay=0.1
+        )
+        if path == "foreach":
+            optimizer.moment_storage = _ForeachOnlyMoments()
+        train_steps(model, optimizer, make_batches(10, dtype))
+        weights[path] = [p.detach().double() for p in model.parameters()]
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for fused, foreach in zip(weights["fused"], weights["foreach"], strict=True):
+        torch.testing.assert_close(fused, foreach, rtol=tolerance, atol=tolerance)
+
+
+def test_fused_kernel_steps_dense_and_low_rank_moments(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel = torch._fused_adamw_
+
+    def counting_kernel(params, *args, **kwargs):
+        calls.append(tuple(p.shape for p in params))
+        return kernel(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting_kernel)
+    model = TinyNet()
+    optimizer = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=4), lr=1e-2)
+    train_steps(model, optimizer, make_batches(2, torch.float32))
+    dense = {tuple(p.shape) for p in model.parameters() if p.dim() != 2}
+    low_rank = {
+        tuple(optimizer.state[p]["exp_avg"].shape) for p in model.parameters() if p.dim() == 2
+    }
+    assert {shape for call in calls for shape in call} == dense | low_rank
+    assert len(calls) == 4  # per step: one call for the dense group, one for the projected

@@ -32,7 +32,13 @@ from lowrank_optim.config import (
 from lowrank_optim.distributed import fsdp  # FSDP2 DTensor parameters
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
 from lowrank_optim.moment_storage import FullPrecisionMoments, MomentStorage, _as_fp32
-from lowrank_optim.moments import adam_denominators, adam_step_sizes, update_moments_
+from lowrank_optim.moments import (
+    adam_denominators,
+    adam_step_sizes,
+    fused_adamw_,
+    fused_kernel_applies,
+    update_moments_,
+)
 from lowrank_optim.optim.refresh import refresh_parameter
 from lowrank_optim.projection import (
     LEFT,
@@ -254,9 +260,22 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not items:
             return
         params = [param for _, param in items]
-        exp_avgs, denominators, step_sizes, decay = self._adam_moments(
-            group, params, [p.grad for p in params]
-        )
+        grads = [param.grad for param in params]
+        fused = self._fused_state(params, params, grads)
+        if fused is not None:
+            beta1, beta2 = group["betas"]
+            fused_adamw_(
+                params,
+                grads,
+                *fused,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+            return
+        exp_avgs, denominators, step_sizes, decay = self._adam_moments(group, params, grads)
         if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs, strict=True)):
             # The torch.optim.AdamW update, fused over the list: no direction tensors at all.
             if decay != 1.0:
@@ -309,15 +328,65 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not kept:
             return
         params = [param for _, param in kept]
-        exp_avgs, denominators, step_sizes, decay = self._adam_moments(
+        directions, step_sizes, decay = self._low_rank_directions(
             group, params, [kept_lows[index] for index, _ in kept]
         )
-        directions = torch._foreach_div(exp_avgs, denominators)
         scale = float(group["scale"])
         for (index, param), direction, step_size in zip(kept, directions, step_sizes, strict=True):
             self._apply_projected_update(
                 param, direction.to(param.dtype), bases_of[index], -step_size * scale, decay
             )
+
+    def _fused_state(
+        self,
+        params: list[torch.Tensor],
+        updated: list[torch.Tensor],
+        grads: list[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+        """``(exp_avgs, exp_avg_sqs, steps)`` of ``params`` if torch's fused AdamW kernel can
+        update ``updated`` (the parameters, or low-rank buffers of their moments' shape) with
+        ``grads``; ``None`` otherwise (quantized moments, mixed dtypes, DTensors)."""
+        if not self.moment_storage.plain_tensors:
+            return None
+        states = [self.state[param] for param in params]
+        if any(keys.EXP_AVG not in state for state in states):
+            return None
+        exp_avgs = [state[keys.EXP_AVG] for state in states]
+        exp_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]
+        steps = [state[keys.STEP] for state in states]
+        if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params, strict=True)):
+            return None
+        if not fused_kernel_applies(updated, grads, exp_avgs, exp_avg_sqs, steps):
+            return None
+        return exp_avgs, exp_avg_sqs, steps
+
+    def _low_rank_directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], lows: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[float], float]:
+        """Advance the low-rank moments; returns ``(directions, step sizes, decay)``.
+
+        The update is ``param = decay * param - step_size * scale * back(direction)``.
+        """
+        fused = self._fused_state(params, lows, lows)
+        if fused is None:
+            exp_avgs, denominators, step_sizes, decay = self._adam_moments(group, params, lows)
+            return torch._foreach_div(exp_avgs, denominators), step_sizes, decay
+        # The fused kernel applied with lr = 1 and no decay to zero buffers leaves exactly
+        # -(m_t / (1 - beta1^t)) / denominator_t in them: the whole Adam direction in one pass.
+        directions = [torch.zeros_like(low) for low in lows]
+        beta1, beta2 = group["betas"]
+        fused_adamw_(
+            directions,
+            lows,
+            *fused,
+            lr=1.0,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=0.0,
+        )
+        lr = float(group["lr"])
+        return directions, [-lr] * len(directions), 1.0 - lr * group["weight_decay"]
 
     def _adam_moments(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
