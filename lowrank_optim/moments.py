@@ -72,17 +72,14 @@ def fused_kernel_applies(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
 ) -> bool:
     """Whether :func:`fused_adamw_` can step these lists.
 
-    Each parameter's gradient and moments must share its dtype and device (the kernel widens to
-    fp32 internally, so 16-bit moments are as safe as in the foreach path), its step count must
-    be a tensor on the same device, and none may be a tensor subclass such as ``DTensor``.
+    Each parameter's gradient and moments must share its dtype, device and shape (the kernel
+    widens to fp32 internally, so 16-bit moments are as safe as in the foreach path), and none
+    may be a tensor subclass such as ``DTensor``.
     """
-    for param, grad, exp_avg, exp_avg_sq, step in zip(
-        params, grads, exp_avgs, exp_avg_sqs, steps, strict=True
-    ):
+    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if type(param) not in _PLAIN_TYPES or param.dtype not in _FUSED_DTYPES:
             return False
         if param.device.type not in _FUSED_DEVICES:
@@ -92,8 +89,6 @@ def fused_kernel_applies(
                 return False
             if tensor.device != param.device or tensor.shape != param.shape:
                 return False
-        if not isinstance(step, torch.Tensor) or step.device != param.device:
-            return False
     return True
 
 
@@ -102,7 +97,7 @@ def fused_adamw_(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
+    steps: list[int],
     *,
     lr: float,
     beta1: float,
@@ -110,24 +105,28 @@ def fused_adamw_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One AdamW step in torch's fused kernel: advances ``steps`` and updates the rest in place.
+    """One AdamW step at step counts ``steps`` (already advanced) in torch's fused kernel.
 
     ``param <- (1 - lr wd) param - lr / (1 - beta1^t) * m_t / (sqrt(v_t) / sqrt(1 - beta2^t) +
-    eps)``, the formula above. Callers check :func:`fused_kernel_applies` first.
+    eps)``, the formula above, with the moments updated in place. Callers check
+    :func:`fused_kernel_applies` first. The kernel reads the step from a tensor; the state keeps
+    it as a number, so one scalar tensor per distinct step value and device is made here.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, param in enumerate(params):
         groups.setdefault((param.device, param.dtype), []).append(index)
-    for indices in groups.values():
-        group_steps = [steps[i] for i in indices]
-        torch._foreach_add_(group_steps, 1)
+    step_tensors: dict[tuple[torch.device, int], torch.Tensor] = {}
+    for (device, _), indices in groups.items():
+        for i in indices:
+            if (device, steps[i]) not in step_tensors:
+                step_tensors[device, steps[i]] = torch.tensor(float(steps[i]), device=device)
         torch._fused_adamw_(
             [params[i] for i in indices],
             [grads[i] for i in indices],
             [exp_avgs[i] for i in indices],
             [exp_avg_sqs[i] for i in indices],
             [],
-            group_steps,
+            [step_tensors[device, steps[i]] for i in indices],
             lr=lr,
             beta1=beta1,
             beta2=beta2,

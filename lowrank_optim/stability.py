@@ -12,8 +12,12 @@ basis refresh we record, per projected matrix:
   i.e. how much of a fresh gradient the new basis actually sees;
 * Q-GaLore's signal, ``|cos(p_old_1, p_new_1)|`` of the leading vectors.
 
-A refresh policy turns the overlap history into the next refresh gap. All state lives in the
-optimizer state dict as fp32 tensors and Python ints, so it survives checkpoints.
+A refresh policy turns these into the next refresh gap. The state is the latest value of each
+metric and the criterion's counters, all plain Python numbers, so it survives checkpoints and
+adds no tensor bytes to the optimizer state: GaLoreAdamW's state tensors are exactly galore-torch's
+(moments and bases). Only the ``qgalore`` policy keeps a tensor, the window of its last
+``qgalore_window`` leading-vector similarities. The history over training is the
+:class:`~lowrank_optim.reporting.MetricsWriter` log, not optimizer state.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import torch
 from lowrank_optim.config import StabilityConfig
 
 __all__ = [
-    "ENERGY_HISTORY",
-    "LEADING_HISTORY",
-    "OVERLAP_HISTORY",
+    "CAPTURED_ENERGY",
+    "LAST_OVERLAP",
+    "LEADING_SIMILARITY",
+    "LEADING_WINDOW",
     "STABILITY_FLOAT_KEYS",
     "STABLE_SINCE",
     "STABLE_STREAK",
@@ -39,23 +44,25 @@ __all__ = [
     "RefreshPolicy",
     "captured_energy",
     "init_stability_state",
-    "last_value",
     "leading_vector_similarity",
     "make_policy",
-    "push_history_",
+    "record_captured_energy_",
+    "record_refresh_metrics_",
     "subspace_overlap",
     "update_stability_",
+    "upgrade_legacy_metrics",
 ]
 
-OVERLAP_HISTORY = "overlap_history"
-ENERGY_HISTORY = "energy_history"
-LEADING_HISTORY = "leading_similarity_history"
+LAST_OVERLAP = "last_overlap"  # float: overlap at the last refresh (nan before the second)
+CAPTURED_ENERGY = "captured_energy"  # float: energy of the first gradient after a refresh
+LEADING_SIMILARITY = "leading_similarity"  # float: Q-GaLore's signal at the last refresh
+LEADING_WINDOW = "leading_similarity_window"  # fp32 tensor, qgalore policy only
 STABLE_STREAK = "stable_streak"
 STABLE_SINCE = "stable_since"
 GROWTHS_PENDING = "refreshes_since_growth"
 
 #: Float state that must stay fp32 whatever the parameter's dtype.
-STABILITY_FLOAT_KEYS = frozenset({OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY})
+STABILITY_FLOAT_KEYS = frozenset({LEADING_WINDOW})
 
 
 def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -81,27 +88,60 @@ def captured_energy(low_rank_grad: torch.Tensor, grad: torch.Tensor) -> float:
     return float(low_rank_grad.float().square().sum()) / total
 
 
-def push_history_(history: torch.Tensor, value: float) -> None:
-    """Append ``value`` to a fixed-length history (newest last; unused slots hold NaN)."""
-    history.copy_(torch.cat([history[1:], history.new_tensor([value])]))
+def _push_(window: torch.Tensor, value: float) -> None:
+    """Append ``value`` to a fixed-length window (newest last; unused slots hold NaN)."""
+    window.copy_(torch.cat([window[1:], window.new_tensor([value])]))
 
 
-def last_value(history: torch.Tensor) -> float:
-    return float(history[-1])
-
-
-def _recent(history: torch.Tensor, count: int) -> torch.Tensor:
-    values = history[-count:]
-    return values[~torch.isnan(values)]
+def _new_window(length: int) -> torch.Tensor:
+    return torch.full((length,), math.nan, dtype=torch.float32)
 
 
 def init_stability_state(state: dict[str, Any], config: StabilityConfig) -> None:
-    """Create the metric histories and criterion counters for one projected parameter."""
-    for key in (OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY):
-        state[key] = torch.full((config.history,), math.nan, dtype=torch.float32)
+    """Create the metrics and criterion counters of one projected parameter."""
+    state[LAST_OVERLAP] = math.nan
+    state[CAPTURED_ENERGY] = math.nan
+    state[LEADING_SIMILARITY] = math.nan
+    if config.policy == "qgalore":
+        state[LEADING_WINDOW] = _new_window(config.qgalore_window)
     state[STABLE_STREAK] = 0
     state[STABLE_SINCE] = -1
     state[GROWTHS_PENDING] = 0
+
+
+def record_refresh_metrics_(state: dict[str, Any], overlap: float, leading: float) -> None:
+    """Store a refresh's overlap and leading-vector similarity (and window the latter)."""
+    state[LAST_OVERLAP] = overlap
+    state[LEADING_SIMILARITY] = leading
+    if LEADING_WINDOW in state:
+        _push_(state[LEADING_WINDOW], leading)
+
+
+def record_captured_energy_(state: dict[str, Any], energy: float) -> None:
+    """Store the captured energy; a zero gradient (energy undefined) keeps the last value."""
+    if not math.isnan(energy):
+        state[CAPTURED_ENERGY] = energy
+
+
+#: Per-refresh metric histories of 0.1.0 development checkpoints -> today's latest-value keys.
+_LEGACY_HISTORIES = {
+    "overlap_history": LAST_OVERLAP,
+    "energy_history": CAPTURED_ENERGY,
+    "leading_similarity_history": LEADING_SIMILARITY,
+}
+
+
+def upgrade_legacy_metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    """A saved state entry with metric histories (older checkpoints) as latest values."""
+    if not any(key in entry for key in _LEGACY_HISTORIES):
+        return entry
+    upgraded = {k: v for k, v in entry.items() if k not in _LEGACY_HISTORIES}
+    for old, new in _LEGACY_HISTORIES.items():
+        if old in entry:
+            history = entry[old]
+            finite = history[~torch.isnan(history)]
+            upgraded[new] = float(finite[-1]) if finite.numel() else math.nan
+    return upgraded
 
 
 def update_stability_(state: dict[str, Any], config: StabilityConfig, step: int) -> bool:
@@ -111,7 +151,7 @@ def update_stability_(state: dict[str, Any], config: StabilityConfig, step: int)
     the refresh step at which that first became true (``-1`` while unstable). The criterion is
     the same under every refresh policy, so reports are comparable across policies.
     """
-    overlap = last_value(state[OVERLAP_HISTORY])
+    overlap = state[LAST_OVERLAP]
     if math.isnan(overlap) or overlap < config.threshold:
         state[STABLE_STREAK] = 0
         state[STABLE_SINCE] = -1
@@ -160,11 +200,16 @@ class QGaLorePolicy(RefreshPolicy):
 
     def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
         state[GROWTHS_PENDING] += 1
-        window = self.config.qgalore_window
-        if state[GROWTHS_PENDING] < window:
+        length = self.config.qgalore_window
+        if state[GROWTHS_PENDING] < length:
             return gap
-        recent = _recent(state[LEADING_HISTORY], window)
-        if recent.numel() < window or float(recent.mean()) < self.config.qgalore_threshold:
+        window = state.get(LEADING_WINDOW)
+        if window is None or window.numel() != length:
+            # The policy or its window changed since this state was made: start a new window.
+            state[LEADING_WINDOW] = _new_window(length)
+            state[GROWTHS_PENDING] = 0
+            return gap
+        if bool(torch.isnan(window).any()) or float(window.mean()) < self.config.qgalore_threshold:
             return gap
         state[GROWTHS_PENDING] = 0
         return min(gap * 2, self.config.max_gap)

@@ -19,7 +19,7 @@ __all__ = [
     "STEP",
 ]
 
-STEP = "step"  # CPU float32 scalar tensor, as torch.optim.AdamW keeps it
+STEP = "step"  # int: steps taken (a number, as galore-torch keeps it: no tensor bytes)
 EXP_AVG = "exp_avg"  # first moment; low-rank shape for projected parameters
 EXP_AVG_SQ = "exp_avg_sq"  # second moment; same shape
 REFRESH_GAP = "refresh_gap"  # int: current steps between refreshes (adaptive)

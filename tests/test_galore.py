@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import TinyNet, make_batches, roundtrip, split_groups, train_steps
@@ -98,9 +100,10 @@ def test_state_bytes_equal_the_formula(proj_type: str) -> None:
         moments = 2 * (r if uses_left else rows) * (r if uses_right else cols)
         bases = uses_left * rows * r + uses_right * cols * r
         state = optimizer.state[weight]
-        tensors = [v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
-        tensors += [v for k, v in state.items() if k.startswith("basis_")]
+        # Every tensor of the state: moments and bases only, exactly galore-torch's layout.
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
         assert sum(t.numel() * t.element_size() for t in tensors) == 4 * (moments + bases)
+        assert not any(isinstance(v, torch.Tensor) for k, v in state.items() if k == "step")
 
 
 def test_full_rank_real_basis_converges_on_least_squares() -> None:
@@ -228,17 +231,21 @@ def test_checkpoint_for_other_shapes_is_refused() -> None:
         other.load_state_dict(saved)
 
 
-def test_bf16_metric_history_stays_fp32_across_load() -> None:
+def test_bf16_metric_window_stays_fp32_across_load() -> None:
     model = TinyNet(dtype=torch.bfloat16)
-    optimizer = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=2), lr=1e-2)
+    qgalore = StabilityConfig(policy="qgalore", qgalore_window=3)
+    groups = split_groups(model, rank=3, update_proj_gap=2)
+    optimizer = GaLoreAdamW(groups, lr=1e-2, stability=qgalore)
     train_steps(model, optimizer, make_batches(6, torch.bfloat16))
     saved = roundtrip(optimizer.state_dict())
-    fresh = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=2), lr=1e-2)
+    fresh = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=2), lr=1e-2, stability=qgalore)
     fresh.load_state_dict(saved)
     state = fresh.state[model.up.weight]
-    assert state["overlap_history"].dtype == torch.float32
-    original = optimizer.state[model.up.weight]["overlap_history"]
-    torch.testing.assert_close(state["overlap_history"], original, rtol=0, atol=0, equal_nan=True)
+    window = "leading_similarity_window"
+    assert state[window].dtype == torch.float32
+    original = optimizer.state[model.up.weight]
+    torch.testing.assert_close(state[window], original[window], rtol=0, atol=0, equal_nan=True)
+    assert state["last_overlap"] == original["last_overlap"] and state["last_overlap"] > 0
     assert state["exp_avg"].dtype == torch.bfloat16
 
 
@@ -293,3 +300,30 @@ def test_fused_kernel_steps_dense_and_low_rank_moments(monkeypatch: pytest.Monke
     }
     assert {shape for call in calls for shape in call} == dense | low_rank
     assert len(calls) == 4  # per step: one call for the dense group, one for the projected
+
+
+def test_checkpoint_with_metric_histories_loads_as_latest_values() -> None:
+    """Development checkpoints kept fp32 metric histories and tensor steps; they still load."""
+    model = TinyNet()
+    optimizer = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=2), lr=1e-2)
+    train_steps(model, optimizer, make_batches(5, torch.float32))
+    saved = roundtrip(optimizer.state_dict())  # a copy: state_dict() shares the live entries
+    for entry in saved["state"].values():
+        entry["step"] = torch.tensor(float(entry["step"]))
+        if "last_overlap" in entry:
+            entry["overlap_history"] = torch.tensor([float("nan"), 0.25, entry.pop("last_overlap")])
+            entry["energy_history"] = torch.tensor(
+                [0.5, entry.pop("captured_energy"), float("nan")]
+            )
+            entry["leading_similarity_history"] = torch.full((3,), float("nan"))
+            del entry["leading_similarity"]
+    fresh = GaLoreAdamW(split_groups(model, rank=3, update_proj_gap=2), lr=1e-2)
+    fresh.load_state_dict(roundtrip(saved))
+    for weight in (model.up.weight, model.down.weight):
+        state, original = fresh.state[weight], optimizer.state[weight]
+        assert state["last_overlap"] == pytest.approx(original["last_overlap"])
+        assert state["captured_energy"] == pytest.approx(original["captured_energy"])
+        assert math.isnan(state["leading_similarity"])
+        assert not any(key.endswith("_history") for key in state)
+    train_steps(model, fresh, make_batches(3, torch.float32))  # and it trains on
+    assert int(fresh.state[model.up.weight]["step"]) == 8

@@ -143,7 +143,9 @@ def test_galore_state_formula_per_matrix():
     adamw = estimate_matrix((m, n), "adamw", r)
     galore = estimate_matrix((m, n), "galore_adamw", r)
     assert adamw == {"weights": 2 * m * n, "optimizer_states": 2 * 2 * m * n + 4}
-    assert galore["optimizer_states"] == 2 * (2 * m * r) + 2 * n * r + 4 + 3 * 16 * 4
+    # moments + basis only: the int step and the stability metrics are numbers, not tensors
+    assert galore["optimizer_states"] == 2 * (2 * m * r) + 2 * n * r
+    assert galore == estimate_matrix((m, n), "galore_torch", r)
     qgalore = estimate_matrix((m, n), "q_galore_adamw", r)
     assert qgalore["weights"] == m * n + 4 * m * (n // 256) + 2
 

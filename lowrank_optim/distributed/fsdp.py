@@ -52,7 +52,7 @@ from lowrank_optim.distributed.sharding import (
 )
 from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.projection import RIGHT, basis_keys, effective_rank, project, project_back_
-from lowrank_optim.stability import ENERGY_HISTORY, init_stability_state, push_history_
+from lowrank_optim.stability import init_stability_state, record_captured_energy_
 
 if TYPE_CHECKING:
     from lowrank_optim.optim.galore_adamw import GaLoreAdamW
@@ -198,7 +198,7 @@ def _dense_step(optimizer: GaLoreAdamW, group: dict[str, Any], items: list[Item]
     for param in params:
         state = optimizer.state[param]
         if not state:
-            view: dict[str, Any] = {keys.STEP: torch.tensor(0.0)}
+            view: dict[str, Any] = {keys.STEP: 0}
             local = param.to_local()
             init_local_moments(
                 optimizer.moment_storage, view, tuple(local.shape), param.numel(), local
@@ -225,7 +225,7 @@ def _init_projected(
 ) -> None:
     """As ``GaLoreAdamW._init_projected_state``, with moments for this rank's rows only."""
     local = param.to_local()
-    view: dict[str, Any] = {keys.STEP: torch.tensor(0.0)}
+    view: dict[str, Any] = {keys.STEP: 0}
     init_local_moments(
         optimizer.moment_storage, view, (local.shape[0], shape[1]), shape[0] * shape[1], local
     )
@@ -302,4 +302,4 @@ def _record_energy(
     )
     dist.all_reduce(sums, group=process_group)
     for (view, _, _), (captured, total) in zip(records, sums.tolist(), strict=True):
-        push_history_(view[ENERGY_HISTORY], captured / total if total > 0 else float("nan"))
+        record_captured_energy_(view, captured / total if total > 0 else float("nan"))

@@ -16,7 +16,6 @@ import torch
 from lowrank_optim.config import StabilityConfig
 from lowrank_optim.projection import effective_rank, low_rank_shape, resolve_sides
 from lowrank_optim.quant.blockwise8bit import BLOCKSIZE, MIN_QUANTIZED_NUMEL
-from lowrank_optim.stability import STABILITY_FLOAT_KEYS
 
 __all__ = [
     "BNB_CODEBOOK_BYTES",
@@ -30,8 +29,8 @@ __all__ = [
 _BLOCK = 256  # bitsandbytes' and our 8-bit block, Q-GaLore's group
 MIN_QUANTIZED = 4096  # bitsandbytes' and torchao's default: smaller tensors stay unquantized
 BNB_CODEBOOK_BYTES = 2 * 256 * 4  # bitsandbytes' two shared 256-entry fp32 code books
-_HISTORY = StabilityConfig().history  # entries per metric history, by default
-_STEP = 4  # torch.optim-style fp32 scalar step tensor
+_QGALORE_WINDOW = StabilityConfig().qgalore_window  # fp32 similarities the qgalore policy keeps
+_STEP = 4  # torch.optim-style fp32 scalar step tensor (ours keep an int: no tensor bytes)
 _SHAPE_ENTRY = 8  # int64 entries of stored shapes
 
 
@@ -77,7 +76,10 @@ def _ours_8bit(numel: int, ndim: int, esize: int) -> Rows:
     return [("moments", 2 * numel), ("moment_meta", 2 * 4 * blocks + _SHAPE_ENTRY * ndim)]
 
 
-def _ours(storage: str, bits: int | None, history: int) -> Callable[..., Rows]:
+def _ours(storage: str, bits: int | None, window: int) -> Callable[..., Rows]:
+    """Our optimizers: int steps and scalar metrics (no tensor bytes); ``window`` fp32 entries
+    of the qgalore policy's similarity window per projected matrix (0 under other policies)."""
+
     def rows(spec: ParamSpec, rank: int) -> Rows:
         moments = (
             (lambda n, nd: _ours_8bit(n, nd, spec.esize))
@@ -85,11 +87,9 @@ def _ours(storage: str, bits: int | None, history: int) -> Callable[..., Rows]:
             else (lambda n, nd: _full(n, spec.esize))
         )
         if not spec.projected:
-            return [("state_other", _STEP), *moments(spec.numel, len(spec.shape))]
+            return moments(spec.numel, len(spec.shape))
         low, basis = _low_rank(spec, rank)
-        # fp32 metric histories of the stability tracker (overlap, energy, leading vector)
-        histories = len(STABILITY_FLOAT_KEYS) * history * 4
-        out = [("state_other", _STEP + histories), *moments(low, 2)]
+        out = [*([("state_other", 4 * window)] if window else []), *moments(low, 2)]
         if bits is None:
             return [*out, ("projection", basis * spec.esize)]
         codes = math.ceil(basis / 2) if bits == 4 else basis
@@ -160,10 +160,10 @@ ESTIMATE_METHODS: dict[str, tuple[str, Callable[..., Rows]]] = {
     "torchao_adamw4bit": ("torchao AdamW4bit", _torchao(4)),
     "galore_torch": ("galore-torch GaLoreAdamW", _galore_torch),
     "apollo": ("apollo-torch APOLLOAdamW", _apollo),
-    "galore_adamw": ("GaLoreAdamW (ours)", _ours("full", None, _HISTORY)),
-    "galore_adamw8bit": ("GaLoreAdamW8bit (ours)", _ours("8bit", None, _HISTORY)),
-    "q_galore_adamw": ("QGaLoreAdamW (ours)", _ours("8bit", 4, _HISTORY)),
-    "welore_adamw": ("WeLoreAdamW (ours)", _ours("full", None, _HISTORY)),
+    "galore_adamw": ("GaLoreAdamW (ours)", _ours("full", None, 0)),
+    "galore_adamw8bit": ("GaLoreAdamW8bit (ours)", _ours("8bit", None, 0)),
+    "q_galore_adamw": ("QGaLoreAdamW (ours)", _ours("8bit", 4, _QGALORE_WINDOW)),
+    "welore_adamw": ("WeLoreAdamW (ours)", _ours("full", None, 0)),
 }
 
 

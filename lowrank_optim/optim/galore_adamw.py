@@ -51,11 +51,11 @@ from lowrank_optim.projection import (
 )
 from lowrank_optim.reporting import SubspaceRow, subspace_report
 from lowrank_optim.stability import (
-    ENERGY_HISTORY,
     STABILITY_FLOAT_KEYS,
     captured_energy,
     init_stability_state,
-    push_history_,
+    record_captured_energy_,
+    upgrade_legacy_metrics,
 )
 
 __all__ = ["GaLoreAdamW"]
@@ -253,7 +253,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for _, param in items:
             state = self.state[param]
             if not state:
-                state[keys.STEP] = torch.tensor(0.0)
+                state[keys.STEP] = 0
                 self.moment_storage.init(state, tuple(param.shape), param)
         grads = [param.grad for _, param in items]
         items = self._drop_non_finite(group, items, grads)
@@ -268,6 +268,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 params,
                 grads,
                 *fused,
+                self._advance_steps(params),
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
@@ -320,7 +321,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if low is None:
                 low = project(param.grad, bases)
             if step == state[keys.LAST_REFRESH] + 1:
-                push_history_(state[ENERGY_HISTORY], captured_energy(low, param.grad))
+                record_captured_energy_(state, captured_energy(low, param.grad))
             kept.append((index, param))
             lows.append(low)
         kept_lows = dict(zip([i for i, _ in kept], lows, strict=True))
@@ -342,9 +343,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         params: list[torch.Tensor],
         updated: list[torch.Tensor],
         grads: list[torch.Tensor],
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
-        """``(exp_avgs, exp_avg_sqs, steps)`` of ``params`` if torch's fused AdamW kernel can
-        update ``updated`` (the parameters, or low-rank buffers of their moments' shape) with
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """``(exp_avgs, exp_avg_sqs)`` of ``params`` if torch's fused AdamW kernel can update
+        ``updated`` (the parameters, or low-rank buffers of their moments' shape) with
         ``grads``; ``None`` otherwise (quantized moments, mixed dtypes, DTensors)."""
         if not self.moment_storage.plain_tensors:
             return None
@@ -353,12 +354,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return None
         exp_avgs = [state[keys.EXP_AVG] for state in states]
         exp_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]
-        steps = [state[keys.STEP] for state in states]
         if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params, strict=True)):
             return None
-        if not fused_kernel_applies(updated, grads, exp_avgs, exp_avg_sqs, steps):
+        if not fused_kernel_applies(updated, grads, exp_avgs, exp_avg_sqs):
             return None
-        return exp_avgs, exp_avg_sqs, steps
+        return exp_avgs, exp_avg_sqs
+
+    def _advance_steps(self, params: list[torch.Tensor]) -> list[int]:
+        """Count one more step for each parameter; returns the new step numbers ``t``."""
+        steps = []
+        for param in params:
+            state = self.state[param]
+            state[keys.STEP] = int(state[keys.STEP]) + 1
+            steps.append(state[keys.STEP])
+        return steps
 
     def _low_rank_directions(
         self, group: dict[str, Any], params: list[torch.Tensor], lows: list[torch.Tensor]
@@ -379,6 +388,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             directions,
             lows,
             *fused,
+            self._advance_steps(params),
             lr=1.0,
             beta1=beta1,
             beta2=beta2,
@@ -398,9 +408,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         ``step_size = lr / (1 - beta1^t)``; see :mod:`lowrank_optim.moments`.
         """
         beta1, beta2 = group["betas"]
+        steps = self._advance_steps(params)
         states = [self.state[param] for param in params]
-        for state in states:
-            state[keys.STEP] += 1
         # Working moments are fp32 (or wider): eps = 1e-8 underflows to 0 in fp16, and 0/0 would
         # turn into NaN updates. The storage decides how they are kept between steps.
         working = [self.moment_storage.read(state) for state in states]
@@ -409,7 +418,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         update_moments_([_as_fp32(g) for g in grads], exp_avgs, exp_avg_sqs, beta1, beta2)
         for state, exp_avg, exp_avg_sq in zip(states, exp_avgs, exp_avg_sqs, strict=True):
             self.moment_storage.write(state, exp_avg, exp_avg_sq)
-        steps = [int(state[keys.STEP]) for state in states]
         denominators = adam_denominators(exp_avg_sqs, steps, beta2, group["eps"])
         lr = float(group["lr"])
         return (
@@ -424,7 +432,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self.state[param]
         rank = effective_rank(group["rank"], param.shape)
         shape = low_rank_shape(group["proj_type"], param.shape, rank)
-        state[keys.STEP] = torch.tensor(0.0)
+        state[keys.STEP] = 0
         self.moment_storage.init(state, shape, param)
         state[keys.REFRESH_GAP] = int(group["update_proj_gap"])
         state[keys.NEXT_REFRESH] = 1
@@ -519,6 +527,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         held: dict[Any, dict[str, torch.Tensor]] = {}
         stripped_state = {}
         for param_id, entry in state_dict.get("state", {}).items():
+            entry = upgrade_legacy_metrics(entry)
             keep = {
                 key: value
                 for key, value in entry.items()

@@ -20,11 +20,9 @@ from lowrank_optim.errors import SubspaceRefreshError
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import get_refresh_method, refresh_target, rotate_moments_
 from lowrank_optim.stability import (
-    LEADING_HISTORY,
-    OVERLAP_HISTORY,
     leading_vector_similarity,
     make_policy,
-    push_history_,
+    record_refresh_metrics_,
     subspace_overlap,
     update_stability_,
 )
@@ -168,6 +166,6 @@ def _record_metrics(
     state: dict[str, Any], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
 ) -> None:
     overlaps = [subspace_overlap(old[key], new[key]) for key in new]
-    push_history_(state[OVERLAP_HISTORY], sum(overlaps) / len(overlaps))
     first = next(iter(new))
-    push_history_(state[LEADING_HISTORY], leading_vector_similarity(old[first], new[first]))
+    leading = leading_vector_similarity(old[first], new[first])
+    record_refresh_metrics_(state, sum(overlaps) / len(overlaps), leading)

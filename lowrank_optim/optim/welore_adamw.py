@@ -43,7 +43,7 @@ from lowrank_optim.handoff import (
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
 from lowrank_optim.projection import LEFT, RIGHT
-from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, last_value
+from lowrank_optim.stability import LAST_OVERLAP, STABLE_SINCE
 
 __all__ = ["WeLoreAdamW"]
 
@@ -217,7 +217,7 @@ class WeLoreAdamW(GaLoreAdamW):
                 "params_before": rows * cols,
                 "params_after": rank * (rows + cols),
                 "relative_error": error,
-                "overlap": last_value(state[OVERLAP_HISTORY]) if state else float("nan"),
+                "overlap": float(state.get(LAST_OVERLAP, float("nan"))),
                 "stable_since": int(state.get(STABLE_SINCE, -1)),
             }
         )
@@ -239,9 +239,9 @@ class WeLoreAdamW(GaLoreAdamW):
             factor_state: dict[str, Any] = {}
             self.moment_storage.init(factor_state, tuple(factor.shape), factor)
             if carried is None:
-                factor_state[keys.STEP] = torch.tensor(0.0)
+                factor_state[keys.STEP] = 0
             else:
-                factor_state[keys.STEP] = state[keys.STEP].clone()
+                factor_state[keys.STEP] = int(state[keys.STEP])
                 self.moment_storage.write(factor_state, *carried[index])
             states.append(factor_state)
         return states[0], states[1]
