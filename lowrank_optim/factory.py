@@ -31,7 +31,9 @@ OPTIMIZER_NAMES = (
     "adamw8bit",
     "galore_adamw",
     "galore_adamw8bit",
+    "galore_adamw4bit",
     "q_galore_adamw",
+    "q_galore_adamw4bit",
     "welore_adamw",
 )
 
@@ -133,11 +135,12 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         from lowrank_optim.optim import GaLoreAdamW
 
         return GaLoreAdamW(groups, **hyper, stability=spec.stability)
-    if spec.name == "galore_adamw8bit":
+    if spec.name in ("galore_adamw8bit", "galore_adamw4bit"):
         from lowrank_optim.optim import GaLoreAdamW8bit
 
-        return GaLoreAdamW8bit(groups, **hyper, stability=spec.stability)
-    if spec.name == "q_galore_adamw":
+        bits = 4 if spec.name.endswith("4bit") else 8
+        return GaLoreAdamW8bit(groups, **hyper, stability=spec.stability, moment_bits=bits)
+    if spec.name in ("q_galore_adamw", "q_galore_adamw4bit"):
         from dataclasses import replace
 
         from lowrank_optim.optim import QGaLoreAdamW
@@ -148,7 +151,10 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         groups = lowrank_param_groups(
             model, spec.target_modules, replace(spec.projection, proj_bits=4)
         )
-        return QGaLoreAdamW(groups, **hyper, stability=spec.stability, model=model)
+        bits = 4 if spec.name.endswith("4bit") else 8
+        return QGaLoreAdamW(
+            groups, **hyper, stability=spec.stability, model=model, moment_bits=bits
+        )
     if spec.name == "welore_adamw":
         from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 

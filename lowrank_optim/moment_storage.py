@@ -13,6 +13,9 @@ plain tensors under named keys, so checkpoints load with ``weights_only=True``.
   same format through torchao's primitives, ``backend="torchao"``). Tensors
   under 4096 elements stay in full precision: their absmax overhead and quantization error are
   not worth the bytes saved.
+* :class:`Blockwise4bitMoments`: torchao's 4-bit states (Li et al., NeurIPS 2023): packed 4-bit
+  codes, one fp32 absmax per block of 128, a dynamic-exponent map for the first moment and a
+  linear map without zero for the second; same small-tensor rule.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ import torch
 
 from lowrank_optim import state_keys as keys
 
-__all__ = ["Blockwise8bitMoments", "FullPrecisionMoments", "MomentStorage"]
+__all__ = [
+    "Blockwise4bitMoments",
+    "Blockwise8bitMoments",
+    "FullPrecisionMoments",
+    "MomentStorage",
+]
 
 EXP_AVG_CODES, EXP_AVG_ABSMAX = "exp_avg_codes", "exp_avg_absmax"
 EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX = "exp_avg_sq_codes", "exp_avg_sq_absmax"
@@ -84,6 +92,8 @@ class FullPrecisionMoments(MomentStorage):
 
 class Blockwise8bitMoments(MomentStorage):
     fixed_dtype_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
+    #: Bits per stored value (how many code bytes a moment of ``n`` values needs).
+    bits = 8
 
     def __init__(self, backend: str = "bitsandbytes") -> None:
         from lowrank_optim.quant import BACKENDS, MIN_QUANTIZED_NUMEL
@@ -93,6 +103,19 @@ class Blockwise8bitMoments(MomentStorage):
         self.backend = backend
         self.min_numel = MIN_QUANTIZED_NUMEL
         self._full = FullPrecisionMoments()
+
+    # -- the quantizer: 8-bit dynamic map (bitsandbytes or torchao); 4-bit overrides these
+    def _quantize(self, values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from lowrank_optim.quant import quantize_blockwise8
+
+        return quantize_blockwise8(values, signed=signed, backend=self.backend)
+
+    def _dequantize(
+        self, codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], signed: bool
+    ) -> torch.Tensor:
+        from lowrank_optim.quant import dequantize_blockwise8
+
+        return dequantize_blockwise8(codes, absmax, shape, signed=signed, backend=self.backend)
 
     def _quantized(self, state: dict[str, Any]) -> bool:
         return EXP_AVG_CODES in state
@@ -108,18 +131,10 @@ class Blockwise8bitMoments(MomentStorage):
     def read(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._quantized(state):
             return self._full.read(state)
-        from lowrank_optim.quant import dequantize_blockwise8
-
         shape = tuple(int(d) for d in state[MOMENT_SHAPE])
-        exp_avg = dequantize_blockwise8(
-            state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX], shape, signed=True, backend=self.backend
-        )
-        exp_avg_sq = dequantize_blockwise8(
-            state[EXP_AVG_SQ_CODES],
-            state[EXP_AVG_SQ_ABSMAX],
-            shape,
-            signed=False,
-            backend=self.backend,
+        exp_avg = self._dequantize(state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX], shape, True)
+        exp_avg_sq = self._dequantize(
+            state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX], shape, False
         )
         return exp_avg, exp_avg_sq
 
@@ -127,17 +142,44 @@ class Blockwise8bitMoments(MomentStorage):
         if keys.EXP_AVG in state:
             self._full.write(state, exp_avg, exp_avg_sq)
             return
-        from lowrank_optim.quant import quantize_blockwise8
-
-        state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX] = quantize_blockwise8(
-            exp_avg.float(), signed=True, backend=self.backend
-        )
+        state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX] = self._quantize(exp_avg.float(), True)
         # Rounding can leave -0.0 or tiny negatives after a rotation; the unsigned map needs >= 0.
-        state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX] = quantize_blockwise8(
-            exp_avg_sq.float().clamp_min(0.0), signed=False, backend=self.backend
+        state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX] = self._quantize(
+            exp_avg_sq.float().clamp_min(0.0), False
         )
 
     def numel(self, state: dict[str, Any]) -> int:
         if not self._quantized(state):
             return self._full.numel(state)
-        return math.prod(int(d) for d in state[MOMENT_SHAPE])
+        numel = math.prod(int(d) for d in state[MOMENT_SHAPE])
+        stored = state[EXP_AVG_CODES].numel()
+        if stored != math.ceil(numel * self.bits / 8):
+            from lowrank_optim.errors import CheckpointMismatchError
+
+            raise CheckpointMismatchError(
+                f"Checkpoint moments hold {stored} code bytes for {numel} values, i.e. they were "
+                f"saved with {round(8 * stored / max(numel, 1))}-bit moments; this optimizer "
+                f"stores {self.bits}-bit moments"
+            )
+        return numel
+
+
+class Blockwise4bitMoments(Blockwise8bitMoments):
+    """Moments in 4 bits through torchao (:mod:`lowrank_optim.quant.blockwise4bit`)."""
+
+    bits = 4
+
+    def __init__(self) -> None:
+        super().__init__("torchao")
+
+    def _quantize(self, values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from lowrank_optim.quant.blockwise4bit import quantize_blockwise4
+
+        return quantize_blockwise4(values, signed=signed)
+
+    def _dequantize(
+        self, codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], signed: bool
+    ) -> torch.Tensor:
+        from lowrank_optim.quant.blockwise4bit import dequantize_blockwise4
+
+        return dequantize_blockwise4(codes, absmax, shape, signed=signed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,6 +68,14 @@ CASES.append(
     OptimizerCase(
         name="GaLoreAdamW8bit",
         build=GaLoreAdamW8bit,
+        identity_group={"refresh": "identity", "scale": 1.0},
+    )
+)
+# The same holds for 4-bit moments; test_moments_4bit.py covers the 4-bit path itself.
+CASES.append(
+    OptimizerCase(
+        name="GaLoreAdamW8bit(moment_bits=4)",
+        build=partial(GaLoreAdamW8bit, moment_bits=4),
         identity_group={"refresh": "identity", "scale": 1.0},
     )
 )

@@ -29,7 +29,15 @@ from lowrank_optim.models import build_llama, build_llama_on_meta, tiny_llama_co
 # 8-bit paths quantize); intermediate 344 leaves INT8 weight rows a short last group.
 CONFIG = tiny_llama_config(vocab_size=300, hidden=128, layers=2, heads=4, intermediate=344)
 RANK, TOKENS = 32, 16
-OURS = ["adamw", "galore_adamw", "galore_adamw8bit", "q_galore_adamw", "welore_adamw"]
+OURS = [
+    "adamw",
+    "galore_adamw",
+    "galore_adamw8bit",
+    "galore_adamw4bit",
+    "q_galore_adamw",
+    "q_galore_adamw4bit",
+    "welore_adamw",
+]
 PEER_MODULES = {
     "bnb_adamw8bit": "bitsandbytes",
     "torchao_adamw8bit": "torchao.optim",
@@ -103,7 +111,7 @@ def test_account_equals_sum_over_every_tensor(method, specs):
     breakdown = account(model, optimizer)
     assert breakdown.total() == _reference_bytes(model, optimizer)
     states = breakdown.summary()["optimizer_states"]
-    if method != "q_galore_adamw":  # optimizer_state_bytes sees no QuantizedLinear handles
+    if not method.startswith("q_galore"):  # optimizer_state_bytes sees no QuantizedLinear handles
         assert states == optimizer_state_bytes(optimizer)
     by_type = breakdown.by_module_type()
     assert set(by_type) <= set(MODULE_TYPES)
@@ -114,7 +122,7 @@ def test_account_equals_sum_over_every_tensor(method, specs):
     assert components["gradients"] > 0 and components["moments"] > 0
     if method != "adamw":
         assert components["projection"] > 0
-    if method == "q_galore_adamw":
+    if method.startswith("q_galore"):
         assert components["weight_codes"] > 0 and components["projection_meta"] > 0
         assert components["moment_meta"] > 0 and components["weight_scales"] > 0
 

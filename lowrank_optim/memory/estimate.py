@@ -145,7 +145,7 @@ def estimate(
     grads: list[tuple[str, int]] = []
     quantized_8bit = 0
     for spec in expanded:
-        if method == "q_galore_adamw" and spec.projected:
+        if method.startswith("q_galore_adamw") and spec.projected:
             for name, component, nbytes in int8_weight(spec):
                 out.add(name, component, nbytes)
         else:

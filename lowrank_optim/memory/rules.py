@@ -15,6 +15,7 @@ import torch
 
 from lowrank_optim.config import StabilityConfig
 from lowrank_optim.projection import effective_rank, low_rank_shape, resolve_sides
+from lowrank_optim.quant.blockwise4bit import BLOCKSIZE4
 from lowrank_optim.quant.blockwise8bit import BLOCKSIZE, MIN_QUANTIZED_NUMEL
 
 __all__ = [
@@ -76,16 +77,26 @@ def _ours_8bit(numel: int, ndim: int, esize: int) -> Rows:
     return [("moments", 2 * numel), ("moment_meta", 2 * 4 * blocks + _SHAPE_ENTRY * ndim)]
 
 
+def _ours_4bit(numel: int, ndim: int, esize: int) -> Rows:
+    if numel < MIN_QUANTIZED_NUMEL:
+        return _full(numel, esize)
+    meta = 2 * 4 * math.ceil(numel / BLOCKSIZE4) + _SHAPE_ENTRY * ndim
+    return [("moments", 2 * math.ceil(numel / 2)), ("moment_meta", meta)]
+
+
+_OUR_MOMENTS = {"8bit": _ours_8bit, "4bit": _ours_4bit}
+
+
 def _ours(storage: str, bits: int | None, window: int) -> Callable[..., Rows]:
     """Our optimizers: int steps and scalar metrics (no tensor bytes); ``window`` fp32 entries
     of the qgalore policy's similarity window per projected matrix (0 under other policies)."""
 
     def rows(spec: ParamSpec, rank: int) -> Rows:
-        moments = (
-            (lambda n, nd: _ours_8bit(n, nd, spec.esize))
-            if storage == "8bit"
-            else (lambda n, nd: _full(n, spec.esize))
-        )
+        def moments(numel: int, ndim: int) -> Rows:
+            if storage == "full":
+                return _full(numel, spec.esize)
+            return _OUR_MOMENTS[storage](numel, ndim, spec.esize)
+
         if not spec.projected:
             return moments(spec.numel, len(spec.shape))
         low, basis = _low_rank(spec, rank)
@@ -162,7 +173,12 @@ ESTIMATE_METHODS: dict[str, tuple[str, Callable[..., Rows]]] = {
     "apollo": ("apollo-torch APOLLOAdamW", _apollo),
     "galore_adamw": ("GaLoreAdamW (ours)", _ours("full", None, 0)),
     "galore_adamw8bit": ("GaLoreAdamW8bit (ours)", _ours("8bit", None, 0)),
+    "galore_adamw4bit": ("GaLoreAdamW8bit, 4-bit moments (ours)", _ours("4bit", None, 0)),
     "q_galore_adamw": ("QGaLoreAdamW (ours)", _ours("8bit", 4, _QGALORE_WINDOW)),
+    "q_galore_adamw4bit": (
+        "QGaLoreAdamW, 4-bit moments (ours)",
+        _ours("4bit", 4, _QGALORE_WINDOW),
+    ),
     "welore_adamw": ("WeLoreAdamW (ours)", _ours("full", None, 0)),
 }
 

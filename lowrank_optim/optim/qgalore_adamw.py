@@ -45,7 +45,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
             ``quantize_model(model)``); their weight handles must be in projected groups.
             Without it, weights are updated in full precision like GaLoreAdamW8bit.
         seed: seed of the stochastic-rounding generator.
-        quant_backend: who quantizes the 8-bit moments (as :class:`GaLoreAdamW8bit`).
+        quant_backend, moment_bits: how the moments are stored (as :class:`GaLoreAdamW8bit`).
     """
 
     def __init__(
@@ -61,7 +61,8 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
         on_bad_gradient: str = "raise",
         model: nn.Module | None = None,
         seed: int = 0,
-        quant_backend: str = "bitsandbytes",
+        quant_backend: str | None = None,
+        moment_bits: int = 8,
     ) -> None:
         super().__init__(
             params,
@@ -73,6 +74,7 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
             stability=stability or StabilityConfig(policy="qgalore"),
             on_bad_gradient=on_bad_gradient,
             quant_backend=quant_backend,
+            moment_bits=moment_bits,
         )
         self.model = model
         self.owners: dict[nn.Parameter, QuantizedLinear] = (
