@@ -81,6 +81,18 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
             stability_policy="qgalore",
             out_dir=str(out / "qgalore"),
         ),
+        "GaLoreAdamW8bit (4-bit moments)": replace(
+            base,
+            optimizer="galore_adamw4bit",
+            stability_policy="fixed",
+            out_dir=str(out / "galore4bit"),
+        ),
+        "QGaLoreAdamW (4-bit moments)": replace(
+            base,
+            optimizer="q_galore_adamw4bit",
+            stability_policy="qgalore",
+            out_dir=str(out / "qgalore4bit"),
+        ),
     }
 
 
@@ -256,7 +268,12 @@ def main() -> None:
     )
     quantized = {
         label: summaries[label]["final_eval_loss"] / fixed["final_eval_loss"] - 1
-        for label in ("GaLoreAdamW8bit", "QGaLoreAdamW")
+        for label in (
+            "GaLoreAdamW8bit",
+            "QGaLoreAdamW",
+            "GaLoreAdamW8bit (4-bit moments)",
+            "QGaLoreAdamW (4-bit moments)",
+        )
         if label in summaries
     }
     plot_losses(
