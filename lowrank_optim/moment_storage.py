@@ -70,6 +70,30 @@ class MomentStorage(ABC):
     def numel(self, state: dict[str, Any]) -> int:
         """Elements in one moment (for checking a checkpoint against the parameter)."""
 
+    # Element ranges: a large moment is updated a chunk at a time, so the fp32 working copies
+    # of 16-bit or quantized moments never hold more than one chunk (bitsandbytes' kernels
+    # likewise work block by block). Ranges index the flattened moment.
+    def ranges(self, state: dict[str, Any], numel: int, chunk: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` ranges of at most about ``chunk`` elements covering ``numel``."""
+        return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
+
+    @abstractmethod
+    def read_range(
+        self, state: dict[str, Any], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat fp32-or-wider working copies of elements ``[start, stop)`` of both moments."""
+
+    @abstractmethod
+    def write_range(
+        self,
+        state: dict[str, Any],
+        start: int,
+        stop: int,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+    ) -> None:
+        """Store elements ``[start, stop)`` of both moments back."""
+
 
 class FullPrecisionMoments(MomentStorage):
     plain_tensors = True
@@ -89,11 +113,33 @@ class FullPrecisionMoments(MomentStorage):
     def numel(self, state: dict[str, Any]) -> int:
         return state[keys.EXP_AVG].numel()
 
+    def read_range(
+        self, state: dict[str, Any], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(  # type: ignore[return-value]
+            _as_fp32(state[key].view(-1)[start:stop]) for key in (keys.EXP_AVG, keys.EXP_AVG_SQ)
+        )
+
+    def write_range(
+        self,
+        state: dict[str, Any],
+        start: int,
+        stop: int,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+    ) -> None:
+        for key, value in ((keys.EXP_AVG, exp_avg), (keys.EXP_AVG_SQ, exp_avg_sq)):
+            stored = state[key].view(-1)[start:stop]
+            if stored.data_ptr() != value.data_ptr() or stored.dtype != value.dtype:
+                stored.copy_(value)
+
 
 class Blockwise8bitMoments(MomentStorage):
     fixed_dtype_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
     #: Bits per stored value (how many code bytes a moment of ``n`` values needs).
     bits = 8
+    #: Values per quantization block (each has its own absmax); ranges start on block bounds.
+    block_size = 256
 
     def __init__(self, backend: str = "bitsandbytes") -> None:
         from lowrank_optim.quant import BACKENDS, MIN_QUANTIZED_NUMEL
@@ -163,11 +209,63 @@ class Blockwise8bitMoments(MomentStorage):
             )
         return numel
 
+    def ranges(self, state: dict[str, Any], numel: int, chunk: int) -> list[tuple[int, int]]:
+        if not self._quantized(state):
+            return self._full.ranges(state, numel, chunk)
+        # Whole blocks only: a block's absmax is computed over the block.
+        aligned = max(chunk // self.block_size, 1) * self.block_size
+        return super().ranges(state, numel, aligned)
+
+    def _slices(self, start: int, stop: int) -> tuple[slice, slice]:
+        """Slices of the codes and of the absmax that hold elements ``[start, stop)``."""
+        codes = slice(start * self.bits // 8, math.ceil(stop * self.bits / 8))
+        blocks = slice(start // self.block_size, math.ceil(stop / self.block_size))
+        return codes, blocks
+
+    def read_range(
+        self, state: dict[str, Any], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._quantized(state):
+            return self._full.read_range(state, start, stop)
+        codes, blocks = self._slices(start, stop)
+        return (
+            self._dequantize(
+                state[EXP_AVG_CODES][codes], state[EXP_AVG_ABSMAX][blocks], (stop - start,), True
+            ),
+            self._dequantize(
+                state[EXP_AVG_SQ_CODES][codes],
+                state[EXP_AVG_SQ_ABSMAX][blocks],
+                (stop - start,),
+                False,
+            ),
+        )
+
+    def write_range(
+        self,
+        state: dict[str, Any],
+        start: int,
+        stop: int,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+    ) -> None:
+        if not self._quantized(state):
+            self._full.write_range(state, start, stop, exp_avg, exp_avg_sq)
+            return
+        codes, blocks = self._slices(start, stop)
+        for (codes_key, absmax_key), value, signed in (
+            ((EXP_AVG_CODES, EXP_AVG_ABSMAX), exp_avg.float(), True),
+            ((EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX), exp_avg_sq.float().clamp_min(0.0), False),
+        ):
+            new_codes, new_absmax = self._quantize(value, signed)
+            state[codes_key][codes].copy_(new_codes)
+            state[absmax_key][blocks].copy_(new_absmax)
+
 
 class Blockwise4bitMoments(Blockwise8bitMoments):
     """Moments in 4 bits through torchao (:mod:`lowrank_optim.quant.blockwise4bit`)."""
 
     bits = 4
+    block_size = 128
 
     def __init__(self) -> None:
         super().__init__("torchao")

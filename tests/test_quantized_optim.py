@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from helpers import roundtrip
 
@@ -194,3 +195,39 @@ def test_torchao_backend_tracks_bitsandbytes_and_shares_its_checkpoints() -> Non
         assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="Invalid backend: 'fp8'; allowed: bitsandbytes, torchao"):
         GaLoreAdamW8bit([resumed], quant_backend="fp8")
+
+
+@pytest.mark.parametrize("moment_bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_dense_update_equals_the_whole_tensor_update(
+    monkeypatch: pytest.MonkeyPatch, moment_bits: int, dtype: torch.dtype
+) -> None:
+    """Chunks start on block bounds, so quantizing a chunk at a time changes no bit."""
+    import lowrank_optim.optim.galore_adamw as galore_module
+
+    results = []
+    for chunk in (1 << 20, 1000):  # 1000 -> 768 (8-bit) or 896 (4-bit): many uneven chunks
+        monkeypatch.setattr(galore_module, "WORKING_CHUNK", chunk)
+        weight = torch.nn.Parameter(torch.zeros(ROWS, COLS, dtype=dtype))
+        optimizer = GaLoreAdamW8bit([weight], lr=1e-2, moment_bits=moment_bits)
+        for grad in gradient_stream(6):
+            weight.grad = grad.to(dtype)
+            optimizer.step()
+        state = optimizer.state[weight]
+        results.append((weight.detach().clone(), state["exp_avg_codes"], state["exp_avg_absmax"]))
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    assert float(results[0][0].float().abs().max()) > 0
+
+
+def test_non_contiguous_parameter_is_updated_in_place() -> None:
+    base = torch.zeros(COLS, ROWS)
+    weight = torch.nn.Parameter(base.T)  # a transposed view: not contiguous
+    reference = torch.nn.Parameter(torch.zeros(ROWS, COLS))
+    optimizers = [GaLoreAdamW8bit([w], lr=1e-2) for w in (weight, reference)]
+    for grad in gradient_stream(3):
+        for w, optimizer in zip((weight, reference), optimizers, strict=True):
+            w.grad = grad.clone()
+            optimizer.step()
+    assert not weight.is_contiguous()
+    torch.testing.assert_close(weight.detach(), reference.detach(), rtol=0, atol=0)

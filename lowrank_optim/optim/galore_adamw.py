@@ -58,10 +58,13 @@ from lowrank_optim.stability import (
     upgrade_legacy_metrics,
 )
 
-__all__ = ["GaLoreAdamW"]
+__all__ = ["WORKING_CHUNK", "GaLoreAdamW"]
 
 #: Group keys that fix the shapes of the state; a checkpoint must agree on them.
 _STRUCTURAL_KEYS = ("rank", "proj_type")
+
+#: Elements of a dense parameter updated at once outside the fused kernel (4 MiB in fp32).
+WORKING_CHUNK = 1 << 20
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -276,19 +279,38 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
             )
             return
-        exp_avgs, denominators, step_sizes, decay = self._adam_moments(group, params, grads)
-        if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs, strict=True)):
-            # The torch.optim.AdamW update, fused over the list: no direction tensors at all.
+        for param, step in zip(params, self._advance_steps(params), strict=True):
+            self._dense_update_in_chunks(group, param, step)
+
+    def _dense_update_in_chunks(
+        self, group: dict[str, Any], param: torch.Tensor, step: int
+    ) -> None:
+        """AdamW on one parameter, ``WORKING_CHUNK`` elements at a time.
+
+        Quantized (or 16-bit) moments are widened to fp32 to be updated; taking them a chunk at
+        a time bounds those working copies, and so the step's peak memory, by one chunk instead
+        of a whole group (an embedding's fp32 copies alone can exceed its 8-bit state).
+        """
+        state = self.state[param]
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        decay = 1.0 - lr * group["weight_decay"]
+        (step_size,) = adam_step_sizes(lr, [step], beta1)
+        contiguous = param.is_contiguous()
+        flat_param = param.view(-1) if contiguous else param.reshape(-1)
+        flat_grad = param.grad.reshape(-1)
+        for start, stop in self.moment_storage.ranges(state, param.numel(), WORKING_CHUNK):
+            exp_avg, exp_avg_sq = self.moment_storage.read_range(state, start, stop)
+            grad = _as_fp32(flat_grad[start:stop])
+            update_moments_([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
+            self.moment_storage.write_range(state, start, stop, exp_avg, exp_avg_sq)
+            (denominator,) = adam_denominators([exp_avg_sq], [step], beta2, group["eps"])
+            piece = flat_param[start:stop]
             if decay != 1.0:
-                torch._foreach_mul_(params, decay)
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s for s in step_sizes])
-            return
-        for param, exp_avg, denominator, step_size in zip(
-            params, exp_avgs, denominators, step_sizes, strict=True
-        ):
-            if decay != 1.0:
-                param.mul_(decay)
-            param.add_((exp_avg / denominator).to(param.dtype), alpha=-step_size)
+                piece.mul_(decay)
+            piece.add_((exp_avg / denominator).to(piece.dtype), alpha=-step_size)
+        if not contiguous:
+            param.copy_(flat_param.view_as(param))
 
     def _projected_step(
         self,
@@ -328,15 +350,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         kept = self._drop_non_finite(group, kept, lows)
         if not kept:
             return
-        params = [param for _, param in kept]
-        directions, step_sizes, decay = self._low_rank_directions(
-            group, params, [kept_lows[index] for index, _ in kept]
-        )
         scale = float(group["scale"])
-        for (index, param), direction, step_size in zip(kept, directions, step_sizes, strict=True):
-            self._apply_projected_update(
-                param, direction.to(param.dtype), bases_of[index], -step_size * scale, decay
+        # Quantized moments are widened to fp32 to be updated: one parameter at a time keeps
+        # those copies to one layer's worth (plain moments go through the fused kernel at once).
+        batch = len(kept) if self.moment_storage.plain_tensors else 1
+        for first in range(0, len(kept), batch):
+            chunk = kept[first : first + batch]
+            directions, step_sizes, decay = self._low_rank_directions(
+                group, [param for _, param in chunk], [kept_lows[index] for index, _ in chunk]
             )
+            for (index, param), direction, step_size in zip(
+                chunk, directions, step_sizes, strict=True
+            ):
+                self._apply_projected_update(
+                    param, direction.to(param.dtype), bases_of[index], -step_size * scale, decay
+                )
 
     def _fused_state(
         self,
