@@ -29,11 +29,16 @@ import torch
 from lowrank_optim import state_keys as keys
 
 __all__ = [
+    "WORKING_CHUNK",
     "Blockwise4bitMoments",
     "Blockwise8bitMoments",
     "FullPrecisionMoments",
     "MomentStorage",
 ]
+
+#: Elements of a moment widened to fp32 at once when it is updated or initialized in ranges
+#: (4 MiB of fp32): bounds the working copies of quantized and 16-bit moments.
+WORKING_CHUNK = 1 << 20
 
 EXP_AVG_CODES, EXP_AVG_ABSMAX = "exp_avg_codes", "exp_avg_absmax"
 EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX = "exp_avg_sq_codes", "exp_avg_sq_absmax"
@@ -167,12 +172,23 @@ class Blockwise8bitMoments(MomentStorage):
         return EXP_AVG_CODES in state
 
     def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
-        if math.prod(shape) < self.min_numel:
+        numel = math.prod(shape)
+        if numel < self.min_numel:
             self._full.init(state, shape, like)
             return
         state[MOMENT_SHAPE] = torch.tensor(shape, dtype=torch.int64)
-        zeros = torch.zeros(shape, dtype=torch.float32, device=like.device)
-        self.write(state, zeros, zeros)
+        code_bytes, blocks = math.ceil(numel * self.bits / 8), math.ceil(numel / self.block_size)
+        for codes_key, absmax_key in (
+            (EXP_AVG_CODES, EXP_AVG_ABSMAX),
+            (EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX),
+        ):
+            state[codes_key] = torch.empty(code_bytes, dtype=torch.uint8, device=like.device)
+            state[absmax_key] = torch.empty(blocks, dtype=torch.float32, device=like.device)
+        # Quantized zeros, a chunk at a time: a quantizer's temporaries (int64 codes in torchao's
+        # 4-bit search) would otherwise be several times the size of an embedding's moments.
+        zeros = torch.zeros(min(numel, WORKING_CHUNK), dtype=torch.float32, device=like.device)
+        for start, stop in self.ranges(state, numel, WORKING_CHUNK):
+            self.write_range(state, start, stop, zeros[: stop - start], zeros[: stop - start])
 
     def read(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._quantized(state):

@@ -31,7 +31,12 @@ from lowrank_optim.config import (
 )
 from lowrank_optim.distributed import fsdp  # FSDP2 DTensor parameters
 from lowrank_optim.errors import CheckpointMismatchError, NonFiniteGradientError
-from lowrank_optim.moment_storage import FullPrecisionMoments, MomentStorage, _as_fp32
+from lowrank_optim.moment_storage import (
+    WORKING_CHUNK,
+    FullPrecisionMoments,
+    MomentStorage,
+    _as_fp32,
+)
 from lowrank_optim.moments import (
     adam_denominators,
     adam_step_sizes,
@@ -58,13 +63,10 @@ from lowrank_optim.stability import (
     upgrade_legacy_metrics,
 )
 
-__all__ = ["WORKING_CHUNK", "GaLoreAdamW"]
+__all__ = ["GaLoreAdamW"]
 
 #: Group keys that fix the shapes of the state; a checkpoint must agree on them.
 _STRUCTURAL_KEYS = ("rank", "proj_type")
-
-#: Elements of a dense parameter updated at once outside the fused kernel (4 MiB in fp32).
-WORKING_CHUNK = 1 << 20
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
