@@ -172,6 +172,7 @@ class StabilityConfig:
         patience: consecutive stable refreshes before the layer is stable (``k``).
         growth: factor applied to a stable layer's gap at each stable refresh.
         max_gap: cap on the gap, in steps.
+        history: how many past values of each metric the optimizer state keeps per layer.
         qgalore_threshold: Q-GaLore's similarity threshold.
         qgalore_window: Q-GaLore's averaging window.
     """
@@ -181,6 +182,7 @@ class StabilityConfig:
     patience: int = 2
     growth: float = 2.0
     max_gap: int = 2000
+    history: int = 16
     qgalore_threshold: float = 0.4
     qgalore_window: int = 5
 
@@ -201,6 +203,11 @@ class StabilityConfig:
             f"Invalid qgalore_threshold: {self.qgalore_threshold!r}; must be in (0, 1]",
         )
         _require_positive_int("qgalore_window", self.qgalore_window)
+        _require_positive_int("history", self.history)
+        _require(
+            self.history >= self.qgalore_window,
+            f"Invalid history: {self.history!r}; must be >= qgalore_window ({self.qgalore_window})",
+        )
 
     def to_group(self) -> dict[str, Any]:
         """Param-group keys, prefixed ``stability_`` so they cannot clash with others."""

@@ -20,7 +20,7 @@ import torch
 
 from lowrank_optim import state_keys as keys
 from lowrank_optim.projection import effective_rank
-from lowrank_optim.stability import CAPTURED_ENERGY, LAST_OVERLAP, STABLE_SINCE
+from lowrank_optim.stability import ENERGY_HISTORY, OVERLAP_HISTORY, STABLE_SINCE, latest
 
 __all__ = ["MODULE_TYPES", "MetricsWriter", "SubspaceRow", "module_type", "subspace_report"]
 
@@ -68,7 +68,7 @@ def subspace_report(optimizer: torch.optim.Optimizer) -> list[SubspaceRow]:
         names = group.get("param_names")
         for index, param in enumerate(group["params"]):
             state = optimizer.state.get(param, {})
-            if group.get("rank") is None or param.dim() != 2 or LAST_OVERLAP not in state:
+            if group.get("rank") is None or param.dim() != 2 or OVERLAP_HISTORY not in state:
                 continue
             name = str(names[index]) if names else f"param_groups[{group_index}].params[{index}]"
             rows.append(
@@ -80,8 +80,8 @@ def subspace_report(optimizer: torch.optim.Optimizer) -> list[SubspaceRow]:
                     step=int(state[keys.STEP]),
                     gap=int(state[keys.REFRESH_GAP]),
                     base_gap=int(group["update_proj_gap"]),
-                    last_overlap=float(state[LAST_OVERLAP]),
-                    energy_captured=float(state[CAPTURED_ENERGY]),
+                    last_overlap=latest(state, OVERLAP_HISTORY),
+                    energy_captured=latest(state, ENERGY_HISTORY),
                     stable=state[STABLE_SINCE] >= 0,
                     stable_since=int(state[STABLE_SINCE]),
                     refreshes=int(state[keys.REFRESHES]),

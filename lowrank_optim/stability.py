@@ -12,12 +12,13 @@ basis refresh we record, per projected matrix:
   i.e. how much of a fresh gradient the new basis actually sees;
 * Q-GaLore's signal, ``|cos(p_old_1, p_new_1)|`` of the leading vectors.
 
-A refresh policy turns these into the next refresh gap. The state is the latest value of each
-metric and the criterion's counters, all plain Python numbers, so it survives checkpoints and
-adds no tensor bytes to the optimizer state: GaLoreAdamW's state tensors are exactly galore-torch's
-(moments and bases). Only the ``qgalore`` policy keeps a tensor, the window of its last
-``qgalore_window`` leading-vector similarities. The history over training is the
-:class:`~lowrank_optim.reporting.MetricsWriter` log, not optimizer state.
+A refresh policy turns these into the next refresh gap. Each metric keeps a short history (the
+last ``StabilityConfig.history`` values, newest last) as a list of Python floats in the optimizer
+state, beside the criterion's int counters: it survives checkpoints (``weights_only`` loading
+included) and adds no tensor bytes, so GaLoreAdamW's state tensors are exactly galore-torch's
+(moments and bases) and nothing of it sits in accelerator memory. The values are host numbers
+already (each is read with ``float()`` to decide the gap), so keeping them there costs no sync.
+The whole history over training is the :class:`~lowrank_optim.reporting.MetricsWriter` log.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ import torch
 from lowrank_optim.config import StabilityConfig
 
 __all__ = [
-    "CAPTURED_ENERGY",
-    "LAST_OVERLAP",
-    "LEADING_SIMILARITY",
-    "LEADING_WINDOW",
-    "STABILITY_FLOAT_KEYS",
+    "ENERGY_HISTORY",
+    "LEADING_HISTORY",
+    "OVERLAP_HISTORY",
     "STABLE_SINCE",
     "STABLE_STREAK",
     "FixedGapPolicy",
@@ -44,6 +43,7 @@ __all__ = [
     "RefreshPolicy",
     "captured_energy",
     "init_stability_state",
+    "latest",
     "leading_vector_similarity",
     "make_policy",
     "record_captured_energy_",
@@ -53,16 +53,13 @@ __all__ = [
     "upgrade_legacy_metrics",
 ]
 
-LAST_OVERLAP = "last_overlap"  # float: overlap at the last refresh (nan before the second)
-CAPTURED_ENERGY = "captured_energy"  # float: energy of the first gradient after a refresh
-LEADING_SIMILARITY = "leading_similarity"  # float: Q-GaLore's signal at the last refresh
-LEADING_WINDOW = "leading_similarity_window"  # fp32 tensor, qgalore policy only
+OVERLAP_HISTORY = "overlap_history"  # list[float]: overlap at each refresh after the first
+ENERGY_HISTORY = "energy_history"  # list[float]: energy of the first gradient after a refresh
+LEADING_HISTORY = "leading_similarity_history"  # list[float]: Q-GaLore's signal per refresh
 STABLE_STREAK = "stable_streak"
 STABLE_SINCE = "stable_since"
 GROWTHS_PENDING = "refreshes_since_growth"
-
-#: Float state that must stay fp32 whatever the parameter's dtype.
-STABILITY_FLOAT_KEYS = frozenset({LEADING_WINDOW})
+_HISTORIES = (OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY)
 
 
 def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -88,59 +85,50 @@ def captured_energy(low_rank_grad: torch.Tensor, grad: torch.Tensor) -> float:
     return float(low_rank_grad.float().square().sum()) / total
 
 
-def _push_(window: torch.Tensor, value: float) -> None:
-    """Append ``value`` to a fixed-length window (newest last; unused slots hold NaN)."""
-    window.copy_(torch.cat([window[1:], window.new_tensor([value])]))
+def _push(state: dict[str, Any], key: str, value: float, length: int) -> None:
+    # A new list each time: a state_dict() taken earlier shares the old one and must not change.
+    state[key] = [*state[key], float(value)][-length:]
 
 
-def _new_window(length: int) -> torch.Tensor:
-    return torch.full((length,), math.nan, dtype=torch.float32)
+def latest(state: dict[str, Any], key: str) -> float:
+    """The newest value of the history ``key`` (``nan`` while it is empty)."""
+    history = state.get(key) or [math.nan]
+    return float(history[-1])
 
 
 def init_stability_state(state: dict[str, Any], config: StabilityConfig) -> None:
-    """Create the metrics and criterion counters of one projected parameter."""
-    state[LAST_OVERLAP] = math.nan
-    state[CAPTURED_ENERGY] = math.nan
-    state[LEADING_SIMILARITY] = math.nan
-    if config.policy == "qgalore":
-        state[LEADING_WINDOW] = _new_window(config.qgalore_window)
+    """Create the metric histories and criterion counters of one projected parameter."""
+    for key in _HISTORIES:
+        state[key] = []
     state[STABLE_STREAK] = 0
     state[STABLE_SINCE] = -1
     state[GROWTHS_PENDING] = 0
 
 
-def record_refresh_metrics_(state: dict[str, Any], overlap: float, leading: float) -> None:
-    """Store a refresh's overlap and leading-vector similarity (and window the latter)."""
-    state[LAST_OVERLAP] = overlap
-    state[LEADING_SIMILARITY] = leading
-    if LEADING_WINDOW in state:
-        _push_(state[LEADING_WINDOW], leading)
+def record_refresh_metrics_(
+    state: dict[str, Any], config: StabilityConfig, overlap: float, leading: float
+) -> None:
+    """Append a refresh's overlap and leading-vector similarity to their histories."""
+    _push(state, OVERLAP_HISTORY, overlap, config.history)
+    _push(state, LEADING_HISTORY, leading, config.history)
 
 
-def record_captured_energy_(state: dict[str, Any], energy: float) -> None:
-    """Store the captured energy; a zero gradient (energy undefined) keeps the last value."""
+def record_captured_energy_(state: dict[str, Any], config: StabilityConfig, energy: float) -> None:
+    """Append the captured energy; a zero gradient (energy undefined) records nothing."""
     if not math.isnan(energy):
-        state[CAPTURED_ENERGY] = energy
-
-
-#: Per-refresh metric histories of 0.1.0 development checkpoints -> today's latest-value keys.
-_LEGACY_HISTORIES = {
-    "overlap_history": LAST_OVERLAP,
-    "energy_history": CAPTURED_ENERGY,
-    "leading_similarity_history": LEADING_SIMILARITY,
-}
+        _push(state, ENERGY_HISTORY, energy, config.history)
 
 
 def upgrade_legacy_metrics(entry: dict[str, Any]) -> dict[str, Any]:
-    """A saved state entry with metric histories (older checkpoints) as latest values."""
-    if not any(key in entry for key in _LEGACY_HISTORIES):
+    """A saved state entry whose histories are NaN-padded fp32 tensors (0.1.0 development
+    checkpoints) with them as lists of their finite values instead."""
+    if not any(isinstance(entry.get(key), torch.Tensor) for key in _HISTORIES):
         return entry
-    upgraded = {k: v for k, v in entry.items() if k not in _LEGACY_HISTORIES}
-    for old, new in _LEGACY_HISTORIES.items():
-        if old in entry:
-            history = entry[old]
-            finite = history[~torch.isnan(history)]
-            upgraded[new] = float(finite[-1]) if finite.numel() else math.nan
+    upgraded = dict(entry)
+    for key in _HISTORIES:
+        history = entry.get(key)
+        if isinstance(history, torch.Tensor):
+            upgraded[key] = [float(v) for v in history[~torch.isnan(history)].tolist()]
     return upgraded
 
 
@@ -151,7 +139,7 @@ def update_stability_(state: dict[str, Any], config: StabilityConfig, step: int)
     the refresh step at which that first became true (``-1`` while unstable). The criterion is
     the same under every refresh policy, so reports are comparable across policies.
     """
-    overlap = state[LAST_OVERLAP]
+    overlap = latest(state, OVERLAP_HISTORY)
     if math.isnan(overlap) or overlap < config.threshold:
         state[STABLE_STREAK] = 0
         state[STABLE_SINCE] = -1
@@ -200,16 +188,11 @@ class QGaLorePolicy(RefreshPolicy):
 
     def next_gap(self, state: dict[str, Any], gap: int, base_gap: int, stable: bool) -> int:
         state[GROWTHS_PENDING] += 1
-        length = self.config.qgalore_window
-        if state[GROWTHS_PENDING] < length:
+        window = self.config.qgalore_window
+        if state[GROWTHS_PENDING] < window:
             return gap
-        window = state.get(LEADING_WINDOW)
-        if window is None or window.numel() != length:
-            # The policy or its window changed since this state was made: start a new window.
-            state[LEADING_WINDOW] = _new_window(length)
-            state[GROWTHS_PENDING] = 0
-            return gap
-        if bool(torch.isnan(window).any()) or float(window.mean()) < self.config.qgalore_threshold:
+        recent = state[LEADING_HISTORY][-window:]
+        if len(recent) < window or sum(recent) / window < self.config.qgalore_threshold:
             return gap
         state[GROWTHS_PENDING] = 0
         return min(gap * 2, self.config.max_gap)

@@ -41,7 +41,7 @@ from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.optim import GaLoreAdamW8bit, QGaLoreAdamW
 from lowrank_optim.projection import RIGHT
 from lowrank_optim.quant import quantize_model
-from lowrank_optim.stability import CAPTURED_ENERGY, LAST_OVERLAP
+from lowrank_optim.stability import ENERGY_HISTORY, OVERLAP_HISTORY
 
 WORLD = 2
 BATCH = 16  # global batch; each rank takes BATCH / world rows
@@ -152,8 +152,8 @@ def _scenario_train(case: str) -> dict[str, Any]:
         "weights": _full(model),
         "bases": [state[RIGHT].clone() for state in states],
         "bases_equal": all(_all_ranks_equal(state[RIGHT]) for state in states),
-        "overlap": [state[LAST_OVERLAP] for state in states],
-        "energy": [state[CAPTURED_ENERGY] for state in states],
+        "overlap": [state[OVERLAP_HISTORY] for state in states],
+        "energy": [state[ENERGY_HISTORY] for state in states],
         "sharded_moments": [
             sorted(k for k, v in state.items() if isinstance(v, DTensor)) for state in states
         ],
@@ -352,8 +352,9 @@ def test_fsdp_matches_single_process(runs: dict[str, list[dict[str, Any]]]) -> N
         for index, param in enumerate(projected):
             state = optimizer.state[param]
             torch.testing.assert_close(rank_result["bases"][index], state[RIGHT], atol=1e-4, rtol=0)
-            for key, metric in (("overlap", LAST_OVERLAP), ("energy", CAPTURED_ENERGY)):
-                assert rank_result[key][index] == pytest.approx(state[metric], abs=1e-5)
+            for key, history in (("overlap", OVERLAP_HISTORY), ("energy", ENERGY_HISTORY)):
+                assert rank_result[key][index] == pytest.approx(state[history], abs=1e-5)
+                assert rank_result[key][index]  # the run refreshed: histories are not empty
             assert rank_result["sharded_moments"][index] == ["exp_avg", "exp_avg_sq"]
         assert all(placement == (Shard(0),) for placement in rank_result["placements"])
     # The training moved the weights: equality is not the trivial one.

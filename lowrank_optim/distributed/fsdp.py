@@ -274,7 +274,7 @@ def _projected_step(optimizer: GaLoreAdamW, group: dict[str, Any], items: list[I
             kept.append(param)
             lows.append(low)
             bases.append(basis)
-        _record_energy(energy, process_group)
+        _record_energy(energy, StabilityConfig.from_group(group), process_group)
         if not kept:
             return
         exp_avgs, denominators, step_sizes, decay = optimizer._adam_moments(group, kept, lows)
@@ -289,6 +289,7 @@ def _projected_step(optimizer: GaLoreAdamW, group: dict[str, Any], items: list[I
 
 def _record_energy(
     records: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]],
+    config: StabilityConfig,
     process_group: dist.ProcessGroup,
 ) -> None:
     """Captured energy ``||G Q||^2 / ||G||^2`` of the whole gradient: sums over ranks."""
@@ -302,4 +303,4 @@ def _record_energy(
     )
     dist.all_reduce(sums, group=process_group)
     for (view, _, _), (captured, total) in zip(records, sums.tolist(), strict=True):
-        record_captured_energy_(view, captured / total if total > 0 else float("nan"))
+        record_captured_energy_(view, config, captured / total if total > 0 else float("nan"))

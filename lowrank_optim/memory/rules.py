@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_optim.config import StabilityConfig
 from lowrank_optim.projection import effective_rank, low_rank_shape, resolve_sides
 from lowrank_optim.quant.blockwise4bit import BLOCKSIZE4
 from lowrank_optim.quant.blockwise8bit import BLOCKSIZE, MIN_QUANTIZED_NUMEL
@@ -30,7 +29,6 @@ __all__ = [
 _BLOCK = 256  # bitsandbytes' and our 8-bit block, Q-GaLore's group
 MIN_QUANTIZED = 4096  # bitsandbytes' and torchao's default: smaller tensors stay unquantized
 BNB_CODEBOOK_BYTES = 2 * 256 * 4  # bitsandbytes' two shared 256-entry fp32 code books
-_QGALORE_WINDOW = StabilityConfig().qgalore_window  # fp32 similarities the qgalore policy keeps
 _STEP = 4  # torch.optim-style fp32 scalar step tensor (ours keep an int: no tensor bytes)
 _SHAPE_ENTRY = 8  # int64 entries of stored shapes
 
@@ -87,9 +85,8 @@ def _ours_4bit(numel: int, ndim: int, esize: int) -> Rows:
 _OUR_MOMENTS = {"8bit": _ours_8bit, "4bit": _ours_4bit}
 
 
-def _ours(storage: str, bits: int | None, window: int) -> Callable[..., Rows]:
-    """Our optimizers: int steps and scalar metrics (no tensor bytes); ``window`` fp32 entries
-    of the qgalore policy's similarity window per projected matrix (0 under other policies)."""
+def _ours(storage: str, bits: int | None) -> Callable[..., Rows]:
+    """Our optimizers: int steps and host-side metric histories add no tensor bytes."""
 
     def rows(spec: ParamSpec, rank: int) -> Rows:
         def moments(numel: int, ndim: int) -> Rows:
@@ -100,7 +97,7 @@ def _ours(storage: str, bits: int | None, window: int) -> Callable[..., Rows]:
         if not spec.projected:
             return moments(spec.numel, len(spec.shape))
         low, basis = _low_rank(spec, rank)
-        out = [*([("state_other", 4 * window)] if window else []), *moments(low, 2)]
+        out = moments(low, 2)
         if bits is None:
             return [*out, ("projection", basis * spec.esize)]
         codes = math.ceil(basis / 2) if bits == 4 else basis
@@ -171,15 +168,15 @@ ESTIMATE_METHODS: dict[str, tuple[str, Callable[..., Rows]]] = {
     "torchao_adamw4bit": ("torchao AdamW4bit", _torchao(4)),
     "galore_torch": ("galore-torch GaLoreAdamW", _galore_torch),
     "apollo": ("apollo-torch APOLLOAdamW", _apollo),
-    "galore_adamw": ("GaLoreAdamW (ours)", _ours("full", None, 0)),
-    "galore_adamw8bit": ("GaLoreAdamW8bit (ours)", _ours("8bit", None, 0)),
-    "galore_adamw4bit": ("GaLoreAdamW8bit, 4-bit moments (ours)", _ours("4bit", None, 0)),
-    "q_galore_adamw": ("QGaLoreAdamW (ours)", _ours("8bit", 4, _QGALORE_WINDOW)),
+    "galore_adamw": ("GaLoreAdamW (ours)", _ours("full", None)),
+    "galore_adamw8bit": ("GaLoreAdamW8bit (ours)", _ours("8bit", None)),
+    "galore_adamw4bit": ("GaLoreAdamW8bit, 4-bit moments (ours)", _ours("4bit", None)),
+    "q_galore_adamw": ("QGaLoreAdamW (ours)", _ours("8bit", 4)),
     "q_galore_adamw4bit": (
         "QGaLoreAdamW, 4-bit moments (ours)",
-        _ours("4bit", 4, _QGALORE_WINDOW),
+        _ours("4bit", 4),
     ),
-    "welore_adamw": ("WeLoreAdamW (ours)", _ours("full", None, 0)),
+    "welore_adamw": ("WeLoreAdamW (ours)", _ours("full", None)),
 }
 
 

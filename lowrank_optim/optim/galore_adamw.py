@@ -56,7 +56,6 @@ from lowrank_optim.projection import (
 )
 from lowrank_optim.reporting import SubspaceRow, subspace_report
 from lowrank_optim.stability import (
-    STABILITY_FLOAT_KEYS,
     captured_energy,
     init_stability_state,
     record_captured_energy_,
@@ -95,11 +94,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     @property
     def _fixed_dtype_keys(self) -> frozenset[str]:
         """State entries whose dtype is fixed by design (not cast to the parameter's on load)."""
-        return (
-            STABILITY_FLOAT_KEYS
-            | self.moment_storage.fixed_dtype_keys
-            | basis_fixed_dtype_keys((LEFT, RIGHT))
-        )
+        return self.moment_storage.fixed_dtype_keys | basis_fixed_dtype_keys((LEFT, RIGHT))
 
     def __init__(
         self,
@@ -345,7 +340,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if low is None:
                 low = project(param.grad, bases)
             if step == state[keys.LAST_REFRESH] + 1:
-                record_captured_energy_(state, captured_energy(low, param.grad))
+                record_captured_energy_(
+                    state, StabilityConfig.from_group(group), captured_energy(low, param.grad)
+                )
             kept.append((index, param))
             lows.append(low)
         kept_lows = dict(zip([i for i, _ in kept], lows, strict=True))

@@ -136,7 +136,7 @@ def install_bases_(
 ) -> None:
     """Record the refresh metrics, carry the moments over, store the bases, book the refresh."""
     if previous:
-        _record_metrics(state, previous, new_bases)
+        _record_metrics(state, group, previous, new_bases)
         if group["moment_transfer"] == "rotate":
             exp_avg, exp_avg_sq = storage.read(state)
             rotate_moments_(exp_avg, exp_avg_sq, previous, new_bases)
@@ -163,9 +163,13 @@ def record_refresh_(state: dict[str, Any], group: dict[str, Any], step: int) -> 
 
 
 def _record_metrics(
-    state: dict[str, Any], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+    state: dict[str, Any],
+    group: dict[str, Any],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
 ) -> None:
     overlaps = [subspace_overlap(old[key], new[key]) for key in new]
     first = next(iter(new))
     leading = leading_vector_similarity(old[first], new[first])
-    record_refresh_metrics_(state, sum(overlaps) / len(overlaps), leading)
+    config = StabilityConfig.from_group(group)
+    record_refresh_metrics_(state, config, sum(overlaps) / len(overlaps), leading)

@@ -43,7 +43,7 @@ from lowrank_optim.handoff import (
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
 from lowrank_optim.projection import LEFT, RIGHT
-from lowrank_optim.stability import LAST_OVERLAP, STABLE_SINCE
+from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
 
 __all__ = ["WeLoreAdamW"]
 
@@ -217,7 +217,7 @@ class WeLoreAdamW(GaLoreAdamW):
                 "params_before": rows * cols,
                 "params_after": rank * (rows + cols),
                 "relative_error": error,
-                "overlap": float(state.get(LAST_OVERLAP, float("nan"))),
+                "overlap": latest(state, OVERLAP_HISTORY),
                 "stable_since": int(state.get(STABLE_SINCE, -1)),
             }
         )
