@@ -35,10 +35,15 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+def write_json(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
+    """``folder/<name>.json``: ``payload`` plus the environment it was measured in.
+
+    Paths in ``payload`` (e.g. parsed ``--out`` arguments) are written as strings.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    record = {"environment": environment(), **payload}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

@@ -14,6 +14,9 @@ Four runs with one seed and one data order through the same loop
 
     python benchmarks/pretrain_suite.py             # about 60 minutes on 2 CPU cores
     python benchmarks/pretrain_suite.py --steps 60  # smoke run
+    python benchmarks/pretrain_suite.py --steps 20 --batch-size 2 --seq-len 32 --out /tmp/suite
+
+`lowrank-optim bench quality` draws these runs' loss curves into one plot (benchmarks/quality.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from common import RESULTS, interleaved_medians, markdown_table, write_json
 from lowrank_optim.plots import plot_losses, plot_stability, read_records
 from lowrank_optim.pretrain import PretrainConfig, run_pretraining
 
+__all__ = ["build_parser", "configs", "main", "run_logs", "runs_cache"]
+
 BYTES = 4  # fp32 weights, gradients and states
 
 
@@ -37,6 +42,8 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
     base = PretrainConfig(
         model=args.model,
         steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
         rank=args.rank,
         update_proj_gap=args.gap,
         eval_every=max(args.steps // 15, 1),
@@ -48,7 +55,7 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
         target_reduction=args.target,
         min_ratio=args.min_ratio,
     )
-    out = RESULTS / "runs" / "pretrain_suite"
+    out = Path(args.out) / "runs" / "pretrain_suite"
     return {
         "torch AdamW": replace(base, optimizer="adamw", out_dir=str(out / "adamw")),
         "GaLoreAdamW (fixed gap)": replace(
@@ -94,6 +101,16 @@ def configs(args: argparse.Namespace) -> dict[str, PretrainConfig]:
             out_dir=str(out / "qgalore4bit"),
         ),
     }
+
+
+def runs_cache(out: Path) -> Path:
+    """The summaries of the suite's runs under results folder ``out``, by label."""
+    return Path(out) / "pretrain_suite_runs.json"
+
+
+def run_logs(runs: dict[str, PretrainConfig]) -> dict[str, Path]:
+    """The JSONL metrics log of each run, by label."""
+    return {label: Path(config.out_dir) / "metrics.jsonl" for label, config in runs.items()}
 
 
 def refresh_counts(log: Path) -> tuple[int, int]:
@@ -217,7 +234,7 @@ def handoff_figures(
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="9m")
     parser.add_argument("--steps", type=int, default=1500)
@@ -235,10 +252,20 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="no runs: report the cached ones again"
     )
-    args = parser.parse_args()
+    # A tiny batch and a separate results folder make a smoke run of the whole suite cheap.
+    parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    parser.add_argument("--seq-len", type=int, default=PretrainConfig.seq_len)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="results folder (runs go to OUT/runs/)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     runs = configs(args)
     summaries = {}
-    cache = RESULTS / "pretrain_suite_runs.json"
+    cache = runs_cache(args.out)
     if (args.only or args.report_only) and cache.exists():
         summaries = json.loads(cache.read_text())
     for label, config in runs.items():
@@ -247,7 +274,7 @@ def main() -> None:
         summaries[label] = run_pretraining(config)
         print(f"{label}: eval {summaries[label]['final_eval_loss']:.4f}")
         cache.write_text(json.dumps(summaries))
-    logs = {label: Path(config.out_dir) / "metrics.jsonl" for label, config in runs.items()}
+    logs = run_logs(runs)
     fixed, adaptive = summaries["GaLoreAdamW (fixed gap)"], summaries["GaLoreAdamW (adaptive gap)"]
     fixed_done, _ = refresh_counts(logs["GaLoreAdamW (fixed gap)"])
     adaptive_done, adaptive_skipped = refresh_counts(logs["GaLoreAdamW (adaptive gap)"])
@@ -278,23 +305,24 @@ def main() -> None:
     }
     plot_losses(
         {k: v for k, v in logs.items()},
-        RESULTS / "pretrain_suite_loss.png",
+        args.out / "pretrain_suite_loss.png",
         title=f"LLaMA {args.model} on the standard library, {args.steps} steps",
     )
     plot_stability(
         logs["GaLoreAdamW (fixed gap)"],
-        RESULTS / "stability.png",
+        args.out / "stability.png",
         title=f"Subspace overlap per layer, GaLoreAdamW, LLaMA {args.model}",
     )
     plot_stability(
         logs["WeLoreAdamW"],
-        RESULTS / "welore_stability.png",
+        args.out / "welore_stability.png",
         title=f"Subspace overlap per layer, WeLoreAdamW, LLaMA {args.model}",
     )
     write_json(
         "pretrain_suite",
         {
-            "settings": vars(args),
+            # --out is where this copy went, not a setting of the runs (and names a home).
+            "settings": {key: value for key, value in vars(args).items() if key != "out"},
             "runs": {
                 k: {key: v for key, v in s.items() if key != "step_seconds"}
                 for k, s in summaries.items()
@@ -303,11 +331,13 @@ def main() -> None:
             "welore": welore,
             "quantized_eval_loss_change_vs_galore": quantized,
         },
+        folder=args.out,
     )
-    (RESULTS / "pretrain_suite.md").write_text(
+    (args.out / "pretrain_suite.md").write_text(
         report(args, summaries, stability, welore, quantized)
     )
-    print((RESULTS / "pretrain_suite.md").read_text())
+    print((args.out / "pretrain_suite.md").read_text())
+    return 0
 
 
 def report(
@@ -406,4 +436,4 @@ def report(
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

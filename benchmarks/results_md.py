@@ -16,7 +16,12 @@ __all__ = ["render", "write_results_md"]
 
 HERE = Path(__file__).resolve().parent
 #: Benchmarks with a ``lowrank-optim`` sub-command; the others run as scripts.
-_CLI = {"memory": "lowrank-optim bench memory"}
+_CLI = {
+    "memory": "lowrank-optim bench memory",
+    "throughput": "lowrank-optim bench throughput",
+    # Without --run, `bench quality` only redraws the recorded pretrain_suite runs.
+    "quality": "lowrank-optim bench quality --run",
+}
 
 
 def _title(name: str) -> str:

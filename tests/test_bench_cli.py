@@ -1,0 +1,85 @@
+"""`lowrank-optim bench throughput` and `bench quality` end to end, in their --quick modes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lowrank_optim.cli import main
+from lowrank_optim.memory.rules import ESTIMATE_METHODS
+
+__all__: list[str] = []
+
+# Tiny models and batches: a second intra-op thread only adds contention on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+#: Every method of the memory benchmark, plus torch's fused AdamW.
+THROUGHPUT_METHODS = {"adamw_fused", *ESTIMATE_METHODS}
+#: pretrain_suite methods that must be there whatever else the suite adds.
+CORE_SUITE_METHODS = {"torch AdamW", "GaLoreAdamW (fixed gap)", "WeLoreAdamW", "QGaLoreAdamW"}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _outputs(folder: Path, name: str, png: str) -> tuple[dict[str, Any], str]:
+    for file in (f"{name}.json", f"{name}.md", png):
+        assert (folder / file).stat().st_size > 0, file
+    return json.loads((folder / f"{name}.json").read_text()), (folder / f"{name}.md").read_text()
+
+
+def test_bench_throughput_quick(tmp_path: Path):
+    assert main(["bench", "throughput", "--quick", "--out", str(tmp_path)]) == 0
+    result, markdown = _outputs(tmp_path, "throughput", "throughput.png")
+    assert result["environment"]["torch"]
+    rows = {row["method"]: row for row in result["methods"]}
+    assert set(rows) == THROUGHPUT_METHODS
+    for row in rows.values():
+        # Every method is a row: timed, or saying why not (skipped, not installed, error).
+        assert row["ok"] or row["reason"], row
+        assert f"| {row['label']} |" in markdown
+    for method in ("adamw", "adamw_fused", "galore_adamw"):
+        row = rows[method]
+        assert row["ok"], row
+        for key in ("optimizer_step_ms", "whole_step_ms", "tokens_per_second"):
+            assert _positive(row[key]), (method, key)
+        for key in ("optimizer_step_vs_adamw", "whole_step_vs_fused"):
+            assert _positive(row[key]), (method, key)
+    assert rows["adamw"]["optimizer_step_vs_adamw"] == 1.0
+    assert rows["adamw_fused"]["whole_step_vs_fused"] == 1.0
+    assert rows["torchao_adamw8bit"]["reason"].startswith("skipped in --quick")
+    refresh = result["refresh"]
+    assert {r["config"] for r in refresh} == {"60M", "350M"}  # --quick leaves out 1B
+    assert all(_positive(r["svd_seconds"]) and _positive(r["randomized_seconds"]) for r in refresh)
+
+
+def test_bench_quality_quick(tmp_path: Path):
+    assert main(["bench", "quality", "--quick", "--out", str(tmp_path)]) == 0
+    result, markdown = _outputs(tmp_path, "quality", "quality_loss.png")
+    rows = {row["method"]: row for row in result["methods"]}
+    assert list(rows) == result["suite_methods"] and set(rows) >= CORE_SUITE_METHODS
+    for label, row in rows.items():
+        assert row["ok"], row
+        assert math.isfinite(row["final_eval_loss"]) and row["train_curve"] and row["eval_curve"]
+        assert f"| {label} |" in markdown
+    for label in ("torch AdamW", "GaLoreAdamW (fixed gap)"):
+        assert _positive(rows[label]["wall_seconds"])
+        assert _positive(rows[label]["tokens_per_second"])
+    assert rows["torch AdamW"]["eval_loss_change_vs_adamw"] == 0.0
+
+
+def test_bench_quality_redraws_recorded_runs(tmp_path: Path):
+    """The default mode trains nothing: it reads the committed summaries (the run logs, where
+    present, add the curves)."""
+    assert main(["bench", "quality", "--runs", str(RESULTS), "--out", str(tmp_path)]) == 0
+    result, markdown = _outputs(tmp_path, "quality", "quality_loss.png")
+    assert [row["method"] for row in result["methods"]] == result["suite_methods"]
+    assert set(result["suite_methods"]) >= CORE_SUITE_METHODS
+    assert all(row["ok"] and math.isfinite(row["final_eval_loss"]) for row in result["methods"])
+    assert "| torch AdamW |" in markdown
