@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,12 +241,6 @@ def train_losses(out: Path) -> list[float]:
     return [record["loss"] for record in map(json.loads, lines) if record["kind"] == "train"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_torchrun_two_processes_match_one_process(monkeypatch, example_setup) -> None:
     folder, args = example_setup
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -256,7 +249,7 @@ def test_torchrun_two_processes_match_one_process(monkeypatch, example_setup) ->
     command = [
         sys.executable,
         *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        "--standalone",  # torchrun binds a free port itself: no pick-then-bind race
         str(EXAMPLE),
         *args,
         *("--out-dir", str(folder / "two")),
@@ -289,7 +282,7 @@ def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> No
     command = [
         sys.executable,
         *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        "--standalone",  # torchrun binds a free port itself: no pick-then-bind race
         str(EXAMPLE),
         "--fsdp",
         *args,
