@@ -174,6 +174,8 @@ def main() -> None:
                 print(f"step {step}: train {float(step_loss):.4f} eval {eval_loss:.4f}", flush=True)
     if writer is not None:
         writer.close()
+    # Every rank reaches this point before any tears gloo down (see torchrun_pretrain.py).
+    dist.barrier()
     dist.destroy_process_group()
 
 

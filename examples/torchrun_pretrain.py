@@ -222,6 +222,9 @@ def main() -> None:
     if writer is not None:
         writer.close()
     if world_size > 1:
+        # Every rank reaches this point before any tears gloo down: a rank that destroys its
+        # process group while a peer is still in a collective aborts the peer at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
