@@ -294,6 +294,7 @@ def _run(rank: int, world: int, port: int, directory: str, plan: str) -> None:
         except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
             results[name] = {"failure": traceback.format_exc()}
     torch.save(results, Path(directory) / f"{plan}_rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer is still in a collective
     dist.destroy_process_group()
 
 
