@@ -57,14 +57,7 @@ RANKS = {
 }
 #: GaLore (Zhao et al., 2024): BF16 optimizer states in GB, full-rank -> GaLore.
 PUBLISHED = {"60m": (0.23, 0.13), "130m": (0.51, 0.28), "350m": (1.37, 0.54), "1b": (5.20, 1.78)}
-OURS = (
-    "galore_adamw",
-    "galore_adamw8bit",
-    "galore_adamw4bit",
-    "q_galore_adamw",
-    "q_galore_adamw4bit",
-    "welore_adamw",
-)
+OURS = tuple(name for name, (label, _) in ESTIMATE_METHODS.items() if "(ours)" in label)
 MATRIX_METHODS = ("adamw", "bnb_adamw8bit", "torchao_adamw8bit", "galore_torch", "apollo", *OURS)
 GB = 1e9  # GaLore's "G" is decimal
 

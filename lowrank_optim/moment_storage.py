@@ -194,11 +194,8 @@ class Blockwise8bitMoments(MomentStorage):
         if not self._quantized(state):
             return self._full.read(state)
         shape = tuple(int(d) for d in state[MOMENT_SHAPE])
-        exp_avg = self._dequantize(state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX], shape, True)
-        exp_avg_sq = self._dequantize(
-            state[EXP_AVG_SQ_CODES], state[EXP_AVG_SQ_ABSMAX], shape, False
-        )
-        return exp_avg, exp_avg_sq
+        exp_avg, exp_avg_sq = self.read_range(state, 0, math.prod(shape))
+        return exp_avg.view(shape), exp_avg_sq.view(shape)
 
     def write(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         if keys.EXP_AVG in state:
