@@ -19,6 +19,7 @@ from lowrank_optim.projection.registry import available_refresh_methods
 
 __all__ = [
     "HANDOFF_MOMENTS",
+    "HANDOFF_TRIGGERS",
     "HandoffConfig",
     "MOMENT_TRANSFERS",
     "ON_BAD_GRADIENT",
@@ -222,6 +223,8 @@ class StabilityConfig:
 
 
 HANDOFF_MOMENTS = ("project", "fresh")
+#: What decides when a layer is handed off: its own subspace stability, or one fixed step.
+HANDOFF_TRIGGERS = ("stable", "step")
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,21 @@ class HandoffConfig:
             projected weights, so it is kept off the per-step path).
         moments: ``project`` carries the layer's low-rank Adam moments onto the factors;
             ``fresh`` starts the factors' AdamW from zero.
+        trigger: ``stable`` hands a layer off once its own subspace has been stable for
+            ``min_stable_steps`` (at a check step at or after ``start_step``); ``step`` hands
+            every qualifying layer off at the first check step at or after ``start_step``,
+            without looking at stability (the one-shot baseline).
+        factor_lr_scale: the factors' learning rate is their source group's ``lr`` times this.
+            ``None`` (default) uses the source group's GaLore ``scale``: a projected weight
+            moves by ``lr * scale * P d``, so ``lr * scale`` keeps the step size the layer was
+            trained with. The factors' Adam directions are full-rank in their own
+            coordinates, unlike GaLore's projected ones, so inheriting ``lr`` itself makes them
+            step ``1 / scale`` times too far (+39% eval loss with GaLore's ``lr 1e-2, scale 0.25``
+            recipe in issue #14's experiment). Learning rate schedulers created after the
+            optimizer scale the factor groups' ``lr`` like every other group's.
+        rewarmup_steps: after its hand-off, a layer's factors ramp their learning rate linearly
+            from ``1 / (rewarmup_steps + 1)`` to 1 of the group's over this many steps (0: no
+            ramp).
     """
 
     start_step: int = 0
@@ -253,6 +271,9 @@ class HandoffConfig:
     min_ratio: float = 0.5
     check_every: int = 50
     moments: str = "project"
+    trigger: str = "stable"
+    factor_lr_scale: float | None = None
+    rewarmup_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -273,3 +294,21 @@ class HandoffConfig:
         )
         _require_positive_int("check_every", self.check_every)
         _require_choice("moments", self.moments, HANDOFF_MOMENTS)
+        _require_choice("trigger", self.trigger, HANDOFF_TRIGGERS)
+        _require(
+            self.factor_lr_scale is None
+            or (
+                isinstance(self.factor_lr_scale, float | int)
+                and not isinstance(self.factor_lr_scale, bool)
+                and math.isfinite(self.factor_lr_scale)
+                and self.factor_lr_scale > 0
+            ),
+            f"Invalid factor_lr_scale: {self.factor_lr_scale!r}; must be None (use the "
+            "projection scale) or a finite number > 0",
+        )
+        _require(
+            isinstance(self.rewarmup_steps, int)
+            and not isinstance(self.rewarmup_steps, bool)
+            and self.rewarmup_steps >= 0,
+            f"Invalid rewarmup_steps: {self.rewarmup_steps!r}; must be an integer >= 0",
+        )

@@ -24,7 +24,7 @@ Without ``maybe_handoff`` calls it is exactly :class:`GaLoreAdamW`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,8 @@ __all__ = ["WeLoreAdamW"]
 
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
 FACTORS_OF = "welore_factors_of"
+#: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
+HANDOFF_STEP = "handoff_step"
 _CHECKPOINT_KEY = "welore"
 
 
@@ -81,6 +83,9 @@ class WeLoreAdamW(GaLoreAdamW):
         on_bad_gradient: str = "raise",
         model: nn.Module | None = None,
     ) -> None:
+        if handoff is not None and not isinstance(handoff, HandoffConfig):
+            raise ValueError(f"Invalid handoff: {handoff!r}; expected a HandoffConfig")
+        self.handoff_config = handoff or HandoffConfig()
         super().__init__(
             params,
             lr,
@@ -91,9 +96,6 @@ class WeLoreAdamW(GaLoreAdamW):
             stability=stability,
             on_bad_gradient=on_bad_gradient,
         )
-        if handoff is not None and not isinstance(handoff, HandoffConfig):
-            raise ValueError(f"Invalid handoff: {handoff!r}; expected a HandoffConfig")
-        self.handoff_config = handoff or HandoffConfig()
         self.model = model
         #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
         self.plan: dict[str, dict[str, Any]] = {}
@@ -103,9 +105,13 @@ class WeLoreAdamW(GaLoreAdamW):
                 self.add_param_group(self._factor_group(group, index))
 
     def _factor_group(self, source: dict[str, Any], index: int) -> dict[str, Any]:
-        hyper = ("lr", "betas", "eps", "weight_decay", "on_bad_gradient")
+        hyper = ("betas", "eps", "weight_decay", "on_bad_gradient")
         group: dict[str, Any] = {"params": [], FACTORS_OF: index}
         group.update({key: source[key] for key in hyper})
+        # See HandoffConfig.factor_lr_scale: the factors keep the step size the projected
+        # weight was trained with, lr * scale, unless the user sets another ratio.
+        ratio = self.handoff_config.factor_lr_scale
+        group["lr"] = source["lr"] * (source["scale"] if ratio is None else ratio)
         if "param_names" in source:
             group["param_names"] = []
         return group
@@ -134,6 +140,18 @@ class WeLoreAdamW(GaLoreAdamW):
             return False
         return step - state[STABLE_SINCE] >= self.handoff_config.min_stable_steps
 
+    def ready_layers(self, candidates: list[HandoffCandidate], step: int) -> list[HandoffCandidate]:
+        """The candidates that may be handed off at check step ``step`` (``HandoffConfig.trigger``).
+
+        ``stable``: each layer on its own, once stable long enough. ``step``: all of them, at the
+        first check step at or after ``start_step`` only (the one-shot baseline).
+        """
+        config = self.handoff_config
+        if config.trigger == "step":
+            first_check = -(-max(config.start_step, 1) // config.check_every) * config.check_every
+            return list(candidates) if step == first_check else []
+        return [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
+
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
         """Hand off the layers that qualify now; returns the model to keep training.
 
@@ -154,10 +172,10 @@ class WeLoreAdamW(GaLoreAdamW):
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if ddp else model
         candidates = projected_linears(module, self, self.is_projected)
-        ready = [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
+        ready = self.ready_layers(candidates, step)
         if not ready:
             return model
-        ranks = self._ranks_for(candidates)
+        ranks = self.layer_ranks(candidates)
         changed = False
         for candidate in ready:
             rows, cols = candidate.module.weight.shape
@@ -173,7 +191,9 @@ class WeLoreAdamW(GaLoreAdamW):
             self.model = new_model
         return new_model
 
-    def _ranks_for(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
+    def layer_ranks(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
+        """Ranks for the dense projected layers under WeLore's global threshold (the target
+        counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
         spectra = {
             c.name: torch.linalg.svdvals(c.module.weight.detach().float()) for c in candidates
         }
@@ -243,6 +263,7 @@ class WeLoreAdamW(GaLoreAdamW):
             else:
                 factor_state[keys.STEP] = int(state[keys.STEP])
                 self.moment_storage.write(factor_state, *carried[index])
+            factor_state[HANDOFF_STEP] = factor_state[keys.STEP]
             states.append(factor_state)
         return states[0], states[1]
 
@@ -258,6 +279,33 @@ class WeLoreAdamW(GaLoreAdamW):
         target["params"].extend([factored.up, factored.down])
         if "param_names" in target:
             target["param_names"].extend([f"{candidate.name}.up", f"{candidate.name}.down"])
+
+    # ------------------------------------------------------------------------ re-warm-up
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        indices: Sequence[int],
+        low_rank_grads: Mapping[int, torch.Tensor],
+    ) -> None:
+        """Factor groups step each re-warm-up stage with its own scaled ``lr``.
+
+        A factor that has taken ``j`` steps since its hand-off (this one included) steps with
+        ``lr * min(1, j / (rewarmup_steps + 1))``; factors past their ramp share one call, so
+        the fused kernel still sees the whole group on most steps.
+        """
+        ramp = self.handoff_config.rewarmup_steps
+        if ramp == 0 or FACTORS_OF not in group:
+            super()._step_group(group, indices, low_rank_grads)
+            return
+        stages: dict[float, list[int]] = {}
+        for index in indices:
+            state = self.state.get(group["params"][index], {})
+            start = state.get(HANDOFF_STEP)  # absent in checkpoints older than the ramp
+            taken = ramp + 1 if start is None else int(state[keys.STEP]) + 1 - int(start)
+            stages.setdefault(min(1.0, taken / (ramp + 1)), []).append(index)
+        for factor, members in stages.items():
+            staged = group if factor == 1.0 else {**group, "lr": group["lr"] * factor}
+            super()._step_group(staged, members, low_rank_grads)
 
     def handoff_report(self) -> list[dict[str, Any]]:
         """One record per hand-off: step, layer, rank, parameters before/after, error, overlap."""
