@@ -10,14 +10,19 @@ are compared entry by entry. WeLoreAdamW is shown after hand-offs at a plan that
 each projected matrix's parameters (:func:`lowrank_optim.memory.welore_plan`).
 
     python benchmarks/memory.py                 # about 10 minutes on 2 CPU cores
-    lowrank-optim bench memory --quick --out /tmp/memory    # smoke run, tiny config
+    lowrank-optim bench memory --quick          # smoke run, tiny config, to a temporary folder
+
+A peer whose package is not installed (galore-torch, apollo-torch, ...) is a row marked "not
+run" with the command that installs it; it gets no numbers, estimated or measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -60,6 +65,24 @@ PUBLISHED = {"60m": (0.23, 0.13), "130m": (0.51, 0.28), "350m": (1.37, 0.54), "1
 OURS = tuple(name for name, (label, _) in ESTIMATE_METHODS.items() if "(ours)" in label)
 MATRIX_METHODS = ("adamw", "bnb_adamw8bit", "torchao_adamw8bit", "galore_torch", "apollo", *OURS)
 GB = 1e9  # GaLore's "G" is decimal
+#: Peer method -> (module it imports, pip package that provides it).
+PEER_PACKAGES = {
+    "bnb_adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "torchao_adamw8bit": ("torchao", "torchao"),
+    "torchao_adamw4bit": ("torchao", "torchao"),
+    "galore_torch": ("galore_torch", "galore-torch"),
+    "apollo": ("apollo_torch", "apollo-torch"),
+}
+
+
+def missing_package(method: str) -> str | None:
+    """Why ``method`` cannot run here (its peer package is not installed), else None."""
+    if method not in PEER_PACKAGES:
+        return None
+    module, package = PEER_PACKAGES[method]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{package} is not installed (pip install {package})"
 
 
 def config_of(name: str) -> Any:
@@ -81,6 +104,8 @@ def warm_up() -> None:
     """Import the peers and run one tiny step, so one-time costs (imports, thread pools, kernel
     caches) do not land in the first measured peak."""
     for module in ("bitsandbytes", "torchao.optim", "galore_torch", "apollo_torch"):
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            continue  # its rows say "not run" and how to install it
         try:
             __import__(module)
         except Exception as error:  # reported per method later, when it is used
@@ -118,6 +143,11 @@ def run_config(name: str, args: argparse.Namespace, wrapper: Any) -> dict[str, A
     rows: dict[str, Any] = {}
     for method in args.methods:
         label = ESTIMATE_METHODS[method][0]
+        reason = missing_package(method)
+        if reason is not None:
+            print(f"[{name}] not run: {label}: {reason}", flush=True)
+            rows[label] = {"method": method, "not_run": reason}
+            continue
         method_plan = plan if method == "welore_adamw" else None
         variants = [(label, None)]
         if wrapper is not None and method in OURS and method != "welore_adamw":
@@ -154,6 +184,9 @@ def config_table(name: str, result: dict[str, Any]) -> str:
     published = PUBLISHED.get(name)
     rows = []
     for label, row in result["methods"].items():
+        if "not_run" in row:
+            rows.append([label, f"not run: {row['not_run']}", *[""] * 7])
+            continue
         s = row["estimate"]["summary"]
         pub = ""
         if published and row["method"] == "adamw":
@@ -219,12 +252,7 @@ def headline(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     names = list(results)
     labels = list(next(iter(results.values()))["methods"])
     rows = [
-        [label]
-        + [
-            gb(results[n]["methods"][label]["estimate"]["summary"]["optimizer_states"])
-            for n in names
-        ]
-        for label in labels
+        [label] + [_states_cell(results[n]["methods"][label]) for n in names] for label in labels
     ]
     rows.append(
         ["published full-rank (GaLore paper)"]
@@ -239,6 +267,7 @@ def headline(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         states = {
             label: row["estimate"]["summary"]["optimizer_states"]
             for label, row in results[n]["methods"].items()
+            if "estimate" in row
         }
         best = min(states, key=states.get)
         facts["lowest_state"][n] = {
@@ -251,6 +280,12 @@ def headline(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             a = _by_method(methods, "adamw")["estimate"]["summary"]["weights_and_states"]
             facts.setdefault("qgalore_fraction_of_adamw", {})[n] = q / a
     return markdown_table(["optimizer states (GB)", *names], rows), facts
+
+
+def _states_cell(row: dict[str, Any]) -> str:
+    if "not_run" in row:
+        return "not run"
+    return gb(row["estimate"]["summary"]["optimizer_states"])
 
 
 def args_methods(methods: dict[str, Any]) -> set[str]:
@@ -268,10 +303,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 5), sharey=True)
+    # Constrained layout sizes the margins to the method labels, and the legend goes in its
+    # own row below the panels ("outside"), so neither is cut off nor drawn over the bars.
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(3.4 * len(names) + 3.0, 5.5), sharey=True, layout="constrained"
+    )
     axes = [axes] if len(names) == 1 else list(axes)
     for ax, name in zip(axes, names, strict=True):
-        labels = list(results[name]["methods"])
+        labels = [lb for lb, row in results[name]["methods"].items() if "estimate" in row]
         summary = [results[name]["methods"][lb]["estimate"]["summary"] for lb in labels]
         weights = [s["weights"] / GB for s in summary]
         states = [s["optimizer_states"] / GB for s in summary]
@@ -284,8 +323,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("GB (bf16)")
         ax.invert_yaxis()
     handles, legend_labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, legend_labels, loc="lower center", ncol=3, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, legend_labels, loc="outside lower center", ncol=3, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -354,12 +392,20 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", nargs="+", default=list(ESTIMATE_METHODS), choices=list(ESTIMATE_METHODS)
     )
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for memory.*")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"directory for memory.* (default: {RESULTS}, or a new temporary folder with "
+        "--quick, so a smoke run never overwrites the committed results)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny config only, measured")
     parser.add_argument(
         "--from-json", type=Path, default=None, help="re-render a memory.json, measuring nothing"
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="lowrank-optim-memory-")) if args.quick else RESULTS
     if args.from_json is not None:
         return render(json.loads(args.from_json.read_text()), args)
     if args.quick:
@@ -384,6 +430,8 @@ def render(payload: dict[str, Any], args: argparse.Namespace) -> int:
         for label, row in result["methods"].items():
             if "error" in row:
                 facts["notes"].append(f"{label} could not run at {name}: {row['error']}")
+            if "not_run" in row:
+                facts["notes"].append(f"{label} not run at {name}: {row['not_run']}")
             if row.get("exact_matches_estimate") is False:
                 facts["notes"].append(f"{label} at {name}: exact accounting != estimate")
     facts["published_ratio"] = published_ratios(results)
@@ -394,6 +442,7 @@ def render(payload: dict[str, Any], args: argparse.Namespace) -> int:
     plot(results, args.out / "memory.png")
     print(head)
     print(json.dumps(facts, indent=2))
+    print(f"wrote memory.json, memory.md and memory.png to {args.out}")
     if args.out.resolve() == RESULTS.resolve():
         from results_md import write_results_md
 

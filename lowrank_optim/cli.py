@@ -3,9 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main", "silence_import_noise"]
+
+
+class UsageError(Exception):
+    """A bad option value or input file: :func:`main` prints it as one line and exits with 2.
+
+    Sub-commands raise it only for what they check before the real work starts; any other
+    exception keeps its traceback, so a genuine bug is never reduced to one line.
+    """
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message contains any of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def silence_import_noise() -> None:
+    """Silence the exact start-up warnings that torchao's import prints, nothing else.
+
+    transformers imports torchao (its quantizer registry) whenever a model is built. torchao
+    then logs ``Failed to load .../torchao/_C_*.so`` for the CUDA-only kernels it cannot load on
+    this machine (its pure-PyTorch optimizers, used here, do not need them), and calls torch's
+    deprecated ``register_constant`` on two Enum classes, which torch logs as a warning. Both
+    are harmless; every other message of these loggers still gets through.
+    """
+    loaders = logging.getLogger("torchao")
+    if not any(isinstance(f, _DropMessages) for f in loaders.filters):
+        loaders.addFilter(_DropMessages("torchao/_C"))
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _DropMessages) for f in pytree.filters):
+        pytree.addFilter(_DropMessages("Calling register_constant() on Enum subclasses"))
+
 
 #: name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[
@@ -20,8 +60,12 @@ def _add_plot_stability(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_plot_stability(args: argparse.Namespace) -> int:
-    from lowrank_optim.plots import plot_stability
+    from lowrank_optim.plots import check_stability_log, plot_stability
 
+    try:
+        check_stability_log(args.log)
+    except (OSError, ValueError) as error:  # missing, unreadable, not JSONL, no subspace rows
+        raise UsageError(str(error)) from None
     print(plot_stability(args.log, args.output, title=args.title))
     return 0
 
@@ -77,14 +121,13 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     # Benchmarks live beside the package in a source checkout, not inside the installed wheel.
     import runpy
-    import sys
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     script = folder / f"{args.name}.py"
     if not script.is_file():
         found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
-        raise SystemExit(
+        raise UsageError(
             f"Invalid benchmark: {args.name!r}; allowed: {', '.join(found) or 'none'} "
             f"(scripts of {folder}, present in a source checkout)"
         )
@@ -119,5 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; a :class:`UsageError` becomes one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    silence_import_noise()
+    try:
+        return COMMANDS[args.command][2](args)
+    except UsageError as error:
+        print(f"lowrank-optim {args.command}: error: {error}", file=sys.stderr)
+        return 2

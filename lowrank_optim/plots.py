@@ -9,23 +9,60 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_losses", "plot_stability", "read_records"]
+__all__ = ["check_stability_log", "plot_losses", "plot_stability", "read_records"]
 
 
 def read_records(path: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of a JSONL log, optionally only those of one ``kind``."""
+    """All records of a JSONL log, optionally only those of one ``kind``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file and
+    line) for anything that is not JSON Lines of objects, e.g. a binary file or a PNG.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No such file: {str(path)!r}; give a JSONL metrics log")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file; give a JSONL metrics log")
     records = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from None
-            if kind is None or record.get("kind") == kind:
-                records.append(record)
+    with path.open(encoding="utf-8") as handle:
+        number = 0
+        try:
+            for number, line in enumerate(handle, start=1):  # noqa: B007 (used after the loop)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{number} is not valid JSON ({error.msg}); give a JSONL metrics log"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"{path}:{number} holds a JSON {type(record).__name__}, not an object; "
+                        "give a JSONL metrics log"
+                    )
+                if kind is None or record.get("kind") == kind:
+                    records.append(record)
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{path}:{number + 1} is not UTF-8 text; give a JSONL metrics log"
+            ) from None
     return records
+
+
+def check_stability_log(log_path: str | os.PathLike[str]) -> int:
+    """The number of ``subspace`` records in ``log_path``; errors name what is wrong.
+
+    ``FileNotFoundError`` if it is missing, ``ValueError`` if it is not a JSONL log or holds no
+    subspace records (plain AdamW logs none; GaLore-family runs log them every refresh gap).
+    """
+    count = len(read_records(log_path, kind="subspace"))
+    if not count:
+        raise ValueError(
+            f"{log_path} holds no 'subspace' records; log them with MetricsWriter.log_subspace "
+            "(pretrain does for GaLore-family optimizers)"
+        )
+    return count
 
 
 def plot_stability(
