@@ -24,6 +24,7 @@ Without ``maybe_handoff`` calls it is exactly :class:`GaLoreAdamW`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,11 +35,14 @@ from lowrank_optim import state_keys as keys
 from lowrank_optim.basis_storage import read_basis
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.distributed.fsdp import refuse_sharded_handoff
-from lowrank_optim.factorize import LowRankLinear
+from lowrank_optim.errors import CheckpointMismatchError
+from lowrank_optim.factorize import LowRankLinear, dense_weight_of, replace_module
 from lowrank_optim.handoff import (
     HandoffCandidate,
+    Refusal,
     choose_ranks,
     factor_moments,
+    find_candidates,
     projected_linears,
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
@@ -100,6 +104,9 @@ class WeLoreAdamW(GaLoreAdamW):
         #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
         self.plan: dict[str, dict[str, Any]] = {}
         self.handoffs: list[dict[str, Any]] = []
+        self._warned: set[tuple[str, str]] = set()  # (layer, why): each warning only once
+        if model is not None:
+            self._warn_refusals(find_candidates(_unwrap(model), self, self.is_projected)[1])
         for index, group in enumerate(list(self.param_groups)):
             if group.get("rank") is not None:
                 self.add_param_group(self._factor_group(group, index))
@@ -171,7 +178,9 @@ class WeLoreAdamW(GaLoreAdamW):
         refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if ddp else model
-        candidates = projected_linears(module, self, self.is_projected)
+        candidates, refusals = find_candidates(module, self, self.is_projected)
+        self._warn_refusals(refusals)
+        candidates = self._unfrozen(candidates, step)
         ready = self.ready_layers(candidates, step)
         if not ready:
             return model
@@ -191,6 +200,37 @@ class WeLoreAdamW(GaLoreAdamW):
             self.model = new_model
         return new_model
 
+    def _warn_once(self, layer: str, why: str, message: str) -> None:
+        if (layer, why) not in self._warned:
+            self._warned.add((layer, why))
+            warnings.warn(message, stacklevel=3)
+
+    def _warn_refusals(self, refusals: list[Refusal]) -> None:
+        """One warning per projected weight that can never be handed off (see find_candidates)."""
+        for refusal in refusals:
+            self._warn_once(refusal.name, "refused", refusal.message())
+
+    def _unfrozen(self, candidates: list[HandoffCandidate], step: int) -> list[HandoffCandidate]:
+        """The candidates whose weight trains; a frozen one is never handed off.
+
+        A hand-off replaces ``W`` by its rank-``k`` truncation (the layer's function changes by
+        the truncation error) and trains the factors: both break the promise of a frozen layer
+        (``requires_grad=False``) not to change. Its stability record is also stale: it has had
+        no gradient since it was frozen. Frozen layers are left out of the rank selection too,
+        so the target reduction is met on the layers that can be handed off. A frozen layer
+        that would be ready otherwise gets one warning; unfrozen, it becomes a candidate again.
+        """
+        frozen = [c for c in candidates if not c.weight.requires_grad]
+        for candidate in self.ready_layers(frozen, step):
+            self._warn_once(
+                candidate.name,
+                "frozen",
+                f"{candidate.name} is frozen (requires_grad=False): not handed off while "
+                "frozen, since a hand-off would change its weight to a low-rank approximation "
+                "and train the factors",
+            )
+        return [c for c in candidates if c.weight.requires_grad]
+
     def layer_ranks(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
         """Ranks for the dense projected layers under WeLore's global threshold (the target
         counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
@@ -203,7 +243,8 @@ class WeLoreAdamW(GaLoreAdamW):
         return choose_ranks(spectra, removed, total, self.handoff_config.target_reduction)
 
     def _handoff(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
-        linear, weight = candidate.module, candidate.module.weight
+        linear, weight = candidate.module, candidate.weight
+        dense = candidate.dense_weight()  # out x in, a view of the weight
         state = self.state.pop(weight, {})
         bits = self.param_groups[candidate.group_index].get("proj_bits")
         bases = {
@@ -214,15 +255,17 @@ class WeLoreAdamW(GaLoreAdamW):
         factored = LowRankLinear.from_linear(linear, rank)
         if linear.bias is not None:
             factored.bias = linear.bias  # same Parameter: its AdamW state stays valid
-        error = factored.relative_error(weight.detach())
+        error = factored.relative_error(dense.detach())
         fresh = self.handoff_config.moments == "fresh"
-        up_state, down_state = self._factor_states(state, bases, factored, fresh)
-        _replace_module(root, candidate.name, factored)
+        up_state, down_state = self._factor_states(
+            state, bases, factored, fresh, transposed=candidate.transposed
+        )
+        replace_module(root, candidate.name, factored)
         self._move_to_factor_group(candidate, weight, factored)
         self.state[factored.up] = up_state
         self.state[factored.down] = down_state
         weight.grad = None
-        rows, cols = weight.shape
+        rows, cols = dense.shape
         self.plan[candidate.name] = {
             "rank": rank,
             "shape": [rows, cols],
@@ -248,13 +291,21 @@ class WeLoreAdamW(GaLoreAdamW):
         bases: dict[str, torch.Tensor],
         factored: LowRankLinear,
         fresh: bool,
+        *,
+        transposed: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """AdamW states of the new factors: carried moments (same step count) or zeros."""
+        """AdamW states of the new factors: carried moments (same step count) or zeros.
+
+        ``transposed``: the state belongs to a weight stored ``in x out`` (a ``Conv1D``); the
+        carried moments are turned to the factors' ``out x in`` orientation.
+        """
         states: list[dict[str, Any]] = []
         carried = None
         if not fresh and bases:
             exp_avg, exp_avg_sq = self.moment_storage.read(state)
-            carried = factor_moments(exp_avg, exp_avg_sq, bases, factored.up, factored.down)
+            carried = factor_moments(
+                exp_avg, exp_avg_sq, bases, factored.up, factored.down, transposed=transposed
+            )
         for index, factor in enumerate((factored.up, factored.down)):
             factor_state: dict[str, Any] = {}
             self.moment_storage.init(factor_state, tuple(factor.shape), factor)
@@ -271,7 +322,11 @@ class WeLoreAdamW(GaLoreAdamW):
         self, candidate: HandoffCandidate, weight: torch.Tensor, factored: LowRankLinear
     ) -> None:
         source = self.param_groups[candidate.group_index]
-        position = next(i for i, p in enumerate(source["params"]) if p is weight)
+        position = next((i for i, p in enumerate(source["params"]) if p is weight), None)
+        if position is None:  # find_candidates and _check_plan rule this out
+            raise RuntimeError(
+                f"{candidate.name}: its weight is not in param group {candidate.group_index}"
+            )
         del source["params"][position]
         if "param_names" in source:
             del source["param_names"][position]
@@ -325,9 +380,16 @@ class WeLoreAdamW(GaLoreAdamW):
 
         The re-applied layers get factors of the recorded shapes (values come from the model's
         own state dict, loaded afterwards), so the parameter layout matches the checkpoint.
+        Raises :class:`CheckpointMismatchError`, before the model or the optimizer changes, when
+        the checkpoint's hand-offs cannot be those of this optimizer and model: a layer this
+        optimizer handed off at another rank, shape or group, or not at all in the checkpoint
+        (a hand-off cannot be undone), or a recorded layer that the model lacks, that is of
+        another type or shape, or whose weight is not in the recorded projected param group.
         """
         saved = state_dict.get(_CHECKPOINT_KEY, {"plan": {}, "handoffs": []})
-        pending = {name: entry for name, entry in saved["plan"].items() if name not in self.plan}
+        saved_plan = {name: _plan_entry(name, entry) for name, entry in saved["plan"].items()}
+        self._check_own_handoffs(saved_plan)
+        pending = {name: entry for name, entry in saved_plan.items() if name not in self.plan}
         if pending:
             if self.model is None:
                 raise ValueError(
@@ -339,34 +401,118 @@ class WeLoreAdamW(GaLoreAdamW):
         super().load_state_dict(state_dict)
         self.handoffs = [dict(record) for record in saved["handoffs"]]
 
-    def _reapply(self, pending: dict[str, dict[str, Any]]) -> None:
-        model = self.model
-        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        modules = dict(module.named_modules())
-        for name, entry in pending.items():
-            linear = modules.get(name)
-            if type(linear) is not nn.Linear or list(linear.weight.shape) != entry["shape"]:
-                raise ValueError(
-                    f"Checkpoint hands off layer {name!r} of shape {entry['shape']}, but the "
-                    f"model has {type(linear).__name__ if linear is not None else 'nothing'} there"
+    def _check_own_handoffs(self, saved_plan: dict[str, dict[str, Any]]) -> None:
+        """Every hand-off this optimizer made must be in the checkpoint, at the same rank,
+        shape and group: otherwise the saved factor moments have other shapes than the
+        factors, or there are none for them."""
+        for name, mine in self.plan.items():
+            theirs = saved_plan.get(name)
+            if theirs is None:
+                raise CheckpointMismatchError(
+                    f"This optimizer handed off layer {name!r} (rank {mine['rank']}, shape "
+                    f"{mine['shape']}), but the checkpoint has it dense; a hand-off cannot be "
+                    "undone: load the checkpoint into a fresh model and optimizer"
                 )
-            candidate = HandoffCandidate(name, linear, int(entry["group"]))
-            rows, cols = linear.weight.shape
-            factored = LowRankLinear(
-                cols, rows, int(entry["rank"]), False, linear.weight.device, linear.weight.dtype
+            differs = [
+                f"{key} {theirs[key]} in the checkpoint vs {key} {mine[key]} here"
+                for key in ("rank", "shape", "group")
+                if theirs[key] != mine[key]
+            ]
+            if differs:
+                raise CheckpointMismatchError(
+                    f"Layer {name!r} was handed off differently: {'; '.join(differs)}. Its "
+                    "saved factor moments do not fit this optimizer's factors: load the "
+                    "checkpoint into a fresh model and optimizer"
+                )
+
+    def _reapply(self, pending: dict[str, dict[str, Any]]) -> None:
+        """Re-apply recorded hand-offs: all are checked first, then all are applied."""
+        module = _unwrap(self.model)
+        modules = dict(module.named_modules())
+        candidates = {c.name: c for c in projected_linears(module, self, self.is_projected)}
+        checked = [
+            (self._pending_candidate(name, entry, modules, candidates), entry)
+            for name, entry in pending.items()
+        ]
+        for candidate, entry in checked:
+            weight = candidate.weight
+            rows, cols = entry["shape"]
+            factored = LowRankLinear(cols, rows, entry["rank"], False, weight.device, weight.dtype)
+            if candidate.module.bias is not None:
+                factored.bias = candidate.module.bias
+            self.state.pop(weight, None)
+            replace_module(module, candidate.name, factored)
+            self._move_to_factor_group(candidate, weight, factored)
+            self.plan[candidate.name] = dict(entry)
+
+    def _pending_candidate(
+        self,
+        name: str,
+        entry: dict[str, Any],
+        modules: dict[str, nn.Module],
+        candidates: dict[str, HandoffCandidate],
+    ) -> HandoffCandidate:
+        """The layer a recorded hand-off applies to, or CheckpointMismatchError saying why not."""
+        rank, shape, group = entry["rank"], entry["shape"], entry["group"]
+        saved = (
+            f"Checkpoint hands off layer {name!r} (rank {rank}, shape {shape} as out x in, "
+            f"param group {group})"
+        )
+        layer = modules.get(name)
+        if layer is None:
+            raise CheckpointMismatchError(f"{saved}, but the model has no module {name!r}")
+        dense = dense_weight_of(layer)
+        if dense is None:
+            raise CheckpointMismatchError(
+                f"{saved}, but the model's {name!r} is a {type(layer).__name__}; only nn.Linear "
+                "and transformers Conv1D layers are handed off"
             )
-            if linear.bias is not None:
-                factored.bias = linear.bias
-            self.state.pop(linear.weight, None)
-            _replace_module(module, name, factored)
-            self._move_to_factor_group(candidate, linear.weight, factored)
-            self.plan[name] = dict(entry)
+        if list(dense.shape) != shape:
+            raise CheckpointMismatchError(
+                f"{saved}, but the model's {name!r} has shape {list(dense.shape)}"
+            )
+        if not 1 <= rank <= min(shape):
+            raise CheckpointMismatchError(f"{saved}: rank {rank} is not in [1, {min(shape)}]")
+        if not 0 <= group < len(self.param_groups):
+            raise CheckpointMismatchError(
+                f"{saved}, but this optimizer has param groups 0..{len(self.param_groups) - 1}"
+            )
+        if self.param_groups[group].get("rank") is None:
+            raise CheckpointMismatchError(
+                f"{saved}, but this optimizer's param group {group} is not projected"
+            )
+        candidate = candidates.get(name)
+        if candidate is None:
+            raise CheckpointMismatchError(
+                f"{saved}, but this optimizer cannot hand it off: its weight is not projected "
+                "here, or it is tied to another module"
+            )
+        if candidate.group_index != group:
+            raise CheckpointMismatchError(
+                f"{saved}, but its weight is in param group {candidate.group_index} here"
+            )
+        return candidate
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def _plan_entry(name: str, entry: Any) -> dict[str, Any]:
+    """A checkpoint's hand-off record with ``rank``, ``shape`` and ``group`` as Python ints."""
+    try:
+        rank, group = int(entry["rank"]), int(entry["group"])
+        shape = [int(size) for size in entry["shape"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointMismatchError(
+            f"Checkpoint hand-off record of layer {name!r} is malformed ({entry!r}); expected "
+            "rank (int), shape ([rows, cols]) and group (int)"
+        ) from error
+    if len(shape) != 2:
+        raise CheckpointMismatchError(
+            f"Checkpoint hand-off record of layer {name!r} has shape {shape}; expected [rows, cols]"
+        )
+    return {**entry, "rank": rank, "shape": shape, "group": group}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _rewrap(old: nn.parallel.DistributedDataParallel, module: nn.Module) -> nn.Module:
