@@ -51,29 +51,49 @@ def _require_positive_int(name: str, value: object) -> None:
     _require(ok, f"Invalid {name}: {value!r}; must be an integer > 0")
 
 
+def _real_number_problem(value: object) -> str | None:
+    """Why ``value`` is not a usable real hyper-parameter, or ``None`` if it is.
+
+    ``bool`` is an ``int`` subclass and a 0-dim tensor or a numeric string would pass a bare
+    ``float(...)``; NaN compares False with everything, so ``nan >= 0`` alone would not catch it.
+    Each is named here instead of surfacing later as a silent cast or a NaN update.
+    """
+    if isinstance(value, bool) or not isinstance(value, float | int):
+        kind = type(value).__name__
+        hint = "; pass float(value)" if isinstance(value, str) or hasattr(value, "item") else ""
+        return f"got a {kind}, expected a Python float or int (not a bool){hint}"
+    if not math.isfinite(value):
+        return "must be finite (not NaN or Inf)"
+    return None
+
+
+def _require_real(name: str, value: object, low: float, high: float | None = None) -> None:
+    """``value`` is a finite real number in ``[low, high)`` (``[low, inf)`` without ``high``)."""
+    allowed = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g}"
+    problem = _real_number_problem(value)
+    if problem is None and not (value >= low and (high is None or value < high)):  # type: ignore[operator]
+        problem = f"must be {allowed}"
+    _require(problem is None, f"Invalid {name}: {value!r}; {problem} (allowed: a number {allowed})")
+
+
 def validate_adam_hyperparameters(
     lr: float, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> None:
-    """Check AdamW hyper-parameters the way ``torch.optim.AdamW`` does, naming the bad value."""
-    _require(
-        isinstance(lr, float | int) and lr >= 0.0, f"Invalid learning rate: {lr!r}; must be >= 0"
-    )
-    _require(
-        isinstance(eps, float | int) and eps >= 0.0, f"Invalid epsilon value: {eps!r}; must be >= 0"
-    )
+    """Check AdamW hyper-parameters, naming the bad value and what is allowed.
+
+    Stricter than ``torch.optim.AdamW``: every value must be a finite Python ``float`` or
+    ``int`` (no ``bool``, string or tensor; torch accepts a tensor ``lr`` in some optimizers, but
+    the param groups here hold plain numbers so that state dicts load with ``weights_only``).
+    """
+    _require_real("learning rate", lr, 0.0)
+    _require_real("epsilon value", eps, 0.0)
     _require(
         isinstance(betas, tuple | list) and len(betas) == 2,
         f"Invalid betas: {betas!r}; must be a pair (beta1, beta2)",
     )
     for index, beta in enumerate(betas):
-        _require(
-            isinstance(beta, float | int) and 0.0 <= beta < 1.0,
-            f"Invalid beta parameter at index {index}: {beta!r}; must be in [0, 1)",
-        )
-    _require(
-        isinstance(weight_decay, float | int) and weight_decay >= 0.0,
-        f"Invalid weight_decay value: {weight_decay!r}; must be >= 0",
-    )
+        _require_real(f"beta parameter at index {index}", beta, 0.0, 1.0)
+    _require_real("weight_decay value", weight_decay, 0.0)
 
 
 def validate_on_bad_gradient(value: object) -> None:

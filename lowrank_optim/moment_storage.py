@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -44,10 +45,41 @@ EXP_AVG_CODES, EXP_AVG_ABSMAX = "exp_avg_codes", "exp_avg_absmax"
 EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX = "exp_avg_sq_codes", "exp_avg_sq_absmax"
 MOMENT_SHAPE = "moment_shape"
 
+#: How a checkpoint's state entry holds its moments, by the keys present (see ``stored_layout``).
+FULL, QUANTIZED, MISSING = "full", "quantized", "missing"
+_LAYOUT_DESCRIPTIONS = {
+    FULL: f"full-precision moments ({keys.EXP_AVG}, {keys.EXP_AVG_SQ})",
+    QUANTIZED: f"quantized moments ({EXP_AVG_CODES}, {EXP_AVG_ABSMAX}, ...)",
+    MISSING: "no moments",
+}
+
+
+def stored_layout(entry: Mapping[str, Any]) -> str:
+    """``FULL``, ``QUANTIZED`` or ``MISSING``: how ``entry`` (one parameter's state) keeps its
+    moments, read from its keys alone (a checkpoint says nothing else about its storage)."""
+    if EXP_AVG_CODES in entry:
+        return QUANTIZED
+    if keys.EXP_AVG in entry and keys.EXP_AVG_SQ in entry:
+        return FULL
+    return MISSING
+
 
 def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _store_(stored: torch.Tensor, value: torch.Tensor) -> None:
+    """``stored.copy_(value)``, saturating at fp16's largest finite value (65504).
+
+    fp32 working moments beyond fp16's range (a second moment of low-rank coordinates of a
+    large gradient) would otherwise be stored as Inf: the denominator then becomes Inf, the
+    parameter silently stops moving, and a later rotation turns ``Inf * 0`` into NaN.
+    """
+    if stored.dtype == torch.float16 and value.dtype != torch.float16:
+        limit = torch.finfo(torch.float16).max
+        value = value.clamp(-limit, limit)
+    stored.copy_(value)
 
 
 class MomentStorage(ABC):
@@ -74,6 +106,31 @@ class MomentStorage(ABC):
     @abstractmethod
     def numel(self, state: dict[str, Any]) -> int:
         """Elements in one moment (for checking a checkpoint against the parameter)."""
+
+    def expected_layouts(self, numel: int | None) -> frozenset[str]:
+        """Layouts (``FULL``/``QUANTIZED``) this storage keeps moments of ``numel`` values in
+        (``numel=None``: not known here, e.g. a sharded parameter's local size)."""
+        return frozenset({FULL})
+
+    def layout_problem(self, entry: Mapping[str, Any], numel: int | None) -> str | None:
+        """Why a checkpoint's state ``entry`` cannot hold this storage's moments of ``numel``
+        values, or ``None`` if it can.
+
+        Catches a state saved by an optimizer with another moment storage (an 8-bit state in
+        :class:`GaLoreAdamW`, a full-precision one in ``GaLoreAdamW8bit``), which would otherwise
+        load silently and fail later (``KeyError: 'exp_avg'``) or train on in the wrong form.
+        """
+        found = stored_layout(entry)
+        expected = self.expected_layouts(numel)
+        if found in expected:
+            return None
+        wanted = " or ".join(_LAYOUT_DESCRIPTIONS[layout] for layout in sorted(expected))
+        moment_keys = ", ".join(sorted(key for key in entry if key.startswith(keys.EXP_AVG)))
+        return (
+            f"holds {_LAYOUT_DESCRIPTIONS[found]} (state keys: {moment_keys or 'none'}); "
+            f"this optimizer ({type(self).__name__}) stores {wanted}"
+            + ("" if numel is None else f" for a moment of {numel} values")
+        )
 
     # Element ranges: a large moment is updated a chunk at a time, so the fp32 working copies
     # of 16-bit or quantized moments never hold more than one chunk (bitsandbytes' kernels
@@ -113,7 +170,7 @@ class FullPrecisionMoments(MomentStorage):
     def write(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         for key, value in ((keys.EXP_AVG, exp_avg), (keys.EXP_AVG_SQ, exp_avg_sq)):
             if state[key] is not value:
-                state[key].copy_(value)
+                _store_(state[key], value)
 
     def numel(self, state: dict[str, Any]) -> int:
         return state[keys.EXP_AVG].numel()
@@ -136,7 +193,7 @@ class FullPrecisionMoments(MomentStorage):
         for key, value in ((keys.EXP_AVG, exp_avg), (keys.EXP_AVG_SQ, exp_avg_sq)):
             stored = state[key].view(-1)[start:stop]
             if stored.data_ptr() != value.data_ptr() or stored.dtype != value.dtype:
-                stored.copy_(value)
+                _store_(stored, value)
 
 
 class Blockwise8bitMoments(MomentStorage):
@@ -170,6 +227,12 @@ class Blockwise8bitMoments(MomentStorage):
 
     def _quantized(self, state: dict[str, Any]) -> bool:
         return EXP_AVG_CODES in state
+
+    def expected_layouts(self, numel: int | None) -> frozenset[str]:
+        """Quantized from ``min_numel`` values on, full precision below (see ``init``)."""
+        if numel is None:
+            return frozenset({FULL, QUANTIZED})
+        return frozenset({FULL if numel < self.min_numel else QUANTIZED})
 
     def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
         numel = math.prod(shape)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lowrank_optim import state_keys as keys
 from lowrank_optim.basis_storage import basis_fixed_dtype_keys, read_basis
@@ -64,8 +65,23 @@ from lowrank_optim.stability import (
 
 __all__ = ["GaLoreAdamW"]
 
-#: Group keys that fix the shapes of the state; a checkpoint must agree on them.
-_STRUCTURAL_KEYS = ("rank", "proj_type")
+#: Group keys that fix the shapes (or the stored form) of the state; a checkpoint must agree.
+_STRUCTURAL_KEYS = ("rank", "proj_type", "proj_bits")
+
+
+def _real_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real ``(..., 2)`` pairs (a view); a real tensor as it is.
+
+    ``torch.optim.AdamW`` steps a complex parameter as ``view_as_real``: Adam on the real and
+    imaginary parts as independent real coordinates. Squaring a complex gradient instead
+    (``g * g``, not ``|g|^2``) would mix the parts and move the wrong one.
+    """
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _widened(bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """16-bit bases as fp32 copies (the working precision of a 16-bit parameter's projection)."""
+    return {key: _as_fp32(basis) for key, basis in bases.items()}
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -143,6 +159,42 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid stability: {stability!r}; expected a StabilityConfig")
         super().add_param_group(group)
         self._validate_group(self.param_groups[-1])
+        self._check_group_params(self.param_groups[-1])
+
+    def _check_group_params(self, group: dict[str, Any]) -> None:
+        """Refuse complex projected parameters; warn once per layer about a clipped rank.
+
+        GaLore's bases are real singular vectors of a real gradient: a complex matrix would need
+        a complex SVD and conjugate projections, so it is refused here rather than stepped
+        wrongly (complex parameters outside projected groups get AdamW on their real view, as
+        in ``torch.optim.AdamW``). A rank above ``min(m, n)`` is clipped to it, which leaves
+        low-rank moments the size of a full side of the matrix plus an ``m x m`` (or ``n x n``)
+        basis: at least as much state as AdamW's.
+        """
+        if group.get("rank") is None:
+            return
+        rank = group["rank"]
+        for index, param in enumerate(group["params"]):
+            if param.dim() != 2:
+                continue
+            name = self.param_name(group, index)
+            if param.is_complex():
+                raise ValueError(
+                    f"Invalid parameter {name}: complex dtype {param.dtype} in a projected group "
+                    f"(rank={rank}); GaLore projection supports real parameters only. Put it in "
+                    "a group without `rank` (stepped as AdamW on its real view, as "
+                    "torch.optim.AdamW does) or train its real and imaginary parts as real tensors"
+                )
+            size = min(param.shape)
+            if rank > size:
+                warnings.warn(
+                    f"rank={rank} exceeds the size of {name} (shape {tuple(param.shape)}); it is "
+                    f"clipped to {size}, so its optimizer state is at least as large as AdamW's "
+                    "(moments of a full side plus the basis). Lower the rank or leave this "
+                    "parameter unprojected",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -153,6 +205,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         StabilityConfig.from_group(group)
         if group.get("rank") is not None:
             ProjectionConfig.from_group(group)
+
+    @staticmethod
+    def _validate_step_hyperparameters(groups: Sequence[dict[str, Any]]) -> None:
+        """Re-check lr, betas, eps and weight decay before a step updates anything.
+
+        A scheduler or user code may have set a tensor, a string or NaN since construction, and
+        ``float(group["lr"])`` would silently accept a string or a 1-element tensor.
+        """
+        for group in groups:
+            validate_adam_hyperparameters(
+                group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -179,8 +243,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            with_grad = [i for i, param in enumerate(group["params"]) if param.grad is not None]
+        work = [
+            (group, [i for i, param in enumerate(group["params"]) if param.grad is not None])
+            for group in self.param_groups
+        ]
+        self._validate_step_hyperparameters(self.param_groups)
+        self._raise_before_update([(group, indices, {}) for group, indices in work])
+        for group, with_grad in work:
             self._step_group(group, with_grad, {})
         return loss
 
@@ -206,6 +275,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     "step needs the full gradient (it is not projected, refreshes its basis, "
                     "records captured energy or has no basis yet)"
                 )
+        self._validate_step_hyperparameters([group])
+        self._raise_before_update([(group, indices, low_rank_grads or {})])
         self._step_group(group, indices, low_rank_grads or {})
 
     def next_step_bases(
@@ -254,18 +325,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state = self.state[param]
             if not state:
                 state[keys.STEP] = 0
-                self.moment_storage.init(state, tuple(param.shape), param)
-        grads = [param.grad for _, param in items]
-        items = self._drop_non_finite(group, items, grads)
+                real = _real_view(param)  # complex: moments of the real view, as torch's AdamW
+                self.moment_storage.init(state, tuple(real.shape), real)
+        if group["on_bad_gradient"] != "raise":  # raise: checked before any update (step())
+            items = self._drop_non_finite(group, items, [param.grad for _, param in items])
         if not items:
             return
         params = [param for _, param in items]
-        grads = [param.grad for param in params]
-        fused = self._fused_state(params, params, grads)
+        reals = [_real_view(param) for param in params]
+        grads = [_real_view(param.grad) for param in params]
+        fused = self._fused_state(params, reals, grads)
         if fused is not None:
             beta1, beta2 = group["betas"]
             fused_adamw_(
-                params,
+                reals,
                 grads,
                 *fused,
                 self._advance_steps(params),
@@ -293,10 +366,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         lr = float(group["lr"])
         decay = 1.0 - lr * group["weight_decay"]
         (step_size,) = adam_step_sizes(lr, [step], beta1)
-        contiguous = param.is_contiguous()
-        flat_param = param.view(-1) if contiguous else param.reshape(-1)
-        flat_grad = param.grad.reshape(-1)
-        for start, stop in self.moment_storage.ranges(state, param.numel(), WORKING_CHUNK):
+        target = _real_view(param)
+        contiguous = target.is_contiguous()
+        flat_param = target.view(-1) if contiguous else target.reshape(-1)
+        flat_grad = _real_view(param.grad).reshape(-1)
+        for start, stop in self.moment_storage.ranges(state, target.numel(), WORKING_CHUNK):
             exp_avg, exp_avg_sq = self.moment_storage.read_range(state, start, stop)
             grad = _as_fp32(flat_grad[start:stop])
             update_moments_([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
@@ -307,7 +381,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 piece.mul_(decay)
             piece.add_((exp_avg / denominator).to(piece.dtype), alpha=-step_size)
         if not contiguous:
-            param.copy_(flat_param.view_as(param))
+            target.copy_(flat_param.view_as(target))
 
     def _projected_step(
         self,
@@ -325,7 +399,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             name = self.param_name(group, index)
             step = int(state[keys.STEP]) + 1
             if step >= state[keys.NEXT_REFRESH]:
-                if not self._grad_is_finite(group, param, name):
+                # raise mode: every gradient was checked before any update (step())
+                if group["on_bad_gradient"] != "raise" and not self._grad_is_finite(
+                    group, param, name
+                ):
                     continue
                 keys_used = basis_keys(group["proj_type"], param.shape)
                 rank = effective_rank(group["rank"], param.shape)
@@ -336,9 +413,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if not bases:
                 continue  # the first refresh failed and was skipped: nothing to project with
             bases_of[index] = bases
+            # Working precision fp32 for 16-bit parameters: P^T G of an fp16 gradient overflows
+            # (entries add up over a whole side), and the Adam math on fp16 low-rank buffers
+            # loses eps (1e-8 is 0 in fp16) and small second moments. The moments are still
+            # stored in the parameter's dtype; the update is applied in it.
             low = low_rank_grads.get(index)
             if low is None:
-                low = project(param.grad, bases)
+                low = project(_as_fp32(param.grad), _widened(bases))
+            low = _as_fp32(low)
             if step == state[keys.LAST_REFRESH] + 1:
                 record_captured_energy_(
                     state, StabilityConfig.from_group(group), captured_energy(low, param.grad)
@@ -381,7 +463,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return None
         exp_avgs = [state[keys.EXP_AVG] for state in states]
         exp_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]
-        if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params, strict=True)):
+        if any(m.dtype != u.dtype for m, u in zip(exp_avgs, updated, strict=True)):
             return None
         if not fused_kernel_applies(updated, grads, exp_avgs, exp_avg_sqs):
             return None
@@ -502,10 +584,53 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------- bad gradients
     def _grad_is_finite(self, group: dict[str, Any], param: torch.Tensor, name: str) -> bool:
-        if bool(torch.isfinite(param.grad).all()):
+        if self._finite_flags([param.grad])[0]:
             return True
         self._bad_gradient(group, [name])
         return False
+
+    @staticmethod
+    def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
+        """Whether each tensor is all finite: one fused kernel and a single host sync.
+
+        Uses the max-norm ``max |g|``: it is an element of ``g`` (never overflows, unlike the
+        2-norm of a finite fp16 gradient of 300s on 256 x 256, which is 76800 > 65504) and is
+        NaN or Inf exactly when some element is.
+        """
+        if not grads:
+            return []
+        norms = torch._foreach_norm(grads, math.inf)
+        device = norms[0].device
+        stacked = torch.stack([norm.to(device=device, dtype=torch.float32) for norm in norms])
+        return torch.isfinite(stacked).tolist()
+
+    def _raise_before_update(
+        self, work: Sequence[tuple[dict[str, Any], Sequence[int], Mapping[int, torch.Tensor]]]
+    ) -> None:
+        """In ``raise`` mode, check every gradient of the step before anything is updated.
+
+        :class:`NonFiniteGradientError` promises that no update was applied, so the check cannot
+        be group by group (the groups, and the dense half of a group, stepped before the bad
+        parameter would already have moved) nor follow a basis refresh. ``work`` holds
+        ``(group, indices, low_rank_grads)``; a given low-rank gradient is checked in place of
+        ``.grad``. FSDP2 ``DTensor`` gradients are checked across ranks by
+        :mod:`lowrank_optim.distributed.fsdp` instead.
+        """
+        where, grads = [], []
+        for group, indices, low_rank_grads in work:
+            if group["on_bad_gradient"] != "raise":
+                continue
+            for index in indices:
+                grad = low_rank_grads.get(index, group["params"][index].grad)
+                if grad is None or grad.is_sparse or isinstance(grad, DTensor):
+                    continue
+                where.append((group, index))
+                grads.append(grad)
+        flags = self._finite_flags(grads)
+        if all(flags):
+            return
+        bad = [self.param_name(g, i) for (g, i), ok in zip(where, flags, strict=True) if not ok]
+        self._bad_gradient(where[flags.index(False)][0], bad)
 
     def _drop_non_finite(
         self,
@@ -515,13 +640,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     ) -> list[tuple[int, torch.Tensor]]:
         """Items whose gradient is finite; raises or warns about the others.
 
-        One fused norm over the list and a single host sync: a NaN or Inf anywhere in a tensor
-        makes its norm non-finite.
+        One fused max-norm over the list and a single host sync (see :meth:`_finite_flags`).
         """
         if not items:
             return items
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        finite = torch.isfinite(norms).tolist()
+        finite = self._finite_flags(grads)
         if all(finite):
             return items
         bad = [
@@ -589,12 +712,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     )
             if len(saved["params"]) != len(group["params"]):
                 continue  # torch's own check reports this with its usual message
-            for saved_id, param in zip(saved["params"], group["params"], strict=True):
+            for index, (saved_id, param) in enumerate(
+                zip(saved["params"], group["params"], strict=True)
+            ):
                 entry = saved_state.get(saved_id)
-                if entry is None or not self.is_projected(group, param):
+                if entry is None:
                     continue
-                rank = effective_rank(group["rank"], param.shape)
-                expected = low_rank_shape(group["proj_type"], param.shape, rank)
+                projected = self.is_projected(group, param)
+                if projected:
+                    rank = effective_rank(group["rank"], param.shape)
+                    expected = low_rank_shape(group["proj_type"], param.shape, rank)
+                    numel: int | None = math.prod(expected)
+                else:
+                    numel = _real_view(param).numel()
+                # A sharded parameter's moments follow its local rows: size unknown here.
+                problem = self.moment_storage.layout_problem(
+                    entry, None if isinstance(param, DTensor) else numel
+                )
+                if problem is not None:
+                    raise CheckpointMismatchError(
+                        f"Checkpoint state of {self.param_name(group, index)} (param group "
+                        f"{group_index}) {problem}. It was saved by an optimizer with another "
+                        "moment storage (GaLoreAdamW keeps full-precision moments, "
+                        "GaLoreAdamW8bit and QGaLoreAdamW quantized ones); load it into the "
+                        "class (and moment_bits) that saved it"
+                    )
+                if not projected:
+                    continue
                 found = self.moment_storage.numel(entry)
                 if found != math.prod(expected):
                     raise CheckpointMismatchError(

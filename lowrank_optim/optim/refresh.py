@@ -116,12 +116,25 @@ def read_previous_bases(
 def refresh_failed_(
     state: dict[str, Any], group: dict[str, Any], error: SubspaceRefreshError, step: int
 ) -> bool:
-    """Raise ``error``, or (``on_bad_gradient="skip"``) keep the basis and retry next step."""
+    """Raise ``error``, or (``on_bad_gradient="skip"``) keep the basis and retry next step.
+
+    ``step`` is the step number this call would take. With a previous basis the parameter still
+    steps (in the old subspace), its count reaches ``step`` and the refresh is due again at
+    ``step + 1``. Without one (the first refresh failed) nothing can be projected, so the step is
+    not taken and the count stays at ``step - 1``: the retry must be due at ``step`` itself, or
+    the next call (again numbered ``step``) would find it not due, never refresh and never train.
+    """
     if group["on_bad_gradient"] == "raise":
         raise error
-    warnings.warn(f"{error}; keeping the previous basis and retrying next step", stacklevel=5)
+    has_basis = state[keys.LAST_REFRESH] > 0
+    outcome = (
+        "keeping the previous basis"
+        if has_basis
+        else "the parameter has no basis yet and is not updated this step"
+    )
+    warnings.warn(f"{error}; {outcome}; retrying next step", stacklevel=5)
     state[keys.REFRESHES_FAILED] += 1
-    state[keys.NEXT_REFRESH] = step + 1
+    state[keys.NEXT_REFRESH] = step + 1 if has_basis else step
     return False
 
 
