@@ -83,3 +83,68 @@ def test_bench_quality_redraws_recorded_runs(tmp_path: Path):
     assert set(result["suite_methods"]) >= CORE_SUITE_METHODS
     assert all(row["ok"] and math.isfinite(row["final_eval_loss"]) for row in result["methods"])
     assert "| torch AdamW |" in markdown
+
+
+def _digests(paths: list[Path]) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in paths if path.is_file()}
+
+
+def test_bench_memory_quick_writes_to_a_temporary_folder(capsys: pytest.CaptureFixture[str]):
+    """--quick without --out never touches the committed results; a peer that is not
+    installed is one "not run" line saying how to install it, with no numbers and no traceback."""
+    import importlib.util
+
+    memory_files = [RESULTS / f"memory.{suffix}" for suffix in ("json", "md", "png")]
+    committed = [RESULTS.parent / "RESULTS.md", *memory_files]
+    before = _digests(committed)
+    assert main(["bench", "memory", "--quick"]) == 0
+    captured = capsys.readouterr()
+    assert _digests(committed) == before
+    assert "Traceback" not in captured.err
+    folder = Path(captured.out.strip().splitlines()[-1].rsplit(" to ", 1)[1])
+    assert folder.resolve() != RESULTS.resolve() and folder.is_dir()
+    result, markdown = _outputs(folder, "memory", "memory.png")
+    rows = result["configs"]["tiny"]["methods"]
+    for method, package in (("galore_torch", "galore-torch"), ("apollo", "apollo-torch")):
+        row = next(r for r in rows.values() if r["method"] == method)
+        if importlib.util.find_spec(package.replace("-", "_")) is not None:
+            continue  # installed: it runs like any other row
+        reason = f"{package} is not installed (pip install {package})"
+        assert row == {"method": method, "not_run": reason}
+        assert f"not run: {reason}" in markdown
+        assert captured.out.count(reason) >= 1 and "Traceback" not in captured.out
+
+
+def test_bench_memory_plot_keeps_labels_and_legend_clear(monkeypatch: pytest.MonkeyPatch):
+    """Long method labels stay inside the figure and the legend overlaps no panel."""
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(RESULTS.parent))
+    import memory
+
+    recorded = json.loads((RESULTS / "memory.json").read_text())["configs"]
+    results = {name: recorded[name] for name in list(recorded)[:1]}  # one panel, as --quick
+    figures: list[Any] = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: None)
+    memory.plot(results, Path("unused.png"))
+    (figure,) = figures
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    box = figure.bbox
+    for axis in figure.axes:
+        for label in axis.get_yticklabels():
+            extent = label.get_window_extent(renderer)
+            assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1, label.get_text()
+    (legend,) = figure.legends
+    legend_box = legend.get_window_extent(renderer)
+    assert legend_box.y0 >= box.y0 - 1
+    for axis in figure.axes:
+        assert not legend_box.overlaps(axis.get_tightbbox(renderer))
+    close(figure)
