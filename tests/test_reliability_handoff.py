@@ -327,3 +327,8 @@ def test_quantized_linear_is_refused_with_a_reason() -> None:
     assert len(messages) == 2  # one per quantized layer, naming it
     assert "model.layers.0.mlp.up_proj (QuantizedLinear)" in messages[0]
     assert "INT8" in messages[0]
+    # the reason given holds: WeLoreAdamW (a GaLoreAdamW) cannot step an INT8 weight at all
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="single memory location"):
+        optimizer.step()

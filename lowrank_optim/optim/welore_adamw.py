@@ -68,6 +68,13 @@ class WeLoreAdamW(GaLoreAdamW):
         model: the model the parameters belong to; needed by :meth:`maybe_handoff` (unless
             passed there) and to resume a checkpoint taken after hand-offs.
 
+    What is handed off: the projected weights of ``nn.Linear`` layers and of transformers'
+    ``Conv1D`` layers (GPT-2; weight stored ``in x out``, so its moments are transposed on the
+    way to the factors). Never handed off, each with one warning naming the layer: a frozen
+    weight (``requires_grad=False``; see :meth:`_unfrozen`), a weight held by two modules (tied
+    weights or a shared module: refused before anything changes, so the tie is kept), an INT8
+    ``QuantizedLinear`` and any other module type.
+
     For every projected param group the constructor appends one (initially empty) plain-AdamW
     group that will hold that group's factors, with the same hyper-parameters, so that learning
     rate schedulers created afterwards drive the factors too.
@@ -203,7 +210,7 @@ class WeLoreAdamW(GaLoreAdamW):
     def _warn_once(self, layer: str, why: str, message: str) -> None:
         if (layer, why) not in self._warned:
             self._warned.add((layer, why))
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)  # the caller of maybe_handoff / __init__
 
     def _warn_refusals(self, refusals: list[Refusal]) -> None:
         """One warning per projected weight that can never be handed off (see find_candidates)."""
