@@ -1,0 +1,234 @@
+"""Tables and plots of the hand-off study (benchmarks/handoff_study.py), from its cache alone.
+
+* ``handoff_study.md`` / ``.json``: the headline table (mean +- std over seeds), every target,
+  training cost, and the per-layer test of the seed paper's claim;
+* ``handoff_pareto.png``: final eval loss against the share of projected-matrix parameters
+  removed, one line per method, error bars over seeds;
+* ``handoff_layers.png``: per layer, when its gradient subspace became stable and its final
+  overlap (dense GaLore run), against its WeLore rank reduction and reconstruction error.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import markdown_table, write_json
+
+__all__ = ["layer_claim", "report", "spearman"]
+
+LABELS = {
+    "dense": "GaLoreAdamW, dense",
+    "welore": "WeLoreAdamW (stability-driven)",
+    "oneshot": "one-shot (all at the window's start)",
+    "cuttlefish": "Cuttlefish (stable-rank switch)",
+    "posthoc": "post-hoc WeLore, no fine-tune",
+    "posthoc+ft": "post-hoc WeLore + LRC fine-tune",
+    "scratch": "factorized from scratch (AdamW, best lr)",
+}
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    if len(xs) < 3 or statistics.pstdev(rx) == 0 or statistics.pstdev(ry) == 0:
+        return float("nan")
+    return statistics.correlation(rx, ry)
+
+
+def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
+    """Per projected layer of the dense run: stability (when, final overlap) and WeLore's verdict.
+
+    The rank reduction is WeLore's at the headline target on the final dense weights (one global
+    threshold over the min/max-normalized spectra); the error is the relative Frobenius error of
+    the rank-k truncation, ``sqrt(sum_{i>k} s_i^2 / sum_i s_i^2)``.
+    """
+    from handoff_study import Job, _folder
+
+    from lowrank_optim.checkpoint import load_checkpoint
+    from lowrank_optim.factorize import normalized_spectrum, solve_threshold
+
+    folder = _folder(study, Job("dense", 0.0, seed))
+    weights = load_checkpoint(folder / "checkpoint.pt")["model"]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    last: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.get("kind") == "subspace":
+            last[record["name"]] = record
+    spectra = {
+        name: torch.linalg.svdvals(weights[name].float()) for name in last if name in weights
+    }
+    threshold = solve_threshold(spectra, study.headline)
+    rows = []
+    for name, values in spectra.items():
+        kept = max(int((normalized_spectrum(values) >= threshold).sum()), 1)
+        energy = values.square()
+        rows.append(
+            {
+                "layer": name.removesuffix(".weight"),
+                "module_type": last[name]["module_type"],
+                "stable_since": last[name]["stable_since"],
+                "final_overlap": last[name]["last_overlap"],
+                "rank_reduction": 1.0 - kept / values.numel(),
+                "relative_error": float((energy[kept:].sum() / energy.sum()).sqrt()),
+            }
+        )
+    return rows
+
+
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    axis.axhspan(
+        dense["eval_loss"] - dense["eval_loss_std"],
+        dense["eval_loss"] + dense["eval_loss_std"],
+        color="grey",
+        alpha=0.2,
+    )
+    axis.axhline(dense["eval_loss"], color="grey", label=LABELS["dense"])
+    for method in LABELS:
+        if method == "dense":
+            continue
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["removed"])
+        if not points:
+            continue
+        axis.errorbar(
+            [100 * p["removed"] for p in points],
+            [p["eval_loss"] for p in points],
+            xerr=[100 * p["removed_std"] for p in points],
+            yerr=[p["eval_loss_std"] for p in points],
+            marker="o",
+            capsize=3,
+            label=LABELS[method],
+        )
+    axis.set_xlabel("projected-matrix parameters removed (%)")
+    axis.set_ylabel("final eval loss")
+    axis.set_title("Hand-off study: eval loss vs parameters removed (mean ± std over seeds)")
+    axis.legend(fontsize=8, loc="upper left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _layers_plot(layers: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, key, label in (
+        (axes[0], "stable_since", "step at which the subspace became stable"),
+        (axes[1], "final_overlap", "final subspace overlap"),
+    ):
+        xs = [r[key] if r[key] is not None and r[key] >= 0 else float("nan") for r in layers]
+        points = axis.scatter(
+            xs,
+            [r["rank_reduction"] for r in layers],
+            c=[r["relative_error"] for r in layers],
+            cmap="viridis",
+        )
+        for r, x in zip(layers, xs, strict=True):
+            axis.annotate(r["module_type"], (x, r["rank_reduction"]), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel("WeLore rank reduction at the headline target")
+        axis.grid(alpha=0.3)
+    figure.colorbar(points, ax=axes, label="relative reconstruction error")
+    figure.suptitle("Per layer (dense GaLore run): subspace stability vs WeLore's verdict")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
+    """Write the markdown table, the JSON and both plots into ``folder``; returns the table."""
+    from handoff_study import Job, _done
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = collected["rows"]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is None:
+        raise RuntimeError("the dense runs have not finished: nothing to compare against")
+    headline = [r for r in rows if r["target"] == study.headline or r["method"] == "dense"]
+    table = [
+        [
+            LABELS[r["method"]],
+            r["seeds"],
+            _fmt(100 * r["removed"], 100 * r["removed_std"], 1),
+            _fmt(r["eval_loss"], r["eval_loss_std"]),
+            f"{100 * (r['eval_loss'] / dense['eval_loss'] - 1):+.2f}%",
+            f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-",
+        ]
+        for r in headline
+    ]
+    sweep = [
+        [LABELS[r["method"]], f"{r['target']:g}", r["seeds"], f"{100 * r['removed']:.1f}",
+         _fmt(r["eval_loss"], r["eval_loss_std"])]
+        for r in rows
+        if r["method"] != "dense"
+    ]
+    layers = [row for seed in study.seeds for row in layer_claim(study, seed)
+              if _done(study, Job("dense", 0.0, seed)) is not None]
+    stable = [r for r in layers if r["stable_since"] is not None and r["stable_since"] >= 0]
+    correlations = {
+        "stable_since_vs_rank_reduction": spearman(
+            [r["stable_since"] for r in stable], [r["rank_reduction"] for r in stable]
+        ),
+        "final_overlap_vs_rank_reduction": spearman(
+            [r["final_overlap"] for r in layers], [r["rank_reduction"] for r in layers]
+        ),
+        "final_overlap_vs_relative_error": spearman(
+            [r["final_overlap"] for r in layers], [r["relative_error"] for r in layers]
+        ),
+    }
+    _pareto(rows, dense, folder / "handoff_pareto.png")
+    _layers_plot(layers, folder / "handoff_layers.png")
+    text = "\n\n".join(
+        [
+            f"# Hand-off study (headline target {study.headline:g} of the rank)",
+            markdown_table(
+                ["method", "seeds", "projected params removed (%)", "final eval loss",
+                 "vs dense", "wall (s)"],
+                table,
+            ),
+            "## Every target",
+            markdown_table(["method", "target", "seeds", "removed (%)", "final eval loss"], sweep),
+            "## The seed paper's claim, per layer (dense runs, all seeds)",
+            "Spearman rank correlations: "
+            + ", ".join(f"{k} {v:+.2f}" for k, v in correlations.items()),
+        ]
+    )
+    path = folder / "handoff_study.md"
+    path.write_text(text + "\n")
+    write_json(
+        "handoff_study",
+        {"study": study.__dict__, **collected, "layers": layers, "correlations": correlations},
+        folder,
+    )
+    print(text)
+    return path

@@ -1,0 +1,462 @@
+"""The hand-off study (issue #14): WeLoreAdamW against every alternative, over seeds and targets.
+
+Model: LLaMA "20m" (hidden 256, intermediate 688, 4 layers, 4 heads) with the corpus' 4096-token
+BPE, 5.26M parameters of which the 28 projected attention and MLP matrices hold 3.15M (60%): the
+smallest shipped LLaMA in which the hand-off acts on most of the model, and one that trains in
+about 4 minutes per run on one CPU thread. GaLore's recipe: lr 1e-2, scale 0.25, rank 64, gap
+50, 10% warm-up, cosine decay to 10%; batch 8 x 128 tokens, 500 steps (512K tokens); the
+hand-off window opens at 40% of the steps. Every method sees the same data order per seed.
+
+Methods (all at equal training tokens):
+
+1. ``dense``: GaLoreAdamW to the end (the quality ceiling);
+2. ``welore``: WeLoreAdamW, a layer goes once its own subspace is stable;
+3. ``oneshot``: the same machinery, every qualifying layer at the window's first check step;
+4. ``cuttlefish``: Cuttlefish's stable-rank switch and ranks (benchmarks/handoff_methods.py);
+5. ``posthoc``: method 1's final model compressed by WeLore to method 2's parameter count,
+   evaluated as is (``posthoc``) and after fine-tuning only the factors on 10% of the training
+   tokens (``posthoc+ft``);
+6. ``scratch``: factorized from step 0 at method 2's final ranks, AdamW, best of three lrs.
+
+Every run's summary is cached under ``--out``; an interrupted study continues where it stopped.
+
+    python benchmarks/handoff_study.py             # the study, 2 runs at a time (1 thread each)
+    python benchmarks/handoff_study.py --quick     # smoke run: tiny model, a few steps
+    python benchmarks/handoff_study.py --report    # tables and plots from the cache only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS
+
+from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+
+__all__ = ["Job", "Study", "jobs_of", "main", "run_job"]
+
+METHODS = ("dense", "welore", "oneshot", "cuttlefish", "posthoc", "posthoc+ft", "scratch")
+
+
+@dataclass(frozen=True)
+class Study:
+    """The study's settings (``--quick`` shrinks them to a smoke run)."""
+
+    model: str = "20m"
+    steps: int = 500
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-2
+    scale: float = 0.25
+    rank: int = 64
+    gap: int = 50
+    handoff_start: float = 0.4
+    threshold: float = 0.5
+    patience: int = 2
+    min_ratio: float = 0.5
+    rewarmup: int = 0
+    targets: tuple[float, ...] = (0.6, 0.8, 0.9)
+    headline: float = 0.8
+    seeds: tuple[int, ...] = (0, 1, 2)
+    scratch_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    finetune_fraction: float = 0.1
+    eval_batches: int = 16
+    corpus_bytes: int = 6_000_000
+    out: str = "benchmarks/results/runs/handoff_study"
+
+    def base(self, seed: int, folder: Path) -> PretrainConfig:
+        return PretrainConfig(
+            model=self.model,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            scale=self.scale,
+            rank=self.rank,
+            update_proj_gap=self.gap,
+            stability_threshold=self.threshold,
+            stability_patience=self.patience,
+            handoff_start=self.handoff_start,
+            min_ratio=self.min_ratio,
+            handoff_rewarmup=self.rewarmup,
+            eval_every=max(self.steps // 10, 1),
+            eval_batches=self.eval_batches,
+            checkpoint_every=max(self.steps // 5, 1),
+            corpus_bytes=self.corpus_bytes,
+            seed=seed,
+            progress=False,
+            out_dir=str(folder),
+        )
+
+
+QUICK = Study(
+    model="9m",
+    steps=40,
+    batch_size=2,
+    seq_len=32,
+    rank=8,
+    gap=10,
+    patience=1,
+    targets=(0.8,),
+    headline=0.8,
+    seeds=(0,),
+    scratch_lrs=(3e-3,),
+    eval_batches=2,
+    corpus_bytes=1_500_000,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One cached run: ``method`` at ``target`` (rank share removed) and ``seed``."""
+
+    method: str
+    target: float
+    seed: int
+    lr: float | None = None  # scratch only
+
+    @property
+    def name(self) -> str:
+        lr = f"-lr{self.lr:g}" if self.lr is not None else ""
+        target = "" if self.method == "dense" else f"-t{self.target:g}"
+        return f"{self.method}{target}{lr}-s{self.seed}"
+
+
+def _folder(study: Study, job: Job) -> Path:
+    return Path(study.out) / job.name
+
+
+def _settings(study: Study) -> dict[str, Any]:
+    """What a cached result depends on (everything but where it is kept)."""
+    values = asdict(study)
+    del values["out"]
+    return json.loads(json.dumps(values))  # tuples as lists, as read back from JSON
+
+
+def _done(study: Study, job: Job) -> dict[str, Any] | None:
+    """The cached result of ``job``, if one was made with these settings."""
+    path = _folder(study, job) / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("settings") == _settings(study) else None
+
+
+def _read(path: Path, kind: str) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("kind") == kind]
+
+
+# ----------------------------------------------------------------------------------- runs
+def _train(study: Study, job: Job, config: PretrainConfig, factory: Any = None) -> dict:
+    folder = Path(config.out_dir)
+    resume = (folder / "checkpoint.pt").exists() and job.method != "cuttlefish"
+    summary = run_pretraining(replace(config, resume=resume), factory)
+    metrics = folder / "metrics.jsonl"
+    handoffs = _read(metrics, "handoff")
+    evals = _read(metrics, "eval")
+    return {
+        "final_eval_loss": summary["final_eval_loss"],
+        "wall_seconds": summary["wall_seconds"],
+        "parameters_start": summary["parameters_start"],
+        "parameters_end": summary["parameters_end"],
+        "handoffs": handoffs,
+        "eval_curve": [[r["step"], r["loss"]] for r in evals],
+        "training_bytes": [[r["step"], r.get("training_bytes")] for r in evals],
+        "step_seconds": summary["step_seconds"],
+    }
+
+
+def _projected_total(study: Study) -> tuple[int, dict[str, tuple[int, int]]]:
+    from lowrank_optim.data import build_corpus
+    from lowrank_optim.models import build_llama_on_meta, load_llama_config
+
+    vocab = build_corpus(max_bytes=study.corpus_bytes).tokenizer.vocab_size
+    model = build_llama_on_meta(load_llama_config(study.model, vocab_size=vocab))
+    shapes = {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ("attn" in name or "mlp" in name)
+    }
+    return sum(m * n for m, n in shapes.values()), shapes
+
+
+def _welore_ranks(study: Study, target: float, seed: int) -> dict[str, int]:
+    record = _done(study, Job("welore", target, seed))
+    if record is None:
+        raise RuntimeError(f"welore at target {target}, seed {seed} has not run yet")
+    return {h["layer"]: int(h["rank"]) for h in record["handoffs"]}
+
+
+def run_job(study: Study, job: Job) -> dict[str, Any]:
+    """Run ``job`` (or its cached result) and cache its result."""
+    if (cached := _done(study, job)) is not None:
+        return cached
+    torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
+    folder = _folder(study, job)
+    if (folder / "result.json").exists():  # made with other settings: start over
+        import shutil
+
+        shutil.rmtree(folder)
+    config = study.base(job.seed, folder)
+    if job.method == "dense":
+        result = _train(study, job, replace(config, optimizer="galore_adamw"))
+    elif job.method in ("welore", "oneshot"):
+        trigger = "stable" if job.method == "welore" else "step"
+        config = replace(
+            config, optimizer="welore_adamw", target_reduction=job.target, handoff_trigger=trigger
+        )
+        result = _train(study, job, config)
+    elif job.method == "cuttlefish":
+        result = _train(study, job, config, _cuttlefish_factory(study, job, config))
+    elif job.method == "scratch":
+        ranks = _welore_ranks(study, job.target, job.seed)
+        result = _train(study, job, replace(config, lr=job.lr), _scratch_factory(ranks, job.lr))
+    elif job.method == "posthoc":
+        result = _post_hoc(study, job, config)
+    else:
+        raise ValueError(f"Invalid method: {job.method!r}; allowed: {', '.join(METHODS)}")
+    result.update(asdict(job), settings=_settings(study))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
+    from handoff_methods import CuttlefishAdamW
+
+    from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+    from lowrank_optim.factory import lowrank_param_groups
+
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        projection = ProjectionConfig(rank=study.rank, update_proj_gap=study.gap, scale=study.scale)
+        return CuttlefishAdamW(
+            lowrank_param_groups(model, "attn-mlp", projection),
+            earliest=int(study.handoff_start * study.steps),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            stability=StabilityConfig(threshold=study.threshold, patience=study.patience),
+            handoff=HandoffConfig(
+                start_step=1,
+                check_every=study.gap,
+                target_reduction=job.target,
+                min_ratio=study.min_ratio,
+                rewarmup_steps=study.rewarmup,
+            ),
+            model=model,
+        )
+
+    return build
+
+
+def _scratch_factory(ranks: dict[str, int], lr: float) -> Any:
+    from handoff_methods import factorized_from_scratch
+
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        factorized_from_scratch(model, ranks)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    return build
+
+
+def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
+    """Method 1's final model compressed to method 2's size; evaluated, then LRC fine-tuned."""
+    from handoff_methods import post_hoc
+
+    from lowrank_optim.checkpoint import load_checkpoint
+    from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
+    from lowrank_optim.models import build_llama, count_parameters, load_llama_config
+    from lowrank_optim.pretrain import cosine_with_warmup, evaluate
+    from lowrank_optim.welore import trainable_lrc
+
+    dense = _folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
+    welore = _done(study, Job("welore", job.target, job.seed))
+    if welore is None or not dense.exists():
+        raise RuntimeError(f"posthoc {job.name} needs the dense and welore runs first")
+    corpus = build_corpus(max_bytes=study.corpus_bytes)
+    model = build_llama(
+        load_llama_config(study.model, vocab_size=corpus.tokenizer.vocab_size), seed=job.seed
+    )
+    model.load_state_dict(load_checkpoint(dense)["model"])
+    _, shapes = _projected_total(study)
+    model, report, plan = post_hoc(
+        model, list(shapes), welore["parameters_end"] - (count_parameters(model) - sum(
+            m * n for m, n in shapes.values())), study.min_ratio
+    )
+    val = validation_batches(corpus.val_tokens, study.batch_size, study.seq_len, study.eval_batches)
+    before = evaluate(model, val)
+    steps = max(int(study.finetune_fraction * study.steps), 1) if report else 0
+    if report:  # nothing to fine-tune when method 2 handed nothing off
+        trainable_lrc(model, verbose=False)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=study.lr * study.scale
+    )
+    warmup = max(steps // 10, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, steps, warmup, 0.1)
+    )
+    # A data order of its own: the fine-tune sees tokens the dense run saw, reshuffled.
+    batches = TokenBatches(
+        corpus.train_tokens, batch_size=study.batch_size, seq_len=study.seq_len, seed=job.seed + 1
+    )
+    tick = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        model(input_ids=batch, labels=batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = evaluate(model, val)
+    return {
+        "final_eval_loss": before,
+        "finetuned_eval_loss": after,
+        "finetune_tokens": steps * study.batch_size * study.seq_len,
+        "finetune_seconds": time.perf_counter() - tick,
+        "parameters_end": count_parameters(model),
+        "handoffs": [
+            {"layer": r["name"], "rank": r["rank"], "params_before": r["params_before"],
+             "params_after": r["params_after"], "relative_error": r["relative_error"]}
+            for r in report
+        ],
+        "threshold": plan.threshold,
+    }
+
+
+# ------------------------------------------------------------------------------ schedule
+def jobs_of(study: Study) -> list[list[Job]]:
+    """The runs in stages: a stage needs only the results of earlier stages."""
+    headline, others = study.headline, [t for t in study.targets if t != study.headline]
+    methods = ("welore", "oneshot", "cuttlefish")
+    first = []
+    for seed in study.seeds:  # the headline target first, a seed at a time
+        first += [Job("dense", 0.0, seed)] + [Job(m, headline, seed) for m in methods]
+    first += [Job(m, target, study.seeds[0]) for target in others for m in methods]
+    second = [Job("posthoc", headline, seed) for seed in study.seeds]
+    second += [Job("posthoc", target, study.seeds[0]) for target in others]
+    second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
+    return [first, second, []]  # the third stage (scratch at the best lr) is added later
+
+
+def best_scratch_lr(study: Study) -> float:
+    losses = {
+        lr: _done(study, Job("scratch", study.headline, study.seeds[0], lr))["final_eval_loss"]
+        for lr in study.scratch_lrs
+    }
+    return min(losses, key=lambda lr: losses[lr])
+
+
+def _run_stage(study: Study, jobs: list[Job], parallel: int, settings: str) -> None:
+    pending = [job for job in jobs if _done(study, job) is None]
+    running: list[tuple[Job, subprocess.Popen]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            log = Path(study.out) / f"{job.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, __file__, "--job", json.dumps(asdict(job)),
+                       "--settings", settings]
+            print(f"start {job.name}", flush=True)
+            running.append((job, subprocess.Popen(command, env=env, stdout=log.open("w"),
+                                                  stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for job, process in list(running):
+            if process.poll() is not None:
+                running.remove((job, process))
+                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
+                print(f"{status} {job.name}", flush=True)
+
+
+# -------------------------------------------------------------------------------- report
+def _removed_share(study: Study, result: dict[str, Any], projected: int) -> float:
+    removed = sum(h["params_before"] - h["params_after"] for h in result["handoffs"])
+    return removed / projected
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collect(study: Study) -> dict[str, Any]:
+    """Every cached result, grouped per (method, target), with means and stds over seeds."""
+    projected, _ = _projected_total(study)
+    rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for folder in sorted(Path(study.out).glob("*/result.json")):
+        result = json.loads(folder.read_text())
+        method, target = result["method"], result["target"]
+        if method == "scratch" and result["lr"] != best_scratch_lr(study):
+            continue
+        entries = [(method, result["final_eval_loss"])]
+        if method == "posthoc":
+            entries.append(("posthoc+ft", result["finetuned_eval_loss"]))
+        for name, loss in entries:
+            removed = 0.0 if method == "dense" else _removed_share(study, result, projected)
+            rows.setdefault((name, target), []).append(
+                {"seed": result["seed"], "loss": loss, "removed": removed, **{
+                    key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
+            )
+    summary = []
+    for (method, target), runs in sorted(rows.items()):
+        loss, loss_std = _stats([r["loss"] for r in runs])
+        removed, removed_std = _stats([r["removed"] for r in runs])
+        summary.append({
+            "method": method, "target": target, "seeds": len(runs), "eval_loss": loss,
+            "eval_loss_std": loss_std, "removed": removed, "removed_std": removed_std,
+            "parameters_end": statistics.fmean(r["parameters_end"] or 0 for r in runs),
+            "wall_seconds": statistics.fmean(r["wall_seconds"] or 0 for r in runs),
+        })
+    return {"projected_parameters": projected, "rows": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (tiny, a minute)")
+    parser.add_argument("--out", default=None, help="cache and results folder")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--report", action="store_true", help="only report from the cache")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.settings:
+        values = json.loads(args.settings)
+        study = Study(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    else:
+        study = QUICK if args.quick else Study()
+        if args.quick and args.out is None:
+            import tempfile
+
+            args.out = tempfile.mkdtemp(prefix="handoff_study_")
+        if args.out:
+            study = replace(study, out=args.out)
+    if args.job:
+        run_job(study, Job(**json.loads(args.job)))
+        return 0
+    settings = json.dumps(asdict(study))
+    if not args.report:
+        first, second, _ = jobs_of(study)
+        _run_stage(study, first, args.parallel, settings)
+        _run_stage(study, second, args.parallel, settings)
+        best = best_scratch_lr(study)
+        third = [Job("scratch", study.headline, seed, best) for seed in study.seeds[1:]]
+        third += [Job("scratch", t, study.seeds[0], best) for t in study.targets
+                  if t != study.headline]
+        _run_stage(study, third, args.parallel, settings)
+    from handoff_report import report
+
+    report(study, collect(study), folder=Path(args.out) if args.quick else RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
