@@ -390,13 +390,19 @@ def build_corpus(
         raise ValueError(f"Invalid tokenizer: {tokenizer!r}; allowed: bpe, byte")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"Invalid max_bytes: {max_bytes}; must be positive or None")
+    vocab_key = vocab_size if tokenizer == "bpe" else ByteTokenizer.vocab_size
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    shortcut = None
+    if dataset is None:
+        shortcut = _stat_shortcut(root, stdlib_corpus_files(max_bytes), tokenizer, vocab_key)
+        cached = _load_shortcut(shortcut, tokenizer)
+        if cached is not None:
+            return cached
     documents, description = _documents(dataset, max_bytes)
     training, validation = split_documents(documents)
-    vocab_key = vocab_size if tokenizer == "bpe" else ByteTokenizer.vocab_size
     identity = f"v{_CACHE_VERSION}:{_fingerprint(documents)}:{tokenizer}:{vocab_key}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = folder / f"{tokenizer}{vocab_key}-{key}"
+    folder = root / f"{tokenizer}{vocab_key}-{key}"
     if tokenizer == "byte":
         tok: Tokenizer = ByteTokenizer()
     else:
@@ -409,6 +415,44 @@ def build_corpus(
             "val": encode_documents(tok, validation),
         }
         atomic_save(tokens, tokens_path)
+    if shortcut is not None:
+        record = {"folder": folder.name, "description": description}
+        _atomic_write_text(shortcut, json.dumps(record))
+    return Corpus(tok, tokens["train"], tokens["val"], description)
+
+
+def _stat_shortcut(root: Path, files: Sequence[Path], tokenizer: str, vocab_key: int) -> Path:
+    """Where the built-in corpus's stat-keyed shortcut lives.
+
+    The content key needs every file read and hashed (about a second for 6 MB); the standard
+    library does not change under a given path, size and modification time, so those
+    (as ``make`` trusts them) key a small record naming the content-keyed cache folder.
+    """
+    digest = hashlib.sha256(f"v{_CACHE_VERSION}:{tokenizer}:{vocab_key}".encode())
+    for path in files:
+        info = path.stat()
+        digest.update(f"\0{path}\0{info.st_size}\0{info.st_mtime_ns}".encode())
+    return root / "stdlib-shortcuts" / f"{digest.hexdigest()[:24]}.json"
+
+
+def _load_shortcut(shortcut: Path, tokenizer: str) -> Corpus | None:
+    """The cached corpus the shortcut names, or None (absent or unreadable: rebuild)."""
+    try:
+        record = json.loads(shortcut.read_text(encoding="utf-8"))
+        folder = shortcut.parent.parent / str(record["folder"])
+        description = str(record["description"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tokens = _load_tokens(folder / "tokens.pt")
+    if tokens is None:
+        return None
+    if tokenizer == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        try:
+            tok = BPETokenizer.from_file(folder / "tokenizer.json")
+        except Exception:  # missing or unreadable (the Rust library raises plain Exception)
+            return None
     return Corpus(tok, tokens["train"], tokens["val"], description)
 
 

@@ -256,3 +256,28 @@ def test_torchao_import_noise_is_silenced_and_nothing_else():
     assert "torchao/_C" not in done.stderr, done.stderr
     assert "register_constant" not in done.stderr, done.stderr
     assert "another torchao warning" in done.stderr
+
+
+# --------------------------------------------------------------------------- start-up time
+
+
+def test_warm_built_in_corpus_reads_no_source_file(tmp_path: Path, monkeypatch):
+    """A second start with the same standard library loads the cache without reading and
+    hashing every source file (about a second of each start with the default corpus)."""
+    from lowrank_optim import data
+
+    first = data.build_corpus(vocab_size=300, max_bytes=300_000, cache_dir=tmp_path)
+
+    def no_reading(path: Path) -> str:
+        raise AssertionError(f"read {path} although the corpus is cached")
+
+    monkeypatch.setattr(data, "_read", no_reading)
+    second = data.build_corpus(vocab_size=300, max_bytes=300_000, cache_dir=tmp_path)
+    assert second.description == first.description
+    assert second.tokenizer.vocab_size == first.tokenizer.vocab_size
+    assert second.train_tokens.equal(first.train_tokens)
+    assert second.val_tokens.equal(first.val_tokens)
+    # Another vocabulary is another corpus: built, not served from the shortcut.
+    monkeypatch.undo()
+    other = data.build_corpus(vocab_size=320, max_bytes=300_000, cache_dir=tmp_path)
+    assert other.tokenizer.vocab_size == 320
