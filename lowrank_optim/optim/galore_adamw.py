@@ -193,7 +193,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     "(moments of a full side plus the basis). Lower the rank or leave this "
                     "parameter unprojected",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=5,  # the line that built the optimizer
                 )
 
     @staticmethod
