@@ -24,6 +24,7 @@ LABELS = {
     "dense": "GaLoreAdamW, dense",
     "welore": "WeLoreAdamW (stability-driven)",
     "oneshot": "one-shot (all at the window's start)",
+    "oneshot-late": "one-shot (all at the window's end)",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
     "posthoc+ft": "post-hoc WeLore + LRC fine-tune",

@@ -45,7 +45,12 @@ from lowrank_optim.pretrain import PretrainConfig, run_pretraining
 
 __all__ = ["Job", "Study", "jobs_of", "main", "run_job"]
 
-METHODS = ("dense", "welore", "oneshot", "cuttlefish", "posthoc", "posthoc+ft", "scratch")
+METHODS = (
+    "dense", "welore", "oneshot", "oneshot-late", "cuttlefish", "posthoc", "posthoc+ft", "scratch"
+)
+#: Settings only the stability-driven hand-off reads: the other methods' cached runs stay valid
+#: when they change (the dense runs' stability columns are recomputed from their overlaps).
+_STABILITY_ONLY = ("threshold", "patience", "handoff_end")
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class Study:
     rank: int = 64
     gap: int = 50
     handoff_start: float = 0.4
-    threshold: float = 0.5
+    handoff_end: float = 0.8
+    threshold: float = 0.7
     patience: int = 2
     min_ratio: float = 0.5
     rewarmup: int = 0
@@ -87,6 +93,7 @@ class Study:
             stability_threshold=self.threshold,
             stability_patience=self.patience,
             handoff_start=self.handoff_start,
+            handoff_end=self.handoff_end,
             min_ratio=self.min_ratio,
             handoff_rewarmup=self.rewarmup,
             eval_every=max(self.steps // 10, 1),
@@ -136,10 +143,15 @@ def _folder(study: Study, job: Job) -> Path:
     return Path(study.out) / job.name
 
 
-def _settings(study: Study) -> dict[str, Any]:
-    """What a cached result depends on (everything but where it is kept)."""
+def _settings(study: Study, method: str) -> dict[str, Any]:
+    """What a cached result of ``method`` depends on (not where it is kept)."""
     values = asdict(study)
     del values["out"]
+    if method in ("dense", "oneshot", "cuttlefish"):
+        for key in _STABILITY_ONLY:
+            del values[key]
+    if method == "oneshot-late":
+        del values["threshold"], values["patience"]
     return json.loads(json.dumps(values))  # tuples as lists, as read back from JSON
 
 
@@ -149,7 +161,9 @@ def _done(study: Study, job: Job) -> dict[str, Any] | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("settings") == _settings(study) else None
+    wanted = _settings(study, job.method)
+    saved = {k: v for k, v in result.get("settings", {}).items() if k in wanted}
+    return result if saved == wanted else None
 
 
 def _read(path: Path, kind: str) -> list[dict[str, Any]]:
@@ -211,11 +225,12 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
     config = study.base(job.seed, folder)
     if job.method == "dense":
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
-    elif job.method in ("welore", "oneshot"):
-        trigger = "stable" if job.method == "welore" else "step"
-        config = replace(
-            config, optimizer="welore_adamw", target_reduction=job.target, handoff_trigger=trigger
-        )
+    elif job.method in ("welore", "oneshot", "oneshot-late"):
+        config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
+        if job.method == "oneshot":  # every qualifying layer when the window opens
+            config = replace(config, handoff_trigger="step")
+        if job.method == "oneshot-late":  # every qualifying layer when the window closes
+            config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
         result = _train(study, job, config)
     elif job.method == "cuttlefish":
         result = _train(study, job, config, _cuttlefish_factory(study, job, config))
@@ -226,7 +241,7 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
         result = _post_hoc(study, job, config)
     else:
         raise ValueError(f"Invalid method: {job.method!r}; allowed: {', '.join(METHODS)}")
-    result.update(asdict(job), settings=_settings(study))
+    result.update(asdict(job), settings=_settings(study, job.method))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -345,6 +360,7 @@ def jobs_of(study: Study) -> list[list[Job]]:
     second = [Job("posthoc", headline, seed) for seed in study.seeds]
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
     second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
+    second += [Job("oneshot-late", headline, seed) for seed in study.seeds]
     return [first, second, []]  # the third stage (scratch at the best lr) is added later
 
 

@@ -280,6 +280,11 @@ class HandoffConfig:
             step ``1 / scale`` times too far (+39% eval loss with GaLore's ``lr 1e-2, scale 0.25``
             recipe in issue #14's experiment). Learning rate schedulers created after the
             optimizer scale the factor groups' ``lr`` like every other group's.
+        end_step: with ``trigger="stable"``, the step by which every layer that is still
+            dense and qualifies goes anyway, at the first check step at or after it (``None``:
+            no deadline). Stability then decides the order and timing of hand-offs inside the
+            window ``[start_step, end_step]``, and the target is reached by the window's end
+            even for layers whose subspace keeps moving.
         rewarmup_steps: after its hand-off, a layer's factors ramp their learning rate linearly
             from ``1 / (rewarmup_steps + 1)`` to 1 of the group's over this many steps (0: no
             ramp).
@@ -294,6 +299,7 @@ class HandoffConfig:
     trigger: str = "stable"
     factor_lr_scale: float | None = None
     rewarmup_steps: int = 0
+    end_step: int | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -331,4 +337,14 @@ class HandoffConfig:
             and not isinstance(self.rewarmup_steps, bool)
             and self.rewarmup_steps >= 0,
             f"Invalid rewarmup_steps: {self.rewarmup_steps!r}; must be an integer >= 0",
+        )
+        _require(
+            self.end_step is None
+            or (
+                isinstance(self.end_step, int)
+                and not isinstance(self.end_step, bool)
+                and self.end_step >= self.start_step
+            ),
+            f"Invalid end_step: {self.end_step!r}; must be None or an integer >= start_step "
+            f"({self.start_step})",
         )

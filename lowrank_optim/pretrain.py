@@ -64,6 +64,7 @@ class PretrainConfig:
     handoff_start: float = 0.4
     target_reduction: float = 0.6
     min_ratio: float = 0.5
+    handoff_end: float = 1.0
     handoff_trigger: str = "stable"
     handoff_rewarmup: int = 0
     eval_every: int = 100
@@ -110,6 +111,7 @@ class PretrainConfig:
             check_every=self.update_proj_gap,
             trigger=self.handoff_trigger,
             rewarmup_steps=self.handoff_rewarmup,
+            end_step=int(self.handoff_end * self.steps) if self.handoff_end < 1.0 else None,
         )
         return OptimizerSpec(
             name=self.optimizer,
@@ -172,7 +174,7 @@ def _number_in(
 
 def check_pretrain_config(config: PretrainConfig) -> None:
     """Validate every field of ``config``; raises ``ValueError`` naming the first bad one."""
-    from lowrank_optim.config import STABILITY_POLICIES
+    from lowrank_optim.config import HANDOFF_TRIGGERS, STABILITY_POLICIES
     from lowrank_optim.projection.registry import available_refresh_methods
 
     def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -223,6 +225,12 @@ def check_pretrain_config(config: PretrainConfig) -> None:
     _number_in("min_lr_ratio", config.min_lr_ratio, 0.0, 1.0)
     _number_in("stability_threshold", config.stability_threshold, 0.0, 1.0, open_low=True)
     _number_in("handoff_start", config.handoff_start, 0.0, 1.0)
+    _number_in("handoff_end", config.handoff_end, config.handoff_start, 1.0)
+    choice("handoff_trigger", HANDOFF_TRIGGERS)
+    if not _is_int(config.handoff_rewarmup) or config.handoff_rewarmup < 0:
+        raise ValueError(
+            f"Invalid handoff_rewarmup: {config.handoff_rewarmup!r}; must be an integer >= 0"
+        )
     _number_in("target_reduction", config.target_reduction, 0.0, 1.0, open_low=True, open_high=True)
     _number_in("min_ratio", config.min_ratio, 0.0, 1.0, open_high=True)
     if config.dataset is not None and (not isinstance(config.dataset, str) or not config.dataset):
@@ -634,6 +642,12 @@ _HELP = {
     "stability_policy": "what stability changes: fixed, overlap or qgalore",
     "handoff_start": "WeLoreAdamW: earliest hand-off as a fraction of --steps, in [0, 1] "
     "(0.4 with 600 steps: from step 240)",
+    "handoff_end": "WeLoreAdamW: a fraction of --steps by which every qualifying layer is "
+    "handed off even if its subspace still moves, in [handoff-start, 1]; 1: no deadline",
+    "handoff_trigger": "WeLoreAdamW: stable (each layer once its subspace is stable) or step "
+    "(all layers at --handoff-start, the one-shot baseline)",
+    "handoff_rewarmup": "WeLoreAdamW: steps over which new factors ramp their learning rate "
+    "up linearly (0: none)",
     "target_reduction": "WeLore rank reduction to aim for, in (0, 1)",
     "min_ratio": "WeLore: matrices reducing less than this stay dense, in [0, 1)",
     "eval_every": "steps between evaluations (> 0)",

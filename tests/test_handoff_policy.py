@@ -131,3 +131,18 @@ def test_rewarmup_survives_a_checkpoint() -> None:
     resumed_state = resumed_model.state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, resumed_state[name], rtol=0, atol=0, msg=name)
+
+
+def test_end_step_hands_off_what_never_stabilized_when_the_window_closes() -> None:
+    from lowrank_optim import StabilityConfig
+
+    never_stable = StabilityConfig(policy="fixed", threshold=1.0, patience=50)
+    handoff = HandoffConfig(
+        start_step=4, end_step=10, target_reduction=0.7, min_ratio=0.4, check_every=3
+    )
+    model = tiny_model()
+    optimizer = make_optimizer(model, stability=never_stable, handoff=handoff)
+    train(model, optimizer, batches(20))
+    assert {record["step"] for record in optimizer.handoff_report()} == {12}
+    with pytest.raises(ValueError, match="end_step"):
+        HandoffConfig(start_step=10, end_step=5)

@@ -164,6 +164,8 @@ class WeLoreAdamW(GaLoreAdamW):
         if config.trigger == "step":
             first_check = -(-max(config.start_step, 1) // config.check_every) * config.check_every
             return list(candidates) if step == first_check else []
+        if config.end_step is not None and step >= config.end_step:
+            return list(candidates)  # the window has closed: whatever qualifies goes now
         return [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
 
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
