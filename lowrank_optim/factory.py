@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+from lowrank_optim.factorize.rank_selection import dense_weight_of
 from lowrank_optim.quant.quantized_linear import QuantizedLinear
 
 __all__ = [
@@ -74,7 +75,7 @@ def lowrank_param_groups(
     projected_ids = {
         id(module.weight)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | QuantizedLinear)
+        if (isinstance(module, QuantizedLinear) or dense_weight_of(module) is not None)
         and not _NEVER_PROJECTED.search(name)
         and any(pattern.search(name) for pattern in compiled)
     }
@@ -90,7 +91,8 @@ def lowrank_param_groups(
             dense.append((name, param))
     if not projected:
         raise ValueError(
-            f"No nn.Linear module of {type(model).__name__} matches target_modules "
+            f"No linear module (nn.Linear, transformers Conv1D, QuantizedLinear) of "
+            f"{type(model).__name__} matches target_modules "
             f"{target_modules!r}"
         )
     groups: list[dict[str, Any]] = [{"params": dense}] if dense else []

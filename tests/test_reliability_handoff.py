@@ -332,3 +332,16 @@ def test_quantized_linear_is_refused_with_a_reason() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     with pytest.raises(RuntimeError, match="single memory location"):
         optimizer.step()
+
+
+def test_gpt2_default_param_groups_project_conv1d_and_hand_it_off() -> None:
+    """``lowrank_param_groups`` (what ``build_optimizer`` and ``pretrain`` use) projects GPT-2's
+    Conv1D weights, so a GPT-2 trained with WeLoreAdamW's defaults hands them off."""
+    model = tiny_gpt2()
+    groups = lowrank_param_groups(model, "attn-mlp", PROJECTION)
+    projected = [name for name, _ in groups[-1]["params"]]
+    assert len(projected) == 8 and all(".attn.c_" in n or ".mlp.c_" in n for n in projected)
+    optimizer = welore(model, groups)
+    model = train(model, optimizer, batches(12))
+    assert optimizer.handoff_report()
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
