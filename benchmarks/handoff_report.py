@@ -70,9 +70,17 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
     weights = load_checkpoint(folder / "checkpoint.pt")["model"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     last: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record.get("kind") == "subspace":
-            last[record["name"]] = record
+    stable_since: dict[str, int] = {}
+    streak: dict[str, int] = {}
+    for record in records:  # the study's criterion, recomputed: the run may predate it
+        if record.get("kind") != "subspace":
+            continue
+        name, overlap = record["name"], record["last_overlap"]
+        last[name] = record
+        met = overlap is not None and overlap >= study.threshold
+        streak[name] = streak.get(name, 0) + 1 if met else 0
+        if streak[name] >= study.patience and name not in stable_since:
+            stable_since[name] = int(record["step"])
     spectra = {
         name: torch.linalg.svdvals(weights[name].float()) for name in last if name in weights
     }
@@ -85,7 +93,7 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
             {
                 "layer": name.removesuffix(".weight"),
                 "module_type": last[name]["module_type"],
-                "stable_since": last[name]["stable_since"],
+                "stable_since": stable_since.get(name, -1),
                 "final_overlap": last[name]["last_overlap"],
                 "rank_reduction": 1.0 - kept / values.numel(),
                 "relative_error": float((energy[kept:].sum() / energy.sum()).sqrt()),

@@ -411,8 +411,11 @@ def collect(study: Study) -> dict[str, Any]:
     for folder in sorted(Path(study.out).glob("*/result.json")):
         result = json.loads(folder.read_text())
         method, target = result["method"], result["target"]
-        if method == "scratch" and result["lr"] != best_scratch_lr(study):
-            continue
+        if method == "scratch":
+            if result["lr"] != best_scratch_lr(study):
+                continue
+            # factorized from step 0 at method 2's final ranks: its hand-offs are method 2's
+            result["handoffs"] = _done(study, Job("welore", target, result["seed"]))["handoffs"]
         entries = [(method, result["final_eval_loss"])]
         if method == "posthoc":
             entries.append(("posthoc+ft", result["finetuned_eval_loss"]))
@@ -423,7 +426,9 @@ def collect(study: Study) -> dict[str, Any]:
                     key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
             )
     summary = []
-    for (method, target), runs in sorted(rows.items()):
+    order = sorted(rows, key=lambda key: (METHODS.index(key[0]), key[1]))
+    for method, target in order:
+        runs = rows[(method, target)]
         loss, loss_std = _stats([r["loss"] for r in runs])
         removed, removed_std = _stats([r["removed"] for r in runs])
         summary.append({

@@ -113,6 +113,10 @@ COMMANDS["compress"] = (
 )
 
 
+#: Short names of benchmark scripts: ``bench handoff`` runs ``benchmarks/handoff_study.py``.
+_BENCH_ALIASES = {"handoff": "handoff_study"}
+
+
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="a script of the checkout's benchmarks/ folder, e.g. memory")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
@@ -124,7 +128,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    script = folder / f"{args.name}.py"
+    script = folder / f"{_BENCH_ALIASES.get(args.name, args.name)}.py"
     if not script.is_file():
         found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
         raise UsageError(

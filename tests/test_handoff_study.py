@@ -1,0 +1,37 @@
+"""`lowrank-optim bench handoff --quick`: every method runs, the report is written, runs cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowrank_optim.cli import main
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+METHODS = {
+    "dense", "welore", "oneshot", "oneshot-late", "cuttlefish", "posthoc", "posthoc+ft", "scratch"
+}
+
+
+def test_bench_handoff_quick_runs_every_method_and_caches(tmp_path: Path) -> None:
+    assert main(["bench", "handoff", "--quick", "--out", str(tmp_path)]) == 0
+    for name in ("handoff_study.md", "handoff_study.json", "handoff_pareto.png",
+                 "handoff_layers.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    result = json.loads((tmp_path / "handoff_study.json").read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == METHODS
+    dense = rows["dense"]["eval_loss"]
+    assert all(row["eval_loss"] > 0 for row in rows.values()) and dense > 0
+    # the one-shot cut hands layers off, and every compressed method sits at its size
+    assert rows["oneshot"]["removed"] > 0.3
+    assert rows["posthoc"]["removed"] == pytest.approx(rows["welore"]["removed"], abs=0.05)
+    assert len(result["layers"]) == 28  # the 9m LLaMA: 4 blocks x 7 projected matrices
+    cached = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    assert main(["bench", "handoff", "--quick", "--out", str(tmp_path)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")} == cached
