@@ -381,9 +381,14 @@ def run_pretraining(
         step += 1
         if hasattr(optimizer, "maybe_handoff"):
             handoffs_before = len(optimizer.handoffs)
+            # The immediate cost of a hand-off: eval loss just before and just after the swap.
+            loss_before = evaluate(model, val) if optimizer.handoff_due() else None
             model = optimizer.maybe_handoff(model)
             for record in optimizer.handoffs[handoffs_before:]:
                 writer.write({"kind": "handoff", **_plain(record)})
+            if loss_before is not None and len(optimizer.handoffs) > handoffs_before:
+                cost = {"step": step, "before": loss_before, "after": evaluate(model, val)}
+                writer.write({"kind": "handoff_cost", **cost})
         elapsed = time.perf_counter() - tick
         step_times.append((step, elapsed))
         if step % 10 == 0 or step == config.steps:
@@ -435,6 +440,7 @@ def run_pretraining(
         "parameters_end": count_parameters(model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "handoffs": len(getattr(optimizer, "handoffs", [])),
+        "handoff_summary": _handoff_summary(optimizer, out / "metrics.jsonl"),
         "tokens_per_second": tokens_per_step * (step - first_step) / max(wall, 1e-9),
         "mean_optimizer_step_seconds": sum(optimizer_seconds) / max(len(optimizer_seconds), 1),
         "mean_step_seconds": sum(t for _, t in step_times) / max(len(step_times), 1),
@@ -593,6 +599,49 @@ def _number(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _handoff_summary(optimizer: Any, metrics: Path) -> dict[str, Any] | None:
+    """Layers handed off, when, the projected parameters they removed, and the eval-loss jumps
+    measured around each hand-off step (from the run's log, so resumed runs count them all)."""
+    if not hasattr(optimizer, "handoff_report"):
+        return None
+    from lowrank_optim.plots import read_records
+
+    records = optimizer.handoff_report()
+    projected = sum(
+        p.numel()
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if optimizer.is_projected(group, p)
+    ) + sum(r["params_before"] for r in records)
+    costs = read_records(metrics, kind="handoff_cost") if metrics.exists() else []
+    return {
+        "layers": len(records),
+        "steps": sorted({int(r["step"]) for r in records}),
+        "projected_parameters": projected,
+        "projected_parameters_removed": sum(
+            r["params_before"] - r["params_after"] for r in records
+        ),
+        "eval_loss_jump": sum(c["after"] - c["before"] for c in costs),
+        "eval_loss_before_first": costs[0]["before"] if costs else None,
+    }
+
+
+def _handoff_line(handoff: dict[str, Any] | None, count: int) -> str:
+    if not handoff or not handoff["layers"]:
+        return str(count)
+    removed, total = handoff["projected_parameters_removed"], handoff["projected_parameters"]
+    steps = handoff["steps"]
+    when = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    line = (
+        f"{handoff['layers']} layers at {when}: {removed / total:.0%} of projected-matrix "
+        f"parameters removed ({total:,} -> {total - removed:,})"
+    )
+    if handoff["eval_loss_before_first"]:
+        jump = handoff["eval_loss_jump"] / handoff["eval_loss_before_first"]
+        line += f"; eval loss {jump:+.1%} across the swaps themselves"
+    return line
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as an aligned two-column table, ending with the files the run wrote."""
     rows = [
@@ -607,7 +656,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['parameters_start']:,} -> {summary['parameters_end']:,}",
         ),
         ("optimizer state", f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB"),
-        ("hand-offs", summary["handoffs"]),
+        ("hand-offs", _handoff_line(summary.get("handoff_summary"), summary["handoffs"])),
         ("tokens / s", _number(summary["tokens_per_second"], ",.0f")),
         ("training time", f"{summary['wall_seconds']:.1f} s"),
     ]

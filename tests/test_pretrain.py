@@ -121,3 +121,30 @@ def test_cli_pretrain_writes_metrics_plots_and_summary(tiny, tmp_path, capsys) -
 def test_bad_pretrain_settings_raise(field: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PretrainConfig(**{field: value})
+
+
+def test_summary_reports_handoffs_and_their_measured_cost(tiny, tmp_path) -> None:
+    """The main job's hand-off line: layers, steps, projected parameters removed, eval-loss jump."""
+    from lowrank_optim.pretrain import format_summary
+
+    out = tmp_path / "handoff"
+    config = PretrainConfig(
+        **{**tiny, "steps": 16, "update_proj_gap": 4},
+        optimizer="welore_adamw",
+        out_dir=str(out),
+        handoff_start=0.5,
+        handoff_trigger="step",
+        target_reduction=0.8,
+    )
+    summary = run_pretraining(config)
+    handoff = summary["handoff_summary"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    made = [r for r in records if r["kind"] == "handoff"]
+    costs = [r for r in records if r["kind"] == "handoff_cost"]
+    assert made and handoff["layers"] == len(made) == summary["handoffs"]
+    assert handoff["steps"] == [8] and [c["step"] for c in costs] == [8]
+    removed = sum(r["params_before"] - r["params_after"] for r in made)
+    assert handoff["projected_parameters_removed"] == removed
+    assert summary["parameters_start"] - summary["parameters_end"] == removed
+    assert handoff["eval_loss_jump"] == pytest.approx(costs[0]["after"] - costs[0]["before"])
+    assert f"{handoff['layers']} layers at step 8" in format_summary(summary)

@@ -168,6 +168,16 @@ class WeLoreAdamW(GaLoreAdamW):
             return list(candidates)  # the window has closed: whatever qualifies goes now
         return [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
 
+    def handoff_due(self, step: int | None = None) -> bool:
+        """Whether :meth:`maybe_handoff` looks at the layers at ``step`` (default: now).
+
+        True at check steps from ``start_step`` on while some projected layer is still dense;
+        a training loop can use it to evaluate the model just before a possible hand-off.
+        """
+        config = self.handoff_config
+        step = self.current_step() if step is None else step
+        return step >= max(config.start_step, 1) and step % config.check_every == 0
+
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
         """Hand off the layers that qualify now; returns the model to keep training.
 
@@ -182,7 +192,7 @@ class WeLoreAdamW(GaLoreAdamW):
             raise ValueError("maybe_handoff needs the model: pass it, or WeLoreAdamW(model=...)")
         config = self.handoff_config
         step = self.current_step()
-        if step < max(config.start_step, 1) or step % config.check_every != 0:
+        if not self.handoff_due(step):
             return model
         refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
