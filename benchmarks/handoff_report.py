@@ -23,6 +23,7 @@ __all__ = ["layer_claim", "report", "spearman"]
 LABELS = {
     "dense": "GaLoreAdamW, dense",
     "welore": "WeLoreAdamW (stability-driven)",
+    "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
     "cuttlefish": "Cuttlefish (stable-rank switch)",

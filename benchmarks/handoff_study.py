@@ -46,11 +46,19 @@ from lowrank_optim.pretrain import PretrainConfig, run_pretraining
 __all__ = ["Job", "Study", "jobs_of", "main", "run_job"]
 
 METHODS = (
-    "dense", "welore", "oneshot", "oneshot-late", "cuttlefish", "posthoc", "posthoc+ft", "scratch"
+    "dense",
+    "welore",
+    "welore-taper",
+    "oneshot",
+    "oneshot-late",
+    "cuttlefish",
+    "posthoc",
+    "posthoc+ft",
+    "scratch",
 )
 #: Settings only the stability-driven hand-off reads: the other methods' cached runs stay valid
 #: when they change (the dense runs' stability columns are recomputed from their overlaps).
-_STABILITY_ONLY = ("threshold", "patience", "handoff_end")
+_STABILITY_ONLY = ("threshold", "patience", "handoff_end", "taper")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Study:
     patience: int = 2
     min_ratio: float = 0.5
     rewarmup: int = 0
+    taper: int = 50
     targets: tuple[float, ...] = (0.6, 0.8, 0.9)
     headline: float = 0.8
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -151,7 +160,9 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
         for key in _STABILITY_ONLY:
             del values[key]
     if method == "oneshot-late":
-        del values["threshold"], values["patience"]
+        del values["threshold"], values["patience"], values["taper"]
+    if method in ("welore", "posthoc", "scratch"):
+        del values["taper"]
     return json.loads(json.dumps(values))  # tuples as lists, as read back from JSON
 
 
@@ -225,12 +236,14 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
     config = study.base(job.seed, folder)
     if job.method == "dense":
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
-    elif job.method in ("welore", "oneshot", "oneshot-late"):
+    elif job.method in ("welore", "welore-taper", "oneshot", "oneshot-late"):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method == "oneshot":  # every qualifying layer when the window opens
             config = replace(config, handoff_trigger="step")
         if job.method == "oneshot-late":  # every qualifying layer when the window closes
             config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
+        if job.method == "welore-taper":  # each selected layer's tail faded out first
+            config = replace(config, handoff_taper=study.taper)
         result = _train(study, job, config)
     elif job.method == "cuttlefish":
         result = _train(study, job, config, _cuttlefish_factory(study, job, config))

@@ -280,6 +280,12 @@ class HandoffConfig:
             step ``1 / scale`` times too far (+39% eval loss with GaLore's ``lr 1e-2, scale 0.25``
             recipe in issue #14's experiment). Learning rate schedulers created after the
             optimizer scale the factor groups' ``lr`` like every other group's.
+        taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
+            ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
+            part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)
+            is scaled down linearly to zero; then the factorization is exact. Gradual removal
+            lets the rest of the network adapt, as gradual pruning does; the cost is one
+            ``k x min(m, n)`` basis per tapering layer and one ``O(mnk)`` product per step.
         end_step: with ``trigger="stable"``, the step by which every layer that is still
             dense and qualifies goes anyway, at the first check step at or after it (``None``:
             no deadline). Stability then decides the order and timing of hand-offs inside the
@@ -300,6 +306,7 @@ class HandoffConfig:
     factor_lr_scale: float | None = None
     rewarmup_steps: int = 0
     end_step: int | None = None
+    taper_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -337,6 +344,12 @@ class HandoffConfig:
             and not isinstance(self.rewarmup_steps, bool)
             and self.rewarmup_steps >= 0,
             f"Invalid rewarmup_steps: {self.rewarmup_steps!r}; must be an integer >= 0",
+        )
+        _require(
+            isinstance(self.taper_steps, int)
+            and not isinstance(self.taper_steps, bool)
+            and self.taper_steps >= 0,
+            f"Invalid taper_steps: {self.taper_steps!r}; must be an integer >= 0",
         )
         _require(
             self.end_step is None

@@ -42,6 +42,8 @@ __all__ = [
     "factor_moments",
     "find_candidates",
     "projected_linears",
+    "shrink_tail_",
+    "top_subspace",
 ]
 
 
@@ -214,3 +216,26 @@ def factor_moments(
         (first @ down_wide.T, second @ down_wide.square().T),
         (up_wide.T @ first, up_wide.square().T @ second),
     )
+
+
+def top_subspace(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, bool]:
+    """Orthonormal basis of the top-``rank`` singular subspace of ``dense`` (``m x n``), on its
+    smaller side: ``(U_k, True)`` (``m x k``) if ``m <= n``, else ``(V_k, False)`` (``n x k``)."""
+    left = dense.shape[0] <= dense.shape[1]
+    u, _, vh = torch.linalg.svd(dense.detach().float(), full_matrices=False)
+    return (u[:, :rank].contiguous(), True) if left else (vh[:rank].T.contiguous(), False)
+
+
+@torch.no_grad()
+def shrink_tail_(dense: torch.Tensor, basis: torch.Tensor, left: bool, keep: float) -> None:
+    """Scale the part of ``dense`` outside ``basis``'s subspace by ``keep``, in place.
+
+    With ``U`` the basis (left side), ``W = U U^T W + T`` and ``W <- U U^T W + keep * T``; on the
+    right side ``W = W V V^T + T``. ``keep = 0`` leaves ``W`` of rank at most ``k``, so a rank-``k``
+    factorization of it is exact. This is the hand-off's taper: the tail is removed over several
+    steps while the layer still trains, instead of all at once by the truncation.
+    """
+    work = dense.float()
+    basis = basis.to(work.device)
+    inside = basis @ (basis.T @ work) if left else (work @ basis) @ basis.T
+    dense.copy_(inside + keep * (work - inside))

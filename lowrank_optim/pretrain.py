@@ -67,6 +67,7 @@ class PretrainConfig:
     handoff_end: float = 1.0
     handoff_trigger: str = "stable"
     handoff_rewarmup: int = 0
+    handoff_taper: int = 0
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
@@ -111,6 +112,7 @@ class PretrainConfig:
             check_every=self.update_proj_gap,
             trigger=self.handoff_trigger,
             rewarmup_steps=self.handoff_rewarmup,
+            taper_steps=self.handoff_taper,
             end_step=int(self.handoff_end * self.steps) if self.handoff_end < 1.0 else None,
         )
         return OptimizerSpec(
@@ -227,10 +229,10 @@ def check_pretrain_config(config: PretrainConfig) -> None:
     _number_in("handoff_start", config.handoff_start, 0.0, 1.0)
     _number_in("handoff_end", config.handoff_end, config.handoff_start, 1.0)
     choice("handoff_trigger", HANDOFF_TRIGGERS)
-    if not _is_int(config.handoff_rewarmup) or config.handoff_rewarmup < 0:
-        raise ValueError(
-            f"Invalid handoff_rewarmup: {config.handoff_rewarmup!r}; must be an integer >= 0"
-        )
+    for name in ("handoff_rewarmup", "handoff_taper"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"Invalid {name}: {value!r}; must be an integer >= 0")
     _number_in("target_reduction", config.target_reduction, 0.0, 1.0, open_low=True, open_high=True)
     _number_in("min_ratio", config.min_ratio, 0.0, 1.0, open_high=True)
     if config.dataset is not None and (not isinstance(config.dataset, str) or not config.dataset):
@@ -697,6 +699,8 @@ _HELP = {
     "(all layers at --handoff-start, the one-shot baseline)",
     "handoff_rewarmup": "WeLoreAdamW: steps over which new factors ramp their learning rate "
     "up linearly (0: none)",
+    "handoff_taper": "WeLoreAdamW: steps over which a selected layer's weight outside its "
+    "top-k subspace is faded to zero before the hand-off (0: swap at once)",
     "target_reduction": "WeLore rank reduction to aim for, in (0, 1)",
     "min_ratio": "WeLore: matrices reducing less than this stay dense, in [0, 1)",
     "eval_every": "steps between evaluations (> 0)",

@@ -146,3 +146,80 @@ def test_end_step_hands_off_what_never_stabilized_when_the_window_closes() -> No
     assert {record["step"] for record in optimizer.handoff_report()} == {12}
     with pytest.raises(ValueError, match="end_step"):
         HandoffConfig(start_step=10, end_step=5)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_shrink_tail_keeps_the_top_subspace_and_scales_the_rest(shape) -> None:
+    from lowrank_optim.handoff import shrink_tail_, top_subspace
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    basis, left = top_subspace(weight, 3)
+    assert left == (shape[0] <= shape[1]) and basis.shape == (min(shape), 3)
+    half = weight.clone()
+    shrink_tail_(half, basis, left, 0.5)
+    gone = weight.clone()
+    shrink_tail_(gone, basis, left, 0.0)
+    assert torch.linalg.matrix_rank(gone) == 3
+    # the top-3 truncation is what is left, and half the tail is half-way to it
+    u, s, vh = torch.linalg.svd(weight)
+    torch.testing.assert_close(gone, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(half, (weight + gone) / 2, atol=1e-5, rtol=1e-5)
+
+
+def _tapered(taper: int, steps: int, data_seed: int = 1):
+    handoff = HandoffConfig(
+        start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3, trigger="step",
+        taper_steps=taper,
+    )
+    model = tiny_model()
+    optimizer = make_optimizer(model, handoff=handoff)
+    return train(model, optimizer, batches(steps, data_seed)), optimizer
+
+
+def test_taper_hands_off_after_taper_steps_with_an_exact_factorization() -> None:
+    _, at_once = _tapered(0, 12)
+    model, tapered = _tapered(4, 12)
+    assert {r["step"] for r in at_once.handoff_report()} == {6}
+    assert {r["step"] for r in tapered.handoff_report()} == {10}
+    assert [r["rank"] for r in tapered.handoff_report()] == [
+        r["rank"] for r in at_once.handoff_report()
+    ]
+    assert max(r["relative_error"] for r in tapered.handoff_report()) < 1e-5
+    assert min(r["relative_error"] for r in at_once.handoff_report()) > 0.05
+    assert not tapered.tapering
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(
+        tapered.handoff_report()
+    )
+
+
+def test_taper_resumes_bit_for_bit_from_a_checkpoint_taken_mid_taper() -> None:
+    handoff = HandoffConfig(
+        start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3, trigger="step",
+        taper_steps=4,
+    )
+    data = batches(14)
+    model = tiny_model()
+    optimizer = make_optimizer(model, handoff=handoff)
+    model = train(model, optimizer, data[:8])
+    assert optimizer.tapering and not optimizer.handoff_report()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = torch.load(_save(optimizer.state_dict()), weights_only=True)
+    model = train(model, optimizer, data[8:])
+    resumed_model = tiny_model()
+    resumed = make_optimizer(resumed_model, handoff=handoff)
+    resumed.load_state_dict(saved)
+    resumed_model.load_state_dict(saved_model)
+    resumed_model = train(resumed_model, resumed, data[8:])
+    assert resumed.handoff_report() == optimizer.handoff_report()
+    resumed_state = resumed_model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, resumed_state[name], rtol=0, atol=0, msg=name)
+
+
+def _save(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

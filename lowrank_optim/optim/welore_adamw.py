@@ -44,6 +44,8 @@ from lowrank_optim.handoff import (
     factor_moments,
     find_candidates,
     projected_linears,
+    shrink_tail_,
+    top_subspace,
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
 from lowrank_optim.projection import LEFT, RIGHT
@@ -111,6 +113,8 @@ class WeLoreAdamW(GaLoreAdamW):
         #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
         self.plan: dict[str, dict[str, Any]] = {}
         self.handoffs: list[dict[str, Any]] = []
+        #: layer name -> plan entry plus "start", "last", "basis", "left": layers being tapered
+        self.tapering: dict[str, dict[str, Any]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, why): each warning only once
         if model is not None:
             self._warn_refusals(find_candidates(_unwrap(model), self, self.is_projected)[1])
@@ -190,34 +194,80 @@ class WeLoreAdamW(GaLoreAdamW):
         model = model if model is not None else self.model
         if model is None:
             raise ValueError("maybe_handoff needs the model: pass it, or WeLoreAdamW(model=...)")
-        config = self.handoff_config
         step = self.current_step()
-        if not self.handoff_due(step):
-            return model
-        refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if ddp else model
-        candidates, refusals = find_candidates(module, self, self.is_projected)
-        self._warn_refusals(refusals)
-        candidates = self._unfrozen(candidates, step)
-        ready = self.ready_layers(candidates, step)
-        if not ready:
-            return model
-        ranks = self.layer_ranks(candidates)
-        changed = False
-        for candidate in ready:
-            rows, cols = candidate.module.weight.shape
-            rank = ranks[candidate.name]
-            reduction = 1.0 - rank / min(rows, cols)
-            if reduction > config.min_ratio and rank * (rows + cols) < rows * cols:
-                self._handoff(module, candidate, rank, step)
-                changed = True
+        changed = self._advance_tapers(module, step)
+        if self.handoff_due(step):
+            changed = self._select(module, step) or changed
         if not changed:
             return model
         new_model = _rewrap(model, module) if ddp else module
         if self.model is model:
             self.model = new_model
         return new_model
+
+    def _select(self, module: nn.Module, step: int) -> bool:
+        """Choose the layers that go at this check step: hand them off, or start tapering them."""
+        config = self.handoff_config
+        refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
+        candidates, refusals = find_candidates(module, self, self.is_projected)
+        self._warn_refusals(refusals)
+        candidates = [c for c in self._unfrozen(candidates, step) if c.name not in self.tapering]
+        ready = self.ready_layers(candidates, step)
+        if not ready:
+            return False
+        ranks = self.layer_ranks(candidates)
+        changed = False
+        for candidate in ready:
+            rows, cols = candidate.module.weight.shape
+            rank = ranks[candidate.name]
+            reduction = 1.0 - rank / min(rows, cols)
+            if reduction <= config.min_ratio or rank * (rows + cols) >= rows * cols:
+                continue
+            if config.taper_steps > 0:
+                self._start_taper(candidate, rank, step)
+            else:
+                self._handoff(module, candidate, rank, step)
+                changed = True
+        return changed
+
+    # ------------------------------------------------------------------------------ taper
+    def _start_taper(self, candidate: HandoffCandidate, rank: int, step: int) -> None:
+        dense = candidate.dense_weight()
+        basis, left = top_subspace(dense, rank)
+        self.tapering[candidate.name] = {
+            "rank": rank,
+            "shape": list(dense.shape),
+            "group": candidate.group_index,
+            "start": step,
+            "last": step,
+            "basis": basis,
+            "left": left,
+        }
+
+    def _advance_tapers(self, module: nn.Module, step: int) -> bool:
+        """Shrink each tapering layer's tail toward zero; hand off the layers whose taper ended.
+
+        The tail is scaled so that it falls linearly from its size at the start to zero at
+        ``start + taper_steps`` (however often this runs). A frozen layer's taper pauses.
+        """
+        end_offset = self.handoff_config.taper_steps
+        changed = False
+        for name, entry in list(self.tapering.items()):
+            layer = module.get_submodule(name)
+            if not layer.weight.requires_grad or step <= entry["last"]:
+                continue
+            end = entry["start"] + end_offset
+            keep = max(end - step, 0) / max(end - entry["last"], 1)
+            shrink_tail_(dense_weight_of(layer), entry["basis"], entry["left"], keep)
+            entry["last"] = step
+            if step >= end:
+                del self.tapering[name]
+                candidate = HandoffCandidate(name, layer, entry["group"])
+                self._handoff(module, candidate, entry["rank"], step)
+                changed = True
+        return changed
 
     def _warn_once(self, layer: str, why: str, message: str) -> None:
         if (layer, why) not in self._warned:
@@ -256,8 +306,9 @@ class WeLoreAdamW(GaLoreAdamW):
         spectra = {
             c.name: torch.linalg.svdvals(c.module.weight.detach().float()) for c in candidates
         }
-        planned_full = sum(min(entry["shape"]) for entry in self.plan.values())
-        removed = sum(min(entry["shape"]) - entry["rank"] for entry in self.plan.values())
+        committed = [*self.plan.values(), *self.tapering.values()]
+        planned_full = sum(min(entry["shape"]) for entry in committed)
+        removed = sum(min(entry["shape"]) - entry["rank"] for entry in committed)
         total = planned_full + sum(min(c.module.weight.shape) for c in candidates)
         return choose_ranks(spectra, removed, total, self.handoff_config.target_reduction)
 
@@ -391,6 +442,7 @@ class WeLoreAdamW(GaLoreAdamW):
         state[_CHECKPOINT_KEY] = {
             "plan": {name: dict(entry) for name, entry in self.plan.items()},
             "handoffs": [dict(record) for record in self.handoffs],
+            "tapering": {name: dict(entry) for name, entry in self.tapering.items()},
         }
         return state
 
@@ -419,6 +471,10 @@ class WeLoreAdamW(GaLoreAdamW):
             self._reapply(pending)
         super().load_state_dict(state_dict)
         self.handoffs = [dict(record) for record in saved["handoffs"]]
+        self.tapering = {
+            name: {**entry, "basis": entry["basis"].clone()}
+            for name, entry in saved.get("tapering", {}).items()
+        }
 
     def _check_own_handoffs(self, saved_plan: dict[str, dict[str, Any]]) -> None:
         """Every hand-off this optimizer made must be in the checkpoint, at the same rank,
