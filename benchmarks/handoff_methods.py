@@ -45,9 +45,11 @@ def stable_rank(weight: torch.Tensor) -> float:
 class CuttlefishAdamW(WeLoreAdamW):
     """WeLoreAdamW whose hand-off timing and ranks follow Cuttlefish (see the module docstring).
 
-    ``earliest`` is the first step at which the switch may happen (the same window as the other
-    methods); the stable-rank history is recorded from the first check step on, so the
-    ``handoff`` config's ``start_step`` must be at most ``check_every``.
+    ``earliest`` is the first step at which the switch may happen and ``latest`` the step by
+    which it happens even if some stable rank still moves (the other methods' window: without
+    a deadline Cuttlefish may never switch in a short run, and would not be at the budget). The
+    stable-rank history is recorded from the first check step on, so the ``handoff`` config's
+    ``start_step`` must be at most ``check_every``.
     """
 
     def __init__(
@@ -55,12 +57,14 @@ class CuttlefishAdamW(WeLoreAdamW):
         params: Iterable[Any],
         *,
         earliest: int,
+        latest: int,
         window: int = 3,
         tolerance: float = 0.02,
         **options: Any,
     ) -> None:
         super().__init__(params, **options)
-        self.earliest, self.window, self.tolerance = earliest, window, tolerance
+        self.earliest, self.latest = earliest, latest
+        self.window, self.tolerance = window, tolerance
         self.history: dict[str, list[float]] = {}
         self.switched_at: int | None = None
         names = projected_linear_names(self.model, self)
@@ -80,7 +84,8 @@ class CuttlefishAdamW(WeLoreAdamW):
         for candidate in candidates:
             value = stable_rank(candidate.module.weight)
             self.history.setdefault(candidate.name, []).append(value)
-        if step < self.earliest or not all(self._settled(c.name) for c in candidates):
+        settled = all(self._settled(c.name) for c in candidates)
+        if step < self.earliest or not (settled or step >= self.latest):
             return []
         self.switched_at = step
         return list(candidates)

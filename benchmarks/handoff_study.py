@@ -158,7 +158,8 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
     del values["out"]
     if method in ("dense", "oneshot", "cuttlefish"):
         for key in _STABILITY_ONLY:
-            del values[key]
+            if not (method == "cuttlefish" and key == "handoff_end"):  # its deadline
+                del values[key]
     if method == "oneshot-late":
         del values["threshold"], values["patience"], values["taper"]
     if method in ("welore", "posthoc", "scratch"):
@@ -271,6 +272,7 @@ def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
         return CuttlefishAdamW(
             lowrank_param_groups(model, "attn-mlp", projection),
             earliest=int(study.handoff_start * study.steps),
+            latest=int(study.handoff_end * study.steps),
             lr=config.lr,
             weight_decay=config.weight_decay,
             stability=StabilityConfig(threshold=study.threshold, patience=study.patience),
@@ -365,7 +367,7 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
 def jobs_of(study: Study) -> list[list[Job]]:
     """The runs in stages: a stage needs only the results of earlier stages."""
     headline, others = study.headline, [t for t in study.targets if t != study.headline]
-    methods = ("welore", "oneshot", "cuttlefish")
+    methods = ("welore", "welore-taper", "oneshot", "cuttlefish")
     first = []
     for seed in study.seeds:  # the headline target first, a seed at a time
         first += [Job("dense", 0.0, seed)] + [Job(m, headline, seed) for m in methods]
