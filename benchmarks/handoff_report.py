@@ -202,6 +202,24 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         for r in rows
         if r["method"] != "dense"
     ]
+    mib = 2**20
+    cost = [
+        [
+            LABELS[r["method"]],
+            f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-",
+            f"{r['training_bytes_mean'] / mib:.1f}" if r["training_bytes_mean"] else "-",
+            f"{r['training_bytes_end'] / mib:.1f}" if r["training_bytes_end"] else "-",
+        ]
+        for r in headline
+    ]
+    timing = collected.get("step_seconds")
+    timing_line = (
+        f"Training step (forward, backward, optimizer; seed {study.seeds[0]}'s final models, "
+        f"interleaved on one batch): dense GaLoreAdamW {1e3 * timing['before']:.0f} ms, after "
+        f"the hand-offs {1e3 * timing['after']:.0f} ms ({timing['after'] / timing['before']:.2f}x)."
+        if timing
+        else "Step timing not measured in this report (`--timing`)."
+    )
     layers = [row for seed in study.seeds for row in layer_claim(study, seed)
               if _done(study, Job("dense", 0.0, seed)) is not None]
     stable = [r for r in layers if r["stable_since"] is not None and r["stable_since"] >= 0]
@@ -226,6 +244,13 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
                  "vs dense", "wall (s)"],
                 table,
             ),
+            "## Training cost at the headline target",
+            markdown_table(
+                ["method", "wall (s)", "weights+grads+state, mean over the run (MiB)",
+                 "at the end (MiB)"],
+                cost,
+            ),
+            timing_line,
             "## Every target",
             markdown_table(["method", "target", "seeds", "removed (%)", "final eval loss"], sweep),
             "## The seed paper's claim, per layer (dense runs, all seeds)",

@@ -419,12 +419,20 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
 def collect(study: Study) -> dict[str, Any]:
     """Every cached result, grouped per (method, target), with means and stds over seeds."""
     projected, _ = _projected_total(study)
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for folder in sorted(Path(study.out).glob("*/result.json")):
         result = json.loads(folder.read_text())
+        job = Job(result["method"], result["target"], result["seed"], result.get("lr"))
+        if _done(study, job) is None:  # made with other settings: not part of this study
+            continue
         method, target = result["method"], result["target"]
         if method == "scratch":
             if result["lr"] != best_scratch_lr(study):
@@ -436,9 +444,12 @@ def collect(study: Study) -> dict[str, Any]:
             entries.append(("posthoc+ft", result["finetuned_eval_loss"]))
         for name, loss in entries:
             removed = 0.0 if method == "dense" else _removed_share(study, result, projected)
+            memory = [b for _, b in result.get("training_bytes", []) if b]
             rows.setdefault((name, target), []).append(
-                {"seed": result["seed"], "loss": loss, "removed": removed, **{
-                    key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
+                {"seed": result["seed"], "loss": loss, "removed": removed,
+                 "bytes_end": memory[-1] if memory else None,
+                 "bytes_mean": statistics.fmean(memory) if memory else None,
+                 **{key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
             )
     summary = []
     order = sorted(rows, key=lambda key: (METHODS.index(key[0]), key[1]))
@@ -451,6 +462,8 @@ def collect(study: Study) -> dict[str, Any]:
             "eval_loss_std": loss_std, "removed": removed, "removed_std": removed_std,
             "parameters_end": statistics.fmean(r["parameters_end"] or 0 for r in runs),
             "wall_seconds": statistics.fmean(r["wall_seconds"] or 0 for r in runs),
+            "training_bytes_end": _mean_or_none([r["bytes_end"] for r in runs]),
+            "training_bytes_mean": _mean_or_none([r["bytes_mean"] for r in runs]),
         })
     return {"projected_parameters": projected, "rows": summary}
 
@@ -461,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="cache and results folder")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (1 thread each)")
     parser.add_argument("--report", action="store_true", help="only report from the cache")
+    parser.add_argument(
+        "--timing", action="store_true", help="also time a step before and after the hand-offs"
+    )
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -490,9 +506,54 @@ def main(argv: list[str] | None = None) -> int:
         _run_stage(study, third, args.parallel, settings)
     from handoff_report import report
 
-    report(study, collect(study), folder=Path(args.out) if args.quick else RESULTS)
+    collected = collect(study)
+    if args.timing:
+        collected["step_seconds"] = step_timing(study, study.seeds[0])
+    report(study, collected, folder=Path(args.out) if args.quick else RESULTS)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------- timing
+def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> dict[str, float]:
+    """Seconds per training step (forward, backward, optimizer) before and after the hand-offs.
+
+    The dense run's final model with GaLoreAdamW, and the stability-driven run's final model and
+    optimizer (factors and all, restored from its checkpoint), step on the same batch in turn
+    (``interleaved_medians``), so machine load affects both alike. Run it on a quiet machine.
+    """
+    from common import interleaved_medians
+
+    from lowrank_optim.checkpoint import load_checkpoint
+    from lowrank_optim.data import build_corpus
+    from lowrank_optim.factory import build_optimizer
+    from lowrank_optim.models import build_llama, load_llama_config
+
+    corpus = build_corpus(max_bytes=study.corpus_bytes)
+    model_config = load_llama_config(study.model, vocab_size=corpus.tokenizer.vocab_size)
+    batch = corpus.train_tokens[: study.batch_size * study.seq_len].long()
+    batch = batch.view(study.batch_size, study.seq_len)
+    actions = {}
+    for label, job, optimizer in (
+        ("before", Job("dense", 0.0, seed), "galore_adamw"),
+        ("after", Job("welore", study.headline, seed), "welore_adamw"),
+    ):
+        config = replace(study.base(seed, _folder(study, job)), optimizer=optimizer)
+        model = build_llama(model_config, seed=seed)
+        built = build_optimizer(model, config.optimizer_spec())
+        payload = load_checkpoint(_folder(study, job) / "checkpoint.pt")
+        built.load_state_dict(payload["optimizer"])  # re-applies the hand-offs first
+        model = getattr(built, "model", None) or model
+        model.load_state_dict(payload["model"])
+
+        def step(model=model, built=built) -> None:
+            model(input_ids=batch, labels=batch).loss.backward()
+            built.step()
+            built.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        actions[label] = step
+    return interleaved_medians(actions, rounds, repeats)
