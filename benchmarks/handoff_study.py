@@ -367,10 +367,11 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
 def jobs_of(study: Study) -> list[list[Job]]:
     """The runs in stages: a stage needs only the results of earlier stages."""
     headline, others = study.headline, [t for t in study.targets if t != study.headline]
-    methods = ("welore", "welore-taper", "oneshot", "cuttlefish")
+    methods = ("welore", "oneshot", "cuttlefish")
     first = []
     for seed in study.seeds:  # the headline target first, a seed at a time
         first += [Job("dense", 0.0, seed)] + [Job(m, headline, seed) for m in methods]
+    first += [Job("welore-taper", headline, seed) for seed in study.seeds]
     first += [Job(m, target, study.seeds[0]) for target in others for m in methods]
     second = [Job("posthoc", headline, seed) for seed in study.seeds]
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
