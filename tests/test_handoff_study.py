@@ -14,7 +14,15 @@ __all__: list[str] = []
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = {
-    "dense", "welore", "oneshot", "oneshot-late", "cuttlefish", "posthoc", "posthoc+ft", "scratch"
+    "dense",
+    "welore",
+    "welore-taper",
+    "oneshot",
+    "oneshot-late",
+    "cuttlefish",
+    "posthoc",
+    "posthoc+ft",
+    "scratch",
 }
 
 
