@@ -58,13 +58,13 @@ class PretrainConfig:
     update_proj_gap: int = 50
     scale: float = 0.25
     refresh: str = "randomized"
-    stability_threshold: float = 0.6
+    stability_threshold: float = 0.7
     stability_patience: int = 2
     stability_policy: str = "fixed"
     handoff_start: float = 0.4
-    target_reduction: float = 0.6
+    target_reduction: float = 0.8
     min_ratio: float = 0.5
-    handoff_end: float = 1.0
+    handoff_end: float = 0.8
     handoff_trigger: str = "stable"
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
