@@ -79,7 +79,8 @@ class CuttlefishAdamW(WeLoreAdamW):
         return sum(changes) / len(changes) <= self.tolerance
 
     def ready_layers(self, candidates: list[HandoffCandidate], step: int) -> list[HandoffCandidate]:
-        if self.switched_at is not None:
+        # WeLoreAdamW also asks about frozen layers (an empty list here): no switch on those.
+        if self.switched_at is not None or not candidates:
             return []
         for candidate in candidates:
             value = stable_rank(candidate.module.weight)
