@@ -68,8 +68,17 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
     from lowrank_optim.factorize import normalized_spectrum, solve_threshold
 
     folder = _folder(study, Job("dense", 0.0, seed))
-    weights = load_checkpoint(folder / "checkpoint.pt")["model"]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    result_path = folder / "result.json"
+    result = json.loads(result_path.read_text())
+    if "spectra" not in result:  # kept with the result: checkpoints are not kept in git
+        weights = load_checkpoint(folder / "checkpoint.pt")["model"]
+        result["spectra"] = {
+            name: torch.linalg.svdvals(weights[name].float()).tolist()
+            for name in dict.fromkeys(r["name"] for r in records if r.get("kind") == "subspace")
+            if name in weights
+        }
+        result_path.write_text(json.dumps(result, indent=1) + "\n")
     last: dict[str, dict[str, Any]] = {}
     stable_since: dict[str, int] = {}
     streak: dict[str, int] = {}
@@ -82,9 +91,7 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
         streak[name] = streak.get(name, 0) + 1 if met else 0
         if streak[name] >= study.patience and name not in stable_since:
             stable_since[name] = int(record["step"])
-    spectra = {
-        name: torch.linalg.svdvals(weights[name].float()) for name in last if name in weights
-    }
+    spectra = {name: torch.tensor(values) for name, values in result["spectra"].items()}
     threshold = solve_threshold(spectra, study.headline)
     rows = []
     for name, values in spectra.items():
@@ -220,8 +227,8 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         if timing
         else "Step timing not measured in this report (`--timing`)."
     )
-    layers = [row for seed in study.seeds for row in layer_claim(study, seed)
-              if _done(study, Job("dense", 0.0, seed)) is not None]
+    dense_seeds = [seed for seed in study.seeds if _done(study, Job("dense", 0.0, seed))]
+    layers = [row for seed in dense_seeds for row in layer_claim(study, seed)]
     stable = [r for r in layers if r["stable_since"] is not None and r["stable_since"] >= 0]
     correlations = {
         "stable_since_vs_rank_reduction": spearman(
