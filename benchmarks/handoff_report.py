@@ -24,6 +24,7 @@ LABELS = {
     "dense": "GaLoreAdamW, dense",
     "welore": "WeLoreAdamW (stability-driven)",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
+    "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
     "cuttlefish": "Cuttlefish (stable-rank switch)",

@@ -49,6 +49,7 @@ METHODS = (
     "dense",
     "welore",
     "welore-taper",
+    "welore-lr",
     "oneshot",
     "oneshot-late",
     "cuttlefish",
@@ -162,7 +163,7 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
                 del values[key]
     if method == "oneshot-late":
         del values["threshold"], values["patience"], values["taper"]
-    if method in ("welore", "posthoc", "scratch"):
+    if method in ("welore", "welore-lr", "posthoc", "scratch"):
         del values["taper"]
     return json.loads(json.dumps(values))  # tuples as lists, as read back from JSON
 
@@ -246,6 +247,9 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
         if job.method == "welore-taper":  # each selected layer's tail faded out first
             config = replace(config, handoff_taper=study.taper)
         result = _train(study, job, config)
+    elif job.method == "welore-lr":  # as shipped before: the factors inherit lr itself
+        config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
+        result = _train(study, job, config, _inherited_lr_factory(config))
     elif job.method == "cuttlefish":
         result = _train(study, job, config, _cuttlefish_factory(study, job, config))
     elif job.method == "scratch":
@@ -287,6 +291,14 @@ def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
         )
 
     return build
+
+
+def _inherited_lr_factory(config: PretrainConfig) -> Any:
+    from lowrank_optim.factory import build_optimizer
+
+    spec = config.optimizer_spec()
+    spec = replace(spec, handoff=replace(spec.handoff, factor_lr_scale=1.0))
+    return lambda model: build_optimizer(model, spec)
 
 
 def _scratch_factory(ranks: dict[str, int], lr: float) -> Any:
@@ -377,6 +389,7 @@ def jobs_of(study: Study) -> list[list[Job]]:
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
     second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
     second += [Job("oneshot-late", headline, seed) for seed in study.seeds]
+    second += [Job("welore-lr", headline, study.seeds[0])]
     return [first, second, []]  # the third stage (scratch at the best lr) is added later
 
 
