@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from lowrank_optim import state_keys as keys
+from lowrank_optim.quant.blockwise4bit import BLOCKSIZE4
+from lowrank_optim.quant.blockwise8bit import BACKENDS, BLOCKSIZE, MIN_QUANTIZED_NUMEL
 
 __all__ = [
     "WORKING_CHUNK",
@@ -90,6 +92,13 @@ class MomentStorage(ABC):
     #: Whether the moments are plain tensors under ``exp_avg``/``exp_avg_sq`` that torch's fused
     #: AdamW kernel may update in place (see :func:`lowrank_optim.moments.fused_adamw_`).
     plain_tensors: bool = False
+    #: Whether moments of ``min_numel`` values or more are kept as codes of ``bits`` bits with
+    #: one fp32 absmax per ``block_size`` values (smaller ones in full precision). The three
+    #: are ``None`` for a storage that never quantizes.
+    quantized: bool = False
+    bits: int | None = None
+    block_size: int | None = None
+    min_numel: int | None = None
 
     @abstractmethod
     def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
@@ -198,19 +207,26 @@ class FullPrecisionMoments(MomentStorage):
 
 class Blockwise8bitMoments(MomentStorage):
     fixed_dtype_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
+    quantized = True
     #: Bits per stored value (how many code bytes a moment of ``n`` values needs).
     bits = 8
     #: Values per quantization block (each has its own absmax); ranges start on block bounds.
-    block_size = 256
+    block_size = BLOCKSIZE
+    min_numel = MIN_QUANTIZED_NUMEL
 
     def __init__(self, backend: str = "bitsandbytes") -> None:
-        from lowrank_optim.quant import BACKENDS, MIN_QUANTIZED_NUMEL
-
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; allowed: {', '.join(BACKENDS)}")
         self.backend = backend
-        self.min_numel = MIN_QUANTIZED_NUMEL
         self._full = FullPrecisionMoments()
+
+    def code_bytes(self, numel: int) -> int:
+        """Bytes of codes of one quantized moment of ``numel`` values."""
+        return math.ceil(numel * self.bits / 8)
+
+    def absmax_blocks(self, numel: int) -> int:
+        """Absmax entries (blocks) of one quantized moment of ``numel`` values."""
+        return math.ceil(numel / self.block_size)
 
     # -- the quantizer: 8-bit dynamic map (bitsandbytes or torchao); 4-bit overrides these
     def _quantize(self, values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +256,7 @@ class Blockwise8bitMoments(MomentStorage):
             self._full.init(state, shape, like)
             return
         state[MOMENT_SHAPE] = torch.tensor(shape, dtype=torch.int64)
-        code_bytes, blocks = math.ceil(numel * self.bits / 8), math.ceil(numel / self.block_size)
+        code_bytes, blocks = self.code_bytes(numel), self.absmax_blocks(numel)
         for codes_key, absmax_key in (
             (EXP_AVG_CODES, EXP_AVG_ABSMAX),
             (EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX),
@@ -275,7 +291,7 @@ class Blockwise8bitMoments(MomentStorage):
             return self._full.numel(state)
         numel = math.prod(int(d) for d in state[MOMENT_SHAPE])
         stored = state[EXP_AVG_CODES].numel()
-        if stored != math.ceil(numel * self.bits / 8):
+        if stored != self.code_bytes(numel):
             from lowrank_optim.errors import CheckpointMismatchError
 
             raise CheckpointMismatchError(
@@ -341,7 +357,7 @@ class Blockwise4bitMoments(Blockwise8bitMoments):
     """Moments in 4 bits through torchao (:mod:`lowrank_optim.quant.blockwise4bit`)."""
 
     bits = 4
-    block_size = 128
+    block_size = BLOCKSIZE4
 
     def __init__(self) -> None:
         super().__init__("torchao")

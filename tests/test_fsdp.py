@@ -8,6 +8,7 @@ the 2-rank checkpoints (a different number of ranks).
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import time
@@ -86,11 +87,13 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-CASES: dict[str, tuple[type[GaLoreAdamW], int, int]] = {
+CASES: dict[str, tuple[Callable[..., GaLoreAdamW], int, int]] = {
     # name: optimizer class, width of the middle layer, rank
     "galore": (GaLoreAdamW, 16, 4),
     # 768 x 32 at rank 8: 6144-element moments, quantized (a 3072-element shard alone is not)
     "galore8bit": (GaLoreAdamW8bit, 768, 8),
+    # the same in torchao's 4-bit format: blocks of 128, two codes per byte
+    "galore4bit": (functools.partial(GaLoreAdamW8bit, moment_bits=4), 768, 8),
 }
 
 
@@ -392,6 +395,24 @@ def test_fsdp_8bit_moments_sharded(runs: dict[str, list[dict[str, Any]]]) -> Non
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=5e-3)
 
 
+def test_fsdp_4bit_moments_sharded(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """4-bit moments (blocks of 128, not the 8-bit 256) are quantized per rank, with codes and
+    absmax sharded like the 8-bit ones: close to one process."""
+    sharded = _result(runs, "main", "train_galore4bit")
+    model, optimizer = _single_process("galore4bit")
+    assert optimizer.moment_storage.bits == 4
+    for rank_result in sharded:
+        assert rank_result["bases_equal"]
+        assert "exp_avg_codes" in rank_result["sharded_moments"][2]
+        assert all(placement == (Shard(0),) for placement in rank_result["placements"])
+        for got, want in zip(rank_result["weights"], model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=5e-3)
+    # The training moved the weights: equality is not the trivial one.
+    initial = [p.detach() for p in _model(768).parameters()]
+    trained = [p.detach() for p in model.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(initial, trained, strict=True))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_dcp_round_trip_is_bit_for_bit(runs: dict[str, list[dict[str, Any]]], case: str) -> None:
     for rank_result in _result(runs, "main", f"dcp_{case}"):
@@ -400,15 +421,17 @@ def test_dcp_round_trip_is_bit_for_bit(runs: dict[str, list[dict[str, Any]]], ca
 
 
 def test_dcp_load_on_other_rank_count(runs: dict[str, list[dict[str, Any]]]) -> None:
-    """Full-precision state reshards (2 -> 1 rank) and continues; 8-bit state is refused."""
+    """Full-precision state reshards (2 -> 1 rank) and continues; 8- and 4-bit state is
+    refused."""
     resumed = _result(runs, "reshard", "reshard_galore")[0]
     assert resumed["error"] == "no error"
     straight = _result(runs, "main", "dcp_galore")[0]["straight"]
     for got, want in zip(resumed["weights"], straight, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    refused = _result(runs, "reshard", "reshard_galore8bit")[0]["error"]
-    assert refused.startswith(CheckpointMismatchError.__name__)
-    assert "saved on 2 ranks" in refused and "has 1" in refused
+    for case in ("galore8bit", "galore4bit"):
+        refused = _result(runs, "reshard", f"reshard_{case}")[0]["error"]
+        assert refused.startswith(CheckpointMismatchError.__name__)
+        assert "saved on 2 ranks" in refused and "has 1" in refused
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,10 @@ rank's rows only, and a rank that raised alone would leave the others waiting), 
 after a refresh one all-reduce of two fp64 sums per refreshed parameter for the captured energy
 ``||G Q||^2 / ||G||^2``.
 
-State: moments (or 8-bit codes) are ``Shard(0)`` DTensors, the rest replicated plain values
+State: moments (or their 8-/4-bit codes) are ``Shard(0)`` DTensors, the rest replicated plain values
 (:mod:`lowrank_optim.distributed.sharding`), so ``torch.distributed.checkpoint`` round-trips
 it. Full-precision state loads on any number of ranks (DCP reshards the moments' rows; the
-basis is replicated); 8-bit state only on the number it was saved with, otherwise the first
+basis is replicated); quantized state only on the number it was saved with, otherwise the first
 step raises :class:`~lowrank_optim.errors.CheckpointMismatchError`.
 
 Refused with an error: placements other than ``(Shard(0),)`` on a 1-D mesh, ``proj_type``
@@ -133,7 +133,7 @@ def _check_supported(
     if state and state.get(WORLD_SIZE_KEY, world) != world:
         if _is_quantized(state):
             raise CheckpointMismatchError(
-                f"8-bit moments of {name} were saved on {state[WORLD_SIZE_KEY]} ranks and this "
+                f"Quantized moments of {name} were saved on {state[WORLD_SIZE_KEY]} ranks and this "
                 f"run has {world}: their quantization blocks follow the shards, so they load "
                 "only on the same number of ranks (full-precision moments load on any number)"
             )
@@ -180,7 +180,7 @@ class _LocalStates:
         for param, shape in zip(self.params, self.shapes, strict=True):
             state = self.optimizer.state[param]
             local_shape = (param.to_local().shape[0], *shape[1:])
-            view = local_view(state, local_shape)
+            view = local_view(state, local_shape, self.optimizer.moment_storage)
             self.saved.append(state)
             self.optimizer.state[param] = view
             views.append(view)
@@ -189,7 +189,7 @@ class _LocalStates:
     def __exit__(self, *exc: object) -> None:
         for param, shape, state in zip(self.params, self.shapes, self.saved, strict=True):
             view = self.optimizer.state[param]
-            store_sharded(state, view, param, shape)
+            store_sharded(state, view, param, shape, self.optimizer.moment_storage)
             self.optimizer.state[param] = state
 
 
@@ -203,7 +203,7 @@ def _dense_step(optimizer: GaLoreAdamW, group: dict[str, Any], items: list[Item]
             init_local_moments(
                 optimizer.moment_storage, view, tuple(local.shape), param.numel(), local
             )
-            store_sharded(state, view, param, tuple(param.shape))
+            store_sharded(state, view, param, tuple(param.shape), optimizer.moment_storage)
     locals_ = [param.to_local() for param in params]
     grads = [param.grad.to_local() for param in params]
     with _LocalStates(optimizer, params, [tuple(p.shape) for p in params]):
@@ -236,7 +236,7 @@ def _init_projected(
     view[keys.REFRESHES_SKIPPED] = 0
     view[keys.REFRESHES_FAILED] = 0
     init_stability_state(view, StabilityConfig.from_group(group))
-    store_sharded(optimizer.state[param], view, param, shape)
+    store_sharded(optimizer.state[param], view, param, shape, optimizer.moment_storage)
 
 
 def _projected_step(optimizer: GaLoreAdamW, group: dict[str, Any], items: list[Item]) -> None:

@@ -6,16 +6,19 @@ placement ``Shard(0)`` on a 1-D mesh: rank ``k`` of ``R`` holds rows
 hold fewer rows, or none). Gradients come back with the same layout after the reduce-scatter.
 
 The optimizer steps each rank's rows with local tensors (:func:`local_view`) and keeps every
-per-row entry of the state (the Adam moments, or their 8-bit codes) as a ``Shard(0)`` DTensor
+per-row entry of the state (the Adam moments, or their quantized codes) as a ``Shard(0)`` DTensor
 (:func:`store_sharded`), so ``torch.distributed.checkpoint`` saves and reshards it like the
 parameters. Entries that do not depend on the row (step, bases, metric histories, counters)
 are plain tensors and numbers, identical on every rank; DCP saves one copy of them.
 
-8-bit moments are quantized per rank in blocks of 256 consecutive values of the local shard.
-Codes are stored as ``(rows, cols)`` (so they shard like the moments); the per-block absmax is
-padded to the largest rank's block count so that it is a regular ``Shard(0)`` tensor. The block
-boundaries depend on the number of ranks, so 8-bit state reloads only with the same number;
-full-precision moments reshard to any number (see :mod:`lowrank_optim.distributed.fsdp`).
+Quantized (8- or 4-bit) moments are quantized per rank in blocks of consecutive values of the
+local shard, of the optimizer's :class:`~lowrank_optim.moment_storage.MomentStorage`'s
+``block_size``. Codes are stored as the moment's shape with its last dimension in bytes (``(rows,
+cols)`` for 8 bits, ``(rows, cols / 2)`` for 4), so they shard like the moments; the per-block
+absmax (and codes whose rows do not fill whole bytes: 4-bit codes of odd rows) is padded to the
+largest rank's count so that it is a regular ``Shard(0)`` tensor. The block boundaries depend on
+the number of ranks, so quantized state reloads only with the same number; full-precision
+moments reshard to any number (see :mod:`lowrank_optim.distributed.fsdp`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from lowrank_optim import state_keys as keys
@@ -95,27 +99,41 @@ def rows_per_rank(rows: int, world_size: int) -> list[int]:
     return [max(0, min(chunk, rows - rank * chunk)) for rank in range(world_size)]
 
 
-def _blocks(numel: int) -> int:
-    from lowrank_optim.quant import BLOCKSIZE
+def _codes_shape(global_shape: tuple[int, ...], bits: int) -> tuple[int, ...] | None:
+    """Global shape of a moment's ``bits``-bit codes sharded by rows: the moment's shape with its
+    last dimension in bytes; ``None`` when a row does not fill whole bytes (stored flat)."""
+    last = global_shape[-1] if len(global_shape) > 1 else 1
+    if (last * bits) % 8:
+        return None
+    return (*global_shape[:-1], last * bits // 8) if len(global_shape) > 1 else global_shape
 
-    return math.ceil(numel / BLOCKSIZE)
+
+def _flat_padded(value: torch.Tensor, width: int, mesh: DeviceMesh, world: int) -> DTensor:
+    """A flat per-rank entry padded to ``width`` (the largest rank's), as a ``Shard(0)``."""
+    padded = value.new_zeros(width)
+    padded[: value.numel()] = value.reshape(-1)
+    return DTensor.from_local(
+        padded, mesh, [Shard(0)], run_check=False, shape=(width * world,), stride=(1,)
+    )
 
 
-def local_view(state: dict[str, Any], local_shape: tuple[int, int]) -> dict[str, Any]:
+def local_view(
+    state: dict[str, Any], local_shape: tuple[int, int], storage: MomentStorage
+) -> dict[str, Any]:
     """A copy of ``state`` whose sharded entries are this rank's local tensors.
 
-    Full-precision moments are views of the DTensors' storage (updated in place); 8-bit codes
-    are reshaped back to flat, the absmax padding is dropped and the moment shape is the local
-    one, which is what :class:`~lowrank_optim.moment_storage.MomentStorage` expects.
+    Full-precision moments are views of the DTensors' storage (updated in place); quantized
+    codes are reshaped back to flat, the padding is dropped (sizes from ``storage``) and the
+    moment shape is the local one, which is what ``storage`` expects.
     """
     view = {}
     numel = math.prod(local_shape)
     for key, value in state.items():
         local = value.to_local() if isinstance(value, DTensor) else value
         if key in _CODE_KEYS:
-            local = local.reshape(-1)
+            local = local.reshape(-1)[: storage.code_bytes(numel)]
         elif key in _ABSMAX_KEYS:
-            local = local[: _blocks(numel)]
+            local = local[: storage.absmax_blocks(numel)]
         view[key] = local
     if MOMENT_SHAPE in state:
         view[MOMENT_SHAPE] = torch.tensor(local_shape, dtype=torch.int64)
@@ -127,33 +145,38 @@ def store_sharded(
     view: dict[str, Any],
     param: DTensor,
     global_shape: tuple[int, int],
+    storage: MomentStorage,
 ) -> None:
     """Write ``view`` back into ``state``, wrapping its per-row entries as ``Shard(0)`` DTensors.
 
     ``global_shape`` is the moments' logical shape (``m x r`` projected, ``m x n`` dense); the
-    replicated entries (and the global moment shape of 8-bit state) go back as they are.
+    replicated entries (and the global moment shape of quantized state) go back as they are.
+    ``storage`` (the optimizer's) gives the code bytes and absmax blocks of quantized moments.
     """
     mesh = param.device_mesh
     world = mesh.size()
     rows = rows_per_rank(global_shape[0], world)
-    cols = global_shape[1] if len(global_shape) > 1 else 1
+    row_numel = math.prod(global_shape[1:])
     for key, value in view.items():
         if key == MOMENT_SHAPE:
             state[key] = torch.tensor(global_shape, dtype=torch.int64)
         elif key not in SHARDED_KEYS:
             state[key] = value
         elif key in _ABSMAX_KEYS:
-            width = max(_blocks(count * cols) for count in rows)
-            padded = value.new_zeros(width)
-            padded[: value.numel()] = value
-            state[key] = DTensor.from_local(
-                padded, mesh, [Shard(0)], run_check=False, shape=(width * world,), stride=(1,)
-            )
+            width = max(storage.absmax_blocks(count * row_numel) for count in rows)
+            state[key] = _flat_padded(value, width, mesh, world)
         else:
-            local = value.reshape(-1, *global_shape[1:]) if key in _CODE_KEYS else value
-            stride = tuple(math.prod(global_shape[i + 1 :]) for i in range(len(global_shape)))
+            shape, local = global_shape, value
+            if key in _CODE_KEYS:
+                shape = _codes_shape(global_shape, storage.bits)
+                if shape is None:
+                    width = max(storage.code_bytes(count * row_numel) for count in rows)
+                    state[key] = _flat_padded(value, width, mesh, world)
+                    continue
+                local = value.reshape(-1, *shape[1:])
+            stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
             state[key] = DTensor.from_local(
-                local, mesh, [Shard(0)], run_check=False, shape=global_shape, stride=stride
+                local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
             )
     state[WORLD_SIZE_KEY] = world
 
@@ -167,13 +190,12 @@ def init_local_moments(
 ) -> None:
     """Zero moments for this rank's rows, quantized or not as the *whole* tensor would be.
 
-    The 8-bit storage keeps tensors under 4096 elements in full precision; deciding that on the
-    global size keeps the same state keys on every rank (a shard can be small when the tensor
-    is not), which DCP needs.
+    A quantized storage keeps tensors under its ``min_numel`` elements in full precision;
+    deciding that on the global size keeps the same state keys on every rank (a shard can be
+    small when the tensor is not), which DCP needs.
     """
     storage.init(view, local_shape, like)
-    min_numel = getattr(storage, "min_numel", None)
-    if min_numel is None or keys.EXP_AVG not in view or global_numel < min_numel:
+    if not storage.quantized or keys.EXP_AVG not in view or global_numel < storage.min_numel:
         return
     del view[keys.EXP_AVG], view[keys.EXP_AVG_SQ]
     view[MOMENT_SHAPE] = torch.tensor(local_shape, dtype=torch.int64)
