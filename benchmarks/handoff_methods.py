@@ -171,3 +171,19 @@ def post_hoc(
     plan = match_parameters(spectra, shapes, parameters, min_ratio)
     model, report = factorize_model(model, plan, return_report=True)
     return model, report, plan
+
+
+def scaled_plan(raw: dict[str, float], shapes: dict[str, tuple[int, int]], parameters: int) -> Any:
+    """Every matrix factorized at ``c x raw[name]`` (capped at full rank), ``c`` bisected so that
+    the factors hold about ``parameters`` parameters: an allocation proportional to ``raw``."""
+    from lowrank_optim.factorize import LayerRank, RankPlan
+
+    def ranks(factor: float) -> dict[str, int]:
+        return {n: min(min(shapes[n]), max(1, round(factor * v))) for n, v in raw.items()}
+
+    low, high = 0.0, 1e4
+    for _ in range(60):
+        middle = (low + high) / 2
+        used = sum(k * sum(shapes[n]) for n, k in ranks(middle).items())
+        low, high = (middle, high) if used < parameters else (low, middle)
+    return RankPlan({n: LayerRank(k, shapes[n], True) for n, k in ranks(low).items()})

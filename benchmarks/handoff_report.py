@@ -111,6 +111,55 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def allocation_check(study: Any, seed: int, removed: float) -> dict[str, float] | None:
+    """Eval loss of the dense run's final model compressed, with no fine-tune, to ``removed`` of
+    its projected-matrix parameters under four rank allocations: WeLore's global threshold,
+    Cuttlefish's (stable rank x full rank / stable rank at init), the stable rank alone, and
+    one rank share for all. ``None`` without the run's checkpoint (not kept in git)."""
+    from handoff_methods import match_parameters, scaled_plan, stable_rank
+    from handoff_study import Job, _folder, _projected_total
+
+    from lowrank_optim.checkpoint import load_checkpoint
+    from lowrank_optim.data import build_corpus, validation_batches
+    from lowrank_optim.factorize import factorize_model
+    from lowrank_optim.models import build_llama, load_llama_config
+    from lowrank_optim.pretrain import evaluate
+
+    path = _folder(study, Job("dense", 0.0, seed)) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    corpus = build_corpus(max_bytes=study.corpus_bytes)
+    config = load_llama_config(study.model, vocab_size=corpus.tokenizer.vocab_size)
+    val = validation_batches(corpus.val_tokens, study.batch_size, study.seq_len, study.eval_batches)
+    weights = load_checkpoint(path)["model"]
+    initial = build_llama(config, seed=seed).state_dict()
+    projected, shapes = _projected_total(study)
+    budget = round((1.0 - removed) * projected)
+    names = {name: f"{name}.weight" for name in shapes}
+    spectra = {n: torch.linalg.svdvals(weights[w].float()) for n, w in names.items()}
+    now = {n: stable_rank(weights[w]) for n, w in names.items()}
+    plans = {
+        "welore": match_parameters(spectra, shapes, budget, study.min_ratio),
+        "cuttlefish": scaled_plan(
+            {n: now[n] * min(shapes[n]) / stable_rank(initial[w]) for n, w in names.items()},
+            shapes,
+            budget,
+        ),
+        "stable_rank": scaled_plan(now, shapes, budget),
+        "uniform": scaled_plan({n: float(min(shapes[n])) for n in shapes}, shapes, budget),
+    }
+    losses = {}
+    for label, plan in plans.items():
+        model = build_llama(config, seed=seed)
+        model.load_state_dict(weights)
+        losses[label] = evaluate(factorize_model(model, plan), val)
+    return losses
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -242,6 +291,16 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             [r["final_overlap"] for r in layers], [r["relative_error"] for r in layers]
         ),
     }
+    welore_row = next(r for r in headline if r["method"] == "welore")
+    allocations = {
+        seed: check
+        for seed in dense_seeds
+        if (check := allocation_check(study, seed, welore_row["removed"])) is not None
+    }
+    allocation_rows = [
+        [label, _fmt(*_mean_std([allocations[s][label] for s in allocations]))]
+        for label in next(iter(allocations.values()), {})
+    ]
     _pareto(rows, dense, folder / "handoff_pareto.png")
     _layers_plot(layers, folder / "handoff_layers.png")
     text = "\n\n".join(
@@ -259,6 +318,11 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
                 cost,
             ),
             timing_line,
+            "## Rank allocation, post hoc (dense final models, no fine-tune, "
+            f"{100 * welore_row['removed']:.0f}% of projected parameters removed)",
+            markdown_table(["allocation", "eval loss"], allocation_rows)
+            if allocation_rows
+            else "Not measured: the dense runs' checkpoints are not in this cache.",
             "## Every target",
             markdown_table(["method", "target", "seeds", "removed (%)", "final eval loss"], sweep),
             "## The seed paper's claim, per layer (dense runs, all seeds)",
@@ -270,7 +334,8 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     path.write_text(text + "\n")
     write_json(
         "handoff_study",
-        {"study": study.__dict__, **collected, "layers": layers, "correlations": correlations},
+        {"study": study.__dict__, **collected, "layers": layers, "correlations": correlations,
+         "allocations": allocations},
         folder,
     )
     print(text)
