@@ -175,8 +175,9 @@ class WeLoreAdamW(GaLoreAdamW):
     def handoff_due(self, step: int | None = None) -> bool:
         """Whether :meth:`maybe_handoff` looks at the layers at ``step`` (default: now).
 
-        True at check steps from ``start_step`` on while some projected layer is still dense;
-        a training loop can use it to evaluate the model just before a possible hand-off.
+        True at check steps from ``start_step`` on (``current_step`` counts the projected
+        layers still dense, so it is 0, and this False, once all of them are handed off); a
+        training loop can use it to evaluate the model just before a possible hand-off.
         """
         config = self.handoff_config
         step = self.current_step() if step is None else step
