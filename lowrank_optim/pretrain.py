@@ -64,7 +64,7 @@ class PretrainConfig:
     handoff_start: float = 0.4
     target_reduction: float = 0.8
     min_ratio: float = 0.5
-    handoff_end: float = 0.8
+    handoff_end: float = 0.6
     handoff_trigger: str = "stable"
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
