@@ -16,7 +16,7 @@ Methods (all at equal training tokens):
 5. ``posthoc``: method 1's final model compressed by WeLore to method 2's parameter count,
    evaluated as is (``posthoc``) and after fine-tuning only the factors on 10% of the training
    tokens (``posthoc+ft``);
-6. ``scratch``: factorized from step 0 at method 2's final ranks, AdamW, best of three lrs.
+6. ``scratch``: factorized from step 0 at method 2's final ranks, AdamW, best of four lrs.
 
 Every run's summary is cached under ``--out``; an interrupted study continues where it stopped.
 
@@ -84,7 +84,7 @@ class Study:
     targets: tuple[float, ...] = (0.6, 0.8, 0.9)
     headline: float = 0.8
     seeds: tuple[int, ...] = (0, 1, 2)
-    scratch_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    scratch_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     finetune_fraction: float = 0.1
     eval_batches: int = 16
     corpus_bytes: int = 6_000_000
@@ -156,7 +156,8 @@ def _folder(study: Study, job: Job) -> Path:
 def _settings(study: Study, method: str) -> dict[str, Any]:
     """What a cached result of ``method`` depends on (not where it is kept)."""
     values = asdict(study)
-    del values["out"]
+    for key in ("out", "targets", "headline", "seeds", "scratch_lrs"):  # which runs, not how
+        del values[key]
     if method in ("dense", "oneshot", "cuttlefish"):
         for key in _STABILITY_ONLY:
             if not (method == "cuttlefish" and key == "handoff_end"):  # its deadline
@@ -318,7 +319,7 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
     from lowrank_optim.models import build_llama, count_parameters, load_llama_config
-    from lowrank_optim.pretrain import cosine_with_warmup, evaluate
+    from lowrank_optim.pretrain import evaluate
     from lowrank_optim.welore import trainable_lrc
 
     dense = _folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
@@ -340,12 +341,11 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
     steps = max(int(study.finetune_fraction * study.steps), 1) if report else 0
     if report:  # nothing to fine-tune when method 2 handed nothing off
         trainable_lrc(model, verbose=False)
+    # The learning rate the dense run ended with (lr x scale x min_lr_ratio for its projected
+    # weights), held: a fine-tune at the end of training, not a second warm-up.
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=study.lr * study.scale
-    )
-    warmup = max(steps // 10, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, steps, warmup, 0.1)
+        [p for p in model.parameters() if p.requires_grad],
+        lr=study.lr * study.scale * config.min_lr_ratio,
     )
     # A data order of its own: the fine-tune sees tokens the dense run saw, reshuffled.
     batches = TokenBatches(
@@ -357,7 +357,6 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
         model(input_ids=batch, labels=batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     after = evaluate(model, val)
     return {
