@@ -248,14 +248,14 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             r["seeds"],
             _fmt(100 * r["removed"], 100 * r["removed_std"], 1),
             _fmt(r["eval_loss"], r["eval_loss_std"]),
-            f"{100 * (r['eval_loss'] / dense['eval_loss'] - 1):+.2f}%",
+            f"{100 * r['vs_dense']:+.2f}% ± {100 * r['vs_dense_std']:.2f}%",
             f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-",
         ]
         for r in headline
     ]
     sweep = [
         [LABELS[r["method"]], f"{r['target']:g}", r["seeds"], f"{100 * r['removed']:.1f}",
-         _fmt(r["eval_loss"], r["eval_loss_std"])]
+         _fmt(r["eval_loss"], r["eval_loss_std"]), f"{100 * r['vs_dense']:+.2f}%"]
         for r in rows
         if r["method"] != "dense"
     ]
@@ -308,7 +308,7 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             f"# Hand-off study (headline target {study.headline:g} of the rank)",
             markdown_table(
                 ["method", "seeds", "projected params removed (%)", "final eval loss",
-                 "vs dense", "wall (s)"],
+                 "vs dense (same seed)", "wall (s)"],
                 table,
             ),
             "## Training cost at the headline target",
@@ -324,7 +324,9 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             if allocation_rows
             else "Not measured: the dense runs' checkpoints are not in this cache.",
             "## Every target",
-            markdown_table(["method", "target", "seeds", "removed (%)", "final eval loss"], sweep),
+            markdown_table(
+                ["method", "target", "seeds", "removed (%)", "final eval loss", "vs dense"], sweep
+            ),
             "## The seed paper's claim, per layer (dense runs, all seeds)",
             "Spearman rank correlations: "
             + ", ".join(f"{k} {v:+.2f}" for k, v in correlations.items()),

@@ -440,6 +440,11 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 def collect(study: Study) -> dict[str, Any]:
     """Every cached result, grouped per (method, target), with means and stds over seeds."""
     projected, _ = _projected_total(study)
+    dense_loss = {
+        seed: result["final_eval_loss"]
+        for seed in study.seeds
+        if (result := _done(study, Job("dense", 0.0, seed))) is not None
+    }
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for folder in sorted(Path(study.out).glob("*/result.json")):
         result = json.loads(folder.read_text())
@@ -460,6 +465,7 @@ def collect(study: Study) -> dict[str, Any]:
             memory = [b for _, b in result.get("training_bytes", []) if b]
             rows.setdefault((name, target), []).append(
                 {"seed": result["seed"], "loss": loss, "removed": removed,
+                 "delta": loss / dense_loss[result["seed"]] - 1.0,
                  "bytes_end": memory[-1] if memory else None,
                  "bytes_mean": statistics.fmean(memory) if memory else None,
                  **{key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
@@ -470,9 +476,11 @@ def collect(study: Study) -> dict[str, Any]:
         runs = rows[(method, target)]
         loss, loss_std = _stats([r["loss"] for r in runs])
         removed, removed_std = _stats([r["removed"] for r in runs])
+        delta, delta_std = _stats([r["delta"] for r in runs])
         summary.append({
             "method": method, "target": target, "seeds": len(runs), "eval_loss": loss,
             "eval_loss_std": loss_std, "removed": removed, "removed_std": removed_std,
+            "vs_dense": delta, "vs_dense_std": delta_std,
             "parameters_end": statistics.fmean(r["parameters_end"] or 0 for r in runs),
             "wall_seconds": statistics.fmean(r["wall_seconds"] or 0 for r in runs),
             "training_bytes_end": _mean_or_none([r["bytes_end"] for r in runs]),
