@@ -534,9 +534,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --------------------------------------------------------------------------------- timing
 def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> dict[str, float]:
@@ -578,3 +575,7 @@ def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> d
         step()  # warm-up
         actions[label] = step
     return interleaved_medians(actions, rounds, repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
