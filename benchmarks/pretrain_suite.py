@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import RESULTS, interleaved_medians, markdown_table, write_json
 
 from lowrank_optim.plots import plot_losses, plot_stability, read_records
@@ -185,7 +186,17 @@ def handoff_step_times(config: PretrainConfig, log: Path, rounds: int = 3) -> di
     factorize_model(handed_off, plan)
 
     def training_step(model: Any) -> Any:
-        optimizer = build_optimizer(model, spec)
+        dense_left = any(
+            type(module) is torch.nn.Linear and ("attn" in name or "mlp" in name)
+            for name, module in model.named_modules()
+        )
+        # Once every projected layer is handed off, everything left trains with plain AdamW,
+        # as WeLoreAdamW's factor groups do.
+        optimizer = (
+            build_optimizer(model, spec)
+            if dense_left
+            else torch.optim.AdamW(model.parameters(), lr=spec.lr)
+        )
 
         def run() -> None:
             model(input_ids=ids, labels=ids).loss.backward()
