@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_pretrain import tiny_run
 
 from lowrank_optim.cli import main
 from lowrank_optim.pretrain import PretrainConfig, run_pretraining
@@ -22,39 +23,10 @@ __all__: list[str] = []
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "vocab_size": 512,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
-
-
 @pytest.fixture
 def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    monkeypatch.setenv("LOWRANK_OPTIM_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY_MODEL))
-    return {
-        "model": str(path),
-        "optimizer": "galore_adamw",
-        "steps": 12,
-        "batch_size": 4,
-        "seq_len": 32,
-        "vocab_size": 512,
-        "corpus_bytes": 1_500_000,
-        "eval_every": 6,
-        "eval_batches": 2,
-        "checkpoint_every": 6,
-        "rank": 8,
-        "update_proj_gap": 4,
-        "progress": False,
-    }
+    # test_pretrain's tiny run, with GaLoreAdamW (no hand-offs: these tests are about the CLI)
+    return {**tiny_run(tmp_path, monkeypatch), "optimizer": "galore_adamw"}
 
 
 def cli_args(settings: dict[str, Any], out: Path, *extra: str) -> list[str]:

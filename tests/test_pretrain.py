@@ -25,6 +25,11 @@ TINY_MODEL = {
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
+    return tiny_run(tmp_path, monkeypatch)
+
+
+def tiny_run(tmp_path, monkeypatch) -> dict:
+    """Settings of a 12-step run of a 2-layer LLaMA on 1.5 MB of the built-in corpus."""
     monkeypatch.setenv("LOWRANK_OPTIM_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY_MODEL))
