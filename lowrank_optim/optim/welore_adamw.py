@@ -166,8 +166,7 @@ class WeLoreAdamW(GaLoreAdamW):
         """
         config = self.handoff_config
         if config.trigger == "step":
-            first_check = -(-max(config.start_step, 1) // config.check_every) * config.check_every
-            return list(candidates) if step == first_check else []
+            return list(candidates) if step == self._first_check() else []
         if config.end_step is not None and step >= config.end_step:
             return list(candidates)  # the window has closed: whatever qualifies goes now
         return [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
@@ -175,13 +174,21 @@ class WeLoreAdamW(GaLoreAdamW):
     def handoff_due(self, step: int | None = None) -> bool:
         """Whether :meth:`maybe_handoff` looks at the layers at ``step`` (default: now).
 
-        True at check steps from ``start_step`` on (``current_step`` counts the projected
-        layers still dense, so it is 0, and this False, once all of them are handed off); a
-        training loop can use it to evaluate the model just before a possible hand-off.
+        True at check steps from ``start_step`` on (with ``trigger="step"``, at the one check
+        step of the one-shot cut only). ``current_step`` counts the projected layers still
+        dense, so it is 0, and this False, once all of them are handed off. A training loop can
+        use it to evaluate the model just before a possible hand-off.
         """
         config = self.handoff_config
         step = self.current_step() if step is None else step
+        if config.trigger == "step":
+            return step == self._first_check()
         return step >= max(config.start_step, 1) and step % config.check_every == 0
+
+    def _first_check(self) -> int:
+        """The first check step at or after ``start_step`` (and after step 0)."""
+        config = self.handoff_config
+        return -(-max(config.start_step, 1) // config.check_every) * config.check_every
 
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
         """Hand off the layers that qualify now; returns the model to keep training.
