@@ -27,15 +27,15 @@ from typing import Any
 
 import torch
 from common import RESULTS, markdown_table, write_json
-
-from lowrank_optim.compress import compress_model
-from lowrank_optim.welore import (
+from distill_support import (
     distill_embeddings,
     embedding_cosine,
     sentence_embeddings,
     stdlib_docstrings,
-    trainable_lrc,
 )
+
+from lowrank_optim.compress import compress_model
+from lowrank_optim.factorize import trainable_lrc
 
 __all__ = ["fine_tune", "main"]
 

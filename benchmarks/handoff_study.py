@@ -318,9 +318,9 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
 
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
+    from lowrank_optim.factorize import trainable_lrc
     from lowrank_optim.models import build_llama, count_parameters, load_llama_config
     from lowrank_optim.pretrain import evaluate
-    from lowrank_optim.welore import trainable_lrc
 
     dense = _folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
     welore = _done(study, Job("welore", job.target, job.seed))

@@ -11,6 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.distill_support import (
+    distill_embeddings,
+    embedding_cosine,
+    sentence_embeddings,
+    stdlib_docstrings,
+)
 from lowrank_optim.cli import main
 from lowrank_optim.compress import (
     CompressionError,
@@ -20,13 +26,11 @@ from lowrank_optim.compress import (
     module_type_of,
     plan_for_target,
 )
-from lowrank_optim.factorize import PLAN_FILE, LowRankLinear, spectra_of
-from lowrank_optim.welore import (
+from lowrank_optim.factorize import (
     ADAMW_STATES,
-    distill_embeddings,
-    embedding_cosine,
-    sentence_embeddings,
-    stdlib_docstrings,
+    PLAN_FILE,
+    LowRankLinear,
+    spectra_of,
     trainable_lrc,
 )
 

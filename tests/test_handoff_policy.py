@@ -10,7 +10,7 @@ from test_welore import EAGER_HANDOFF, batches, make_optimizer, tiny_model, trai
 
 from lowrank_optim import HandoffConfig
 from lowrank_optim.factorize import LowRankLinear
-from lowrank_optim.optim.welore_adamw import FACTORS_OF
+from lowrank_optim.handoff import FACTORS_OF
 
 __all__: list[str] = []
 

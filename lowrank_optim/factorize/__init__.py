@@ -1,5 +1,12 @@
-"""WeLore factorization: data-free rank selection, ``LowRankLinear``, model surgery, saving."""
+"""WeLore factorization: data-free rank selection, ``LowRankLinear``, model surgery, saving,
+and fine-tuning only the low-rank components (Jaiswal et al., "From GaLore to WeLore", 2024)."""
 
+from lowrank_optim.factorize.finetune import (
+    ADAMW_STATES,
+    LrcTrainable,
+    is_norm,
+    trainable_lrc,
+)
 from lowrank_optim.factorize.lowrank_linear import LowRankLinear, factor_weight
 from lowrank_optim.factorize.rank_selection import (
     LayerRank,
@@ -11,6 +18,7 @@ from lowrank_optim.factorize.rank_selection import (
     plan_ranks,
     solve_threshold,
     spectra_of,
+    worth_factorizing,
 )
 from lowrank_optim.factorize.serialization import (
     PLAN_FILE,
@@ -27,9 +35,11 @@ from lowrank_optim.factorize.surgery import (
 )
 
 __all__ = [
+    "ADAMW_STATES",
     "PLAN_FILE",
     "LayerRank",
     "LowRankLinear",
+    "LrcTrainable",
     "RankPlan",
     "default_include",
     "dense_weight_of",
@@ -37,6 +47,7 @@ __all__ = [
     "factorize_model",
     "from_pretrained_factorized",
     "init_lowrank_structure",
+    "is_norm",
     "load_factorized",
     "merge_model",
     "normalized_spectrum",
@@ -47,4 +58,6 @@ __all__ = [
     "save_pretrained_factorized",
     "solve_threshold",
     "spectra_of",
+    "trainable_lrc",
+    "worth_factorizing",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "plan_ranks",
     "solve_threshold",
     "spectra_of",
+    "worth_factorizing",
 ]
 
 
@@ -164,10 +165,17 @@ def plan_ranks(
         rows, cols = (int(d) for d in shapes[name])
         normalized = normalized_spectrum(values)
         kept = max(int((normalized >= threshold).sum()), 1)
-        ratio = 1.0 - kept / min(rows, cols)
-        lrc = ratio > min_ratio and kept * (rows + cols) < rows * cols
+        lrc = worth_factorizing(kept, rows, cols, min_ratio)
         layers[name] = LayerRank(kept if lrc else min(rows, cols), (rows, cols), lrc)
     return RankPlan(layers, threshold)
+
+
+def worth_factorizing(rank: int, rows: int, cols: int, min_ratio: float) -> bool:
+    """WeLore's LRC rule: factorize an ``rows x cols`` matrix at ``rank`` only if its rank
+    reduction ``1 - rank / min(rows, cols)`` exceeds ``min_ratio`` and the factors are smaller
+    than the matrix, ``rank (rows + cols) < rows cols``."""
+    reduction = 1.0 - rank / min(rows, cols)
+    return reduction > min_ratio and rank * (rows + cols) < rows * cols
 
 
 def default_include(name: str, module: nn.Module) -> bool:

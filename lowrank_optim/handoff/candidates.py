@@ -1,50 +1,43 @@
-"""WeLore hand-off: pick converged layers, choose their rank, swap in factors, move the state.
+"""Which layers can be handed off: candidates, refusals, and stability readiness.
 
-The pieces WeLoreAdamW composes (Jaiswal et al., "From GaLore to WeLore", ICML 2025):
-
-1. :func:`find_candidates` finds the linear layers (``nn.Linear`` and transformers' ``Conv1D``,
-   the types :class:`~lowrank_optim.factorize.LowRankLinear` can replace) whose weight the
-   optimizer projects, and says why each other projected weight can never be handed off
-   (another module type, an INT8 ``QuantizedLinear``, or a weight tied to another module).
-2. :func:`choose_ranks` runs WeLore's data-free rank selection over all projected weights with
-   one global threshold, counting the rank already removed by earlier hand-offs, so the overall
-   target holds however many hand-offs it takes.
-3. :func:`factor_moments` carries the layer's low-rank Adam moments onto the two factors.
-
-Moment carry. With ``W ~ U D`` (``U = U_k S^1/2``, ``D = S^1/2 V_k^T``) the factor gradients
-are ``G_U = G D^T`` and ``G_D = U^T G``. GaLore's first moment ``M`` lives in projected
-coordinates; ``back(M)`` (e.g. ``P M``) is its full-space estimate, so
-``m_U = back(M) D^T`` and ``m_D = U^T back(M)`` are exact images of it. The second moment is
-carried under the same independence assumption used at a basis refresh: ``back_sq(V)``
-(``(P o P) V``) estimates ``E[G^2]`` elementwise, and ``v_U = back_sq(V) (D o D)^T``,
-``v_D = (U o U)^T back_sq(V)``. The step count is kept, so bias correction stays consistent.
-A ``Conv1D`` stores its weight ``in x out`` (``y = x W + b``), so its gradient and moments are
-the transposes of the equivalent linear layer's: they are transposed to ``out x in`` after the
-projection back and before the formulas above.
+WeLore (Jaiswal et al., "From GaLore to WeLore: How Low-Rank Weights Non-uniformly Emerge
+from Low-Rank Gradients", ICML 2025) hands off the linear layers whose gradient subspace has
+settled. :func:`find_candidates` finds the linear layers (``nn.Linear`` and transformers'
+``Conv1D``, the types :class:`~lowrank_optim.factorize.LowRankLinear` can replace) whose weight
+the optimizer projects, and says why each other projected weight can never be handed off
+(another module type, an INT8 ``QuantizedLinear``, or a weight tied to another module).
+:func:`stable_long_enough` is the per-layer readiness test on the stability state, and
+:func:`first_check_step` / :func:`is_check_step` the schedule of the steps at which layers are
+looked at.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_optim.factorize import dense_weight_of, normalized_spectrum, solve_threshold
-from lowrank_optim.projection import LEFT, RIGHT
+from lowrank_optim.config import HandoffConfig
+from lowrank_optim.factorize import dense_weight_of
 from lowrank_optim.quant.quantized_linear import QuantizedLinear
+from lowrank_optim.stability import STABLE_SINCE
 
 __all__ = [
     "HandoffCandidate",
+    "IsProjected",
     "Refusal",
-    "choose_ranks",
-    "factor_moments",
     "find_candidates",
+    "first_check_step",
+    "is_check_step",
     "projected_linears",
-    "shrink_tail_",
-    "top_subspace",
+    "stable_long_enough",
 ]
+
+#: ``is_projected(group, param)``: whether the optimizer projects ``param`` (GaLoreAdamW's).
+IsProjected = Callable[[dict[str, Any], torch.Tensor], bool]
 
 
 @dataclass(frozen=True)
@@ -106,7 +99,7 @@ def _owners(model: nn.Module, ids: set[int]) -> dict[int, list[tuple[str, nn.Mod
 
 
 def find_candidates(
-    model: nn.Module, optimizer: torch.optim.Optimizer, is_projected: Any
+    model: nn.Module, optimizer: torch.optim.Optimizer, is_projected: IsProjected
 ) -> tuple[list[HandoffCandidate], list[Refusal]]:
     """The projected layers that can be handed off, and why each other projected weight cannot.
 
@@ -149,93 +142,32 @@ def find_candidates(
 
 
 def projected_linears(
-    model: nn.Module, optimizer: torch.optim.Optimizer, is_projected: Any
+    model: nn.Module, optimizer: torch.optim.Optimizer, is_projected: IsProjected
 ) -> list[HandoffCandidate]:
     """The layers of ``model`` that can be handed off (see :func:`find_candidates`)."""
     return find_candidates(model, optimizer, is_projected)[0]
 
 
-def choose_ranks(
-    spectra: dict[str, torch.Tensor],
-    removed_before: int,
-    total_rank: int,
-    target_reduction: float,
-) -> dict[str, int]:
-    """Ranks to keep for the dense matrices in ``spectra`` under WeLore's global threshold.
+def stable_long_enough(state: Mapping[str, Any] | None, step: int, min_stable_steps: int) -> bool:
+    """Whether a parameter's stability state says it has been stable ``min_stable_steps``.
 
-    ``total_rank`` is ``sum(min(m, n))`` over all projected matrices, factorized ones included,
-    and ``removed_before`` the rank their hand-offs already removed. The threshold is solved on
-    the dense matrices for whatever is left of ``target_reduction * total_rank``; a matrix keeps
-    the count of its normalized singular values at or above it.
+    ``STABLE_SINCE`` is the step at which the stability criterion last started to hold (``-1``
+    while it does not): a subspace that has stopped rotating for a while is the paper's sign
+    that the weight itself has become low-rank.
     """
-    dense_rank = sum(values.numel() for values in spectra.values())
-    still_to_remove = target_reduction * total_rank - removed_before
-    if still_to_remove <= 0 or dense_rank == 0:
-        return {name: values.numel() for name, values in spectra.items()}
-    share = min(still_to_remove / dense_rank, 1.0 - 0.5 / dense_rank)
-    threshold = solve_threshold(spectra, share)
-    return {
-        name: max(int((normalized_spectrum(values) >= threshold).sum()), 1)
-        for name, values in spectra.items()
-    }
+    if not state or state[STABLE_SINCE] < 0:
+        return False
+    return step - state[STABLE_SINCE] >= min_stable_steps
 
 
-def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
-    left, right = bases.get(LEFT), bases.get(RIGHT)
-    full = low
-    if left is not None:
-        full = (left.square() if squared else left) @ full
-    if right is not None:
-        full = full @ (right.square() if squared else right).T
-    return full
+def first_check_step(config: HandoffConfig) -> int:
+    """The first check step at or after ``start_step`` (and after step 0)."""
+    return -(-max(config.start_step, 1) // config.check_every) * config.check_every
 
 
-def factor_moments(
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    bases: dict[str, torch.Tensor],
-    up: torch.Tensor,
-    down: torch.Tensor,
-    *,
-    transposed: bool = False,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``((m_U, v_U), (m_D, v_D))`` for the factors ``up`` (``m x k``) and ``down`` (``k x n``)
-    from a layer's low-rank moments (see the module docstring for the math).
-
-    ``transposed``: the moments and bases belong to a weight stored ``n x m`` (a ``Conv1D``);
-    the full-space moments are transposed to ``m x n`` before they meet the factors.
-    """
-    compute = torch.promote_types(up.dtype, torch.float32)  # fp32 at least, fp64 kept
-    wide = {key: basis.to(compute) for key, basis in bases.items()}
-    first = _back(exp_avg.to(compute), wide, squared=False)
-    second = _back(exp_avg_sq.to(compute), wide, squared=True)
-    if transposed:
-        first, second = first.T, second.T
-    up_wide, down_wide = up.detach().to(compute), down.detach().to(compute)
-    return (
-        (first @ down_wide.T, second @ down_wide.square().T),
-        (up_wide.T @ first, up_wide.square().T @ second),
-    )
-
-
-def top_subspace(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, bool]:
-    """Orthonormal basis of the top-``rank`` singular subspace of ``dense`` (``m x n``), on its
-    smaller side: ``(U_k, True)`` (``m x k``) if ``m <= n``, else ``(V_k, False)`` (``n x k``)."""
-    left = dense.shape[0] <= dense.shape[1]
-    u, _, vh = torch.linalg.svd(dense.detach().float(), full_matrices=False)
-    return (u[:, :rank].contiguous(), True) if left else (vh[:rank].T.contiguous(), False)
-
-
-@torch.no_grad()
-def shrink_tail_(dense: torch.Tensor, basis: torch.Tensor, left: bool, keep: float) -> None:
-    """Scale the part of ``dense`` outside ``basis``'s subspace by ``keep``, in place.
-
-    With ``U`` the basis (left side), ``W = U U^T W + T`` and ``W <- U U^T W + keep * T``; on the
-    right side ``W = W V V^T + T``. ``keep = 0`` leaves ``W`` of rank at most ``k``, so a rank-``k``
-    factorization of it is exact. This is the hand-off's taper: the tail is removed over several
-    steps while the layer still trains, instead of all at once by the truncation.
-    """
-    work = dense.float()
-    basis = basis.to(work.device)
-    inside = basis @ (basis.T @ work) if left else (work @ basis) @ basis.T
-    dense.copy_(inside + keep * (work - inside))
+def is_check_step(config: HandoffConfig, step: int) -> bool:
+    """Whether layers are looked at at ``step``: every ``check_every`` steps from ``start_step``
+    on, or (``trigger="step"``, the one-shot cut) at the first such step only."""
+    if config.trigger == "step":
+        return step == first_check_step(config)
+    return step >= max(config.start_step, 1) and step % config.check_every == 0

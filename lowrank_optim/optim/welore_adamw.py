@@ -32,40 +32,46 @@ import torch
 from torch import nn
 
 from lowrank_optim import state_keys as keys
-from lowrank_optim.basis_storage import read_basis
-from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
-from lowrank_optim.distributed.fsdp import refuse_sharded_handoff
-from lowrank_optim.errors import CheckpointMismatchError
-from lowrank_optim.factorize import LowRankLinear, dense_weight_of, replace_module
+from lowrank_optim.config import HandoffConfig, StabilityConfig
+from lowrank_optim.factorize import worth_factorizing
 from lowrank_optim.handoff import (
+    FACTORS_OF,
     HandoffCandidate,
     Refusal,
-    choose_ranks,
-    factor_moments,
+    advance_taper_,
+    check_own_handoffs,
+    factor_group,
     find_candidates,
-    projected_linears,
-    shrink_tail_,
-    top_subspace,
+    first_check_step,
+    hand_off_layer,
+    is_check_step,
+    parse_plan_entry,
+    plan_entry_of,
+    reapply_plan,
+    refuse_sharded_handoff,
+    rewarmup_stages,
+    rewrap,
+    stable_long_enough,
+    taper_entry,
+    unwrap,
+    welore_ranks,
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
-from lowrank_optim.projection import LEFT, RIGHT
-from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
 
 __all__ = ["WeLoreAdamW"]
 
-#: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
-FACTORS_OF = "welore_factors_of"
-#: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
-HANDOFF_STEP = "handoff_step"
-_CHECKPOINT_KEY = "welore"
+#: Key of the hand-off plan, records and tapers in :meth:`WeLoreAdamW.state_dict`.
+CHECKPOINT_KEY = "welore"
 
 
 class WeLoreAdamW(GaLoreAdamW):
     """GaLoreAdamW plus stability tracking plus WeLore hand-offs to low-rank factors.
 
     Args:
-        params, lr, betas, eps, weight_decay, projection, stability, on_bad_gradient: as
-            :class:`GaLoreAdamW`.
+        params, lr, betas, eps, weight_decay, projection, on_bad_gradient: as
+            :class:`GaLoreAdamW` (passed through to it).
+        stability: the stability criterion that decides when a layer is ready
+            (:class:`StabilityConfig`, as in :class:`GaLoreAdamW`).
         handoff: when and how layers are handed off (:class:`HandoffConfig`).
         model: the model the parameters belong to; needed by :meth:`maybe_handoff` (unless
             passed there) and to resume a checkpoint taken after hand-offs.
@@ -80,35 +86,25 @@ class WeLoreAdamW(GaLoreAdamW):
     For every projected param group the constructor appends one (initially empty) plain-AdamW
     group that will hold that group's factors, with the same hyper-parameters, so that learning
     rate schedulers created afterwards drive the factors too.
+
+    This class decides *when* (its hooks :meth:`ready_for_handoff`, :meth:`ready_layers`,
+    :meth:`handoff_due`, :meth:`layer_ranks` may be overridden); :mod:`lowrank_optim.handoff`
+    does the rest.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        projection: ProjectionConfig | None = None,
+        *args: Any,
         stability: StabilityConfig | None = None,
         handoff: HandoffConfig | None = None,
-        on_bad_gradient: str = "raise",
         model: nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
         if handoff is not None and not isinstance(handoff, HandoffConfig):
             raise ValueError(f"Invalid handoff: {handoff!r}; expected a HandoffConfig")
         self.handoff_config = handoff or HandoffConfig()
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            projection=projection,
-            stability=stability,
-            on_bad_gradient=on_bad_gradient,
-        )
+        super().__init__(params, *args, stability=stability, **kwargs)
         self.model = model
         #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
         self.plan: dict[str, dict[str, Any]] = {}
@@ -117,30 +113,13 @@ class WeLoreAdamW(GaLoreAdamW):
         self.tapering: dict[str, dict[str, Any]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, why): each warning only once
         if model is not None:
-            self._warn_refusals(find_candidates(_unwrap(model), self, self.is_projected)[1])
+            self._warn_refusals(find_candidates(unwrap(model), self, self.is_projected)[1])
+        ratio = self.handoff_config.factor_lr_scale
         for index, group in enumerate(list(self.param_groups)):
             if group.get("rank") is not None:
-                self.add_param_group(self._factor_group(group, index))
+                self.add_param_group(factor_group(group, index, ratio))
 
-    def _factor_group(self, source: dict[str, Any], index: int) -> dict[str, Any]:
-        hyper = ("betas", "eps", "weight_decay", "on_bad_gradient")
-        group: dict[str, Any] = {"params": [], FACTORS_OF: index}
-        group.update({key: source[key] for key in hyper})
-        # See HandoffConfig.factor_lr_scale: the factors keep the step size the projected
-        # weight was trained with, lr * scale, unless the user sets another ratio.
-        ratio = self.handoff_config.factor_lr_scale
-        group["lr"] = source["lr"] * (source["scale"] if ratio is None else ratio)
-        if "param_names" in source:
-            group["param_names"] = []
-        return group
-
-    def _factor_group_of(self, source_index: int) -> dict[str, Any]:
-        for group in self.param_groups:
-            if group.get(FACTORS_OF) == source_index:
-                return group
-        raise RuntimeError(f"no factor group for param group {source_index}")
-
-    # ---------------------------------------------------------------------------- hand-off
+    # ---------------------------------------------------------------------------- hooks
     def current_step(self) -> int:
         """The largest step count over the projected parameters (0 before the first step)."""
         steps = [
@@ -153,10 +132,7 @@ class WeLoreAdamW(GaLoreAdamW):
 
     def ready_for_handoff(self, param: torch.Tensor, step: int) -> bool:
         """Stable for at least ``min_stable_steps``, per the stability criterion."""
-        state = self.state.get(param)
-        if not state or state[STABLE_SINCE] < 0:
-            return False
-        return step - state[STABLE_SINCE] >= self.handoff_config.min_stable_steps
+        return stable_long_enough(self.state.get(param), step, self.handoff_config.min_stable_steps)
 
     def ready_layers(self, candidates: list[HandoffCandidate], step: int) -> list[HandoffCandidate]:
         """The candidates that may be handed off at check step ``step`` (``HandoffConfig.trigger``).
@@ -166,7 +142,7 @@ class WeLoreAdamW(GaLoreAdamW):
         """
         config = self.handoff_config
         if config.trigger == "step":
-            return list(candidates) if step == self._first_check() else []
+            return list(candidates) if step == first_check_step(config) else []
         if config.end_step is not None and step >= config.end_step:
             return list(candidates)  # the window has closed: whatever qualifies goes now
         return [c for c in candidates if self.ready_for_handoff(c.module.weight, step)]
@@ -179,17 +155,15 @@ class WeLoreAdamW(GaLoreAdamW):
         dense, so it is 0, and this False, once all of them are handed off. A training loop can
         use it to evaluate the model just before a possible hand-off.
         """
-        config = self.handoff_config
-        step = self.current_step() if step is None else step
-        if config.trigger == "step":
-            return step == self._first_check()
-        return step >= max(config.start_step, 1) and step % config.check_every == 0
+        return is_check_step(self.handoff_config, self.current_step() if step is None else step)
 
-    def _first_check(self) -> int:
-        """The first check step at or after ``start_step`` (and after step 0)."""
-        config = self.handoff_config
-        return -(-max(config.start_step, 1) // config.check_every) * config.check_every
+    def layer_ranks(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
+        """Ranks for the dense projected layers under WeLore's global threshold (the target
+        counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
+        committed = [*self.plan.values(), *self.tapering.values()]
+        return welore_ranks(candidates, committed, self.handoff_config.target_reduction)
 
+    # ------------------------------------------------------------------------- hand-off
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
         """Hand off the layers that qualify now; returns the model to keep training.
 
@@ -203,14 +177,13 @@ class WeLoreAdamW(GaLoreAdamW):
         if model is None:
             raise ValueError("maybe_handoff needs the model: pass it, or WeLoreAdamW(model=...)")
         step = self.current_step()
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        module = model.module if ddp else model
+        module = unwrap(model)
         changed = self._advance_tapers(module, step)
         if self.handoff_due(step):
             changed = self._select(module, step) or changed
         if not changed:
             return model
-        new_model = _rewrap(model, module) if ddp else module
+        new_model = module if module is model else rewrap(model, module)
         if self.model is model:
             self.model = new_model
         return new_model
@@ -230,52 +203,44 @@ class WeLoreAdamW(GaLoreAdamW):
         for candidate in ready:
             rows, cols = candidate.module.weight.shape
             rank = ranks[candidate.name]
-            reduction = 1.0 - rank / min(rows, cols)
-            if reduction <= config.min_ratio or rank * (rows + cols) >= rows * cols:
+            if not worth_factorizing(rank, rows, cols, config.min_ratio):
                 continue
             if config.taper_steps > 0:
-                self._start_taper(candidate, rank, step)
+                self.tapering[candidate.name] = taper_entry(candidate, rank, step)
             else:
-                self._handoff(module, candidate, rank, step)
+                self.hand_off(module, candidate, rank, step)
                 changed = True
         return changed
 
-    # ------------------------------------------------------------------------------ taper
-    def _start_taper(self, candidate: HandoffCandidate, rank: int, step: int) -> None:
-        dense = candidate.dense_weight()
-        basis, left = top_subspace(dense, rank)
-        self.tapering[candidate.name] = {
-            "rank": rank,
-            "shape": list(dense.shape),
-            "group": candidate.group_index,
-            "start": step,
-            "last": step,
-            "basis": basis,
-            "left": left,
-        }
-
     def _advance_tapers(self, module: nn.Module, step: int) -> bool:
-        """Shrink each tapering layer's tail toward zero; hand off the layers whose taper ended.
-
-        The tail is scaled so that it falls linearly from its size at the start to zero at
-        ``start + taper_steps`` (however often this runs). A frozen layer's taper pauses.
-        """
-        end_offset = self.handoff_config.taper_steps
+        """Shrink each tapering layer's tail; hand off the layers whose taper ended."""
         changed = False
         for name, entry in list(self.tapering.items()):
             layer = module.get_submodule(name)
-            if not layer.weight.requires_grad or step <= entry["last"]:
-                continue
-            end = entry["start"] + end_offset
-            keep = max(end - step, 0) / max(end - entry["last"], 1)
-            shrink_tail_(dense_weight_of(layer), entry["basis"], entry["left"], keep)
-            entry["last"] = step
-            if step >= end:
+            if advance_taper_(layer, entry, step, self.handoff_config.taper_steps):
                 del self.tapering[name]
                 candidate = HandoffCandidate(name, layer, entry["group"])
-                self._handoff(module, candidate, entry["rank"], step)
+                self.hand_off(module, candidate, entry["rank"], step)
                 changed = True
         return changed
+
+    def hand_off(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
+        """Hand ``candidate`` off now at ``rank`` (no readiness or size test), and record it."""
+        entry = plan_entry_of(candidate, rank)
+        fields = hand_off_layer(
+            root,
+            candidate,
+            rank,
+            param_groups=self.param_groups,
+            state=self.state,
+            storage=self.moment_storage,
+            fresh=self.handoff_config.moments == "fresh",
+        )
+        self.plan[candidate.name] = entry
+        self.handoffs.append({"step": step, "layer": candidate.name, **fields})
+
+    #: The former private name, still called by ``lowrank_optim.memory.methods``.
+    _handoff = hand_off
 
     def _warn_once(self, layer: str, why: str, message: str) -> None:
         if (layer, why) not in self._warned:
@@ -308,111 +273,6 @@ class WeLoreAdamW(GaLoreAdamW):
             )
         return [c for c in candidates if c.weight.requires_grad]
 
-    def layer_ranks(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
-        """Ranks for the dense projected layers under WeLore's global threshold (the target
-        counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
-        spectra = {
-            c.name: torch.linalg.svdvals(c.module.weight.detach().float()) for c in candidates
-        }
-        committed = [*self.plan.values(), *self.tapering.values()]
-        planned_full = sum(min(entry["shape"]) for entry in committed)
-        removed = sum(min(entry["shape"]) - entry["rank"] for entry in committed)
-        total = planned_full + sum(min(c.module.weight.shape) for c in candidates)
-        return choose_ranks(spectra, removed, total, self.handoff_config.target_reduction)
-
-    def _handoff(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
-        linear, weight = candidate.module, candidate.weight
-        dense = candidate.dense_weight()  # out x in, a view of the weight
-        state = self.state.pop(weight, {})
-        bits = self.param_groups[candidate.group_index].get("proj_bits")
-        bases = {
-            key: basis
-            for key in (LEFT, RIGHT)
-            if (basis := read_basis(state, key, bits, weight.dtype)) is not None
-        }
-        factored = LowRankLinear.from_linear(linear, rank)
-        if linear.bias is not None:
-            factored.bias = linear.bias  # same Parameter: its AdamW state stays valid
-        error = factored.relative_error(dense.detach())
-        fresh = self.handoff_config.moments == "fresh"
-        up_state, down_state = self._factor_states(
-            state, bases, factored, fresh, transposed=candidate.transposed
-        )
-        replace_module(root, candidate.name, factored)
-        self._move_to_factor_group(candidate, weight, factored)
-        self.state[factored.up] = up_state
-        self.state[factored.down] = down_state
-        weight.grad = None
-        rows, cols = dense.shape
-        self.plan[candidate.name] = {
-            "rank": rank,
-            "shape": [rows, cols],
-            "group": candidate.group_index,
-        }
-        self.handoffs.append(
-            {
-                "step": step,
-                "layer": candidate.name,
-                "rank": rank,
-                "full_rank": min(rows, cols),
-                "params_before": rows * cols,
-                "params_after": rank * (rows + cols),
-                "relative_error": error,
-                "overlap": latest(state, OVERLAP_HISTORY),
-                "stable_since": int(state.get(STABLE_SINCE, -1)),
-            }
-        )
-
-    def _factor_states(
-        self,
-        state: dict[str, Any],
-        bases: dict[str, torch.Tensor],
-        factored: LowRankLinear,
-        fresh: bool,
-        *,
-        transposed: bool = False,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """AdamW states of the new factors: carried moments (same step count) or zeros.
-
-        ``transposed``: the state belongs to a weight stored ``in x out`` (a ``Conv1D``); the
-        carried moments are turned to the factors' ``out x in`` orientation.
-        """
-        states: list[dict[str, Any]] = []
-        carried = None
-        if not fresh and bases:
-            exp_avg, exp_avg_sq = self.moment_storage.read(state)
-            carried = factor_moments(
-                exp_avg, exp_avg_sq, bases, factored.up, factored.down, transposed=transposed
-            )
-        for index, factor in enumerate((factored.up, factored.down)):
-            factor_state: dict[str, Any] = {}
-            self.moment_storage.init(factor_state, tuple(factor.shape), factor)
-            if carried is None:
-                factor_state[keys.STEP] = 0
-            else:
-                factor_state[keys.STEP] = int(state[keys.STEP])
-                self.moment_storage.write(factor_state, *carried[index])
-            factor_state[HANDOFF_STEP] = factor_state[keys.STEP]
-            states.append(factor_state)
-        return states[0], states[1]
-
-    def _move_to_factor_group(
-        self, candidate: HandoffCandidate, weight: torch.Tensor, factored: LowRankLinear
-    ) -> None:
-        source = self.param_groups[candidate.group_index]
-        position = next((i for i, p in enumerate(source["params"]) if p is weight), None)
-        if position is None:  # find_candidates and _check_plan rule this out
-            raise RuntimeError(
-                f"{candidate.name}: its weight is not in param group {candidate.group_index}"
-            )
-        del source["params"][position]
-        if "param_names" in source:
-            del source["param_names"][position]
-        target = self._factor_group_of(candidate.group_index)
-        target["params"].extend([factored.up, factored.down])
-        if "param_names" in target:
-            target["param_names"].extend([f"{candidate.name}.up", f"{candidate.name}.down"])
-
     # ------------------------------------------------------------------------ re-warm-up
     def _step_group(
         self,
@@ -430,13 +290,7 @@ class WeLoreAdamW(GaLoreAdamW):
         if ramp == 0 or FACTORS_OF not in group:
             super()._step_group(group, indices, low_rank_grads)
             return
-        stages: dict[float, list[int]] = {}
-        for index in indices:
-            state = self.state.get(group["params"][index], {})
-            start = state.get(HANDOFF_STEP)  # absent in checkpoints older than the ramp
-            taken = ramp + 1 if start is None else int(state[keys.STEP]) + 1 - int(start)
-            stages.setdefault(min(1.0, taken / (ramp + 1)), []).append(index)
-        for factor, members in stages.items():
+        for factor, members in rewarmup_stages(group, indices, self.state, ramp).items():
             staged = group if factor == 1.0 else {**group, "lr": group["lr"] * factor}
             super()._step_group(staged, members, low_rank_grads)
 
@@ -447,7 +301,7 @@ class WeLoreAdamW(GaLoreAdamW):
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state[_CHECKPOINT_KEY] = {
+        state[CHECKPOINT_KEY] = {
             "plan": {name: dict(entry) for name, entry in self.plan.items()},
             "handoffs": [dict(record) for record in self.handoffs],
             "tapering": {name: dict(entry) for name, entry in self.tapering.items()},
@@ -465,9 +319,9 @@ class WeLoreAdamW(GaLoreAdamW):
         (a hand-off cannot be undone), or a recorded layer that the model lacks, that is of
         another type or shape, or whose weight is not in the recorded projected param group.
         """
-        saved = state_dict.get(_CHECKPOINT_KEY, {"plan": {}, "handoffs": []})
-        saved_plan = {name: _plan_entry(name, entry) for name, entry in saved["plan"].items()}
-        self._check_own_handoffs(saved_plan)
+        saved = state_dict.get(CHECKPOINT_KEY, {"plan": {}, "handoffs": []})
+        saved_plan = {name: parse_plan_entry(name, entry) for name, entry in saved["plan"].items()}
+        check_own_handoffs(self.plan, saved_plan)
         pending = {name: entry for name, entry in saved_plan.items() if name not in self.plan}
         if pending:
             if self.model is None:
@@ -476,135 +330,10 @@ class WeLoreAdamW(GaLoreAdamW):
                     f"({', '.join(list(pending)[:3])}...); construct WeLoreAdamW(model=...) so "
                     "they can be re-applied before loading"
                 )
-            self._reapply(pending)
+            self.plan.update(reapply_plan(unwrap(self.model), pending, self, self.is_projected))
         super().load_state_dict(state_dict)
         self.handoffs = [dict(record) for record in saved["handoffs"]]
         self.tapering = {
             name: {**entry, "basis": entry["basis"].clone()}
             for name, entry in saved.get("tapering", {}).items()
         }
-
-    def _check_own_handoffs(self, saved_plan: dict[str, dict[str, Any]]) -> None:
-        """Every hand-off this optimizer made must be in the checkpoint, at the same rank,
-        shape and group: otherwise the saved factor moments have other shapes than the
-        factors, or there are none for them."""
-        for name, mine in self.plan.items():
-            theirs = saved_plan.get(name)
-            if theirs is None:
-                raise CheckpointMismatchError(
-                    f"This optimizer handed off layer {name!r} (rank {mine['rank']}, shape "
-                    f"{mine['shape']}), but the checkpoint has it dense; a hand-off cannot be "
-                    "undone: load the checkpoint into a fresh model and optimizer"
-                )
-            differs = [
-                f"{key} {theirs[key]} in the checkpoint vs {key} {mine[key]} here"
-                for key in ("rank", "shape", "group")
-                if theirs[key] != mine[key]
-            ]
-            if differs:
-                raise CheckpointMismatchError(
-                    f"Layer {name!r} was handed off differently: {'; '.join(differs)}. Its "
-                    "saved factor moments do not fit this optimizer's factors: load the "
-                    "checkpoint into a fresh model and optimizer"
-                )
-
-    def _reapply(self, pending: dict[str, dict[str, Any]]) -> None:
-        """Re-apply recorded hand-offs: all are checked first, then all are applied."""
-        module = _unwrap(self.model)
-        modules = dict(module.named_modules())
-        candidates = {c.name: c for c in projected_linears(module, self, self.is_projected)}
-        checked = [
-            (self._pending_candidate(name, entry, modules, candidates), entry)
-            for name, entry in pending.items()
-        ]
-        for candidate, entry in checked:
-            weight = candidate.weight
-            rows, cols = entry["shape"]
-            factored = LowRankLinear(cols, rows, entry["rank"], False, weight.device, weight.dtype)
-            if candidate.module.bias is not None:
-                factored.bias = candidate.module.bias
-            self.state.pop(weight, None)
-            replace_module(module, candidate.name, factored)
-            self._move_to_factor_group(candidate, weight, factored)
-            self.plan[candidate.name] = dict(entry)
-
-    def _pending_candidate(
-        self,
-        name: str,
-        entry: dict[str, Any],
-        modules: dict[str, nn.Module],
-        candidates: dict[str, HandoffCandidate],
-    ) -> HandoffCandidate:
-        """The layer a recorded hand-off applies to, or CheckpointMismatchError saying why not."""
-        rank, shape, group = entry["rank"], entry["shape"], entry["group"]
-        saved = (
-            f"Checkpoint hands off layer {name!r} (rank {rank}, shape {shape} as out x in, "
-            f"param group {group})"
-        )
-        layer = modules.get(name)
-        if layer is None:
-            raise CheckpointMismatchError(f"{saved}, but the model has no module {name!r}")
-        dense = dense_weight_of(layer)
-        if dense is None:
-            raise CheckpointMismatchError(
-                f"{saved}, but the model's {name!r} is a {type(layer).__name__}; only nn.Linear "
-                "and transformers Conv1D layers are handed off"
-            )
-        if list(dense.shape) != shape:
-            raise CheckpointMismatchError(
-                f"{saved}, but the model's {name!r} has shape {list(dense.shape)}"
-            )
-        if not 1 <= rank <= min(shape):
-            raise CheckpointMismatchError(f"{saved}: rank {rank} is not in [1, {min(shape)}]")
-        if not 0 <= group < len(self.param_groups):
-            raise CheckpointMismatchError(
-                f"{saved}, but this optimizer has param groups 0..{len(self.param_groups) - 1}"
-            )
-        if self.param_groups[group].get("rank") is None:
-            raise CheckpointMismatchError(
-                f"{saved}, but this optimizer's param group {group} is not projected"
-            )
-        candidate = candidates.get(name)
-        if candidate is None:
-            raise CheckpointMismatchError(
-                f"{saved}, but this optimizer cannot hand it off: its weight is not projected "
-                "here, or it is tied to another module"
-            )
-        if candidate.group_index != group:
-            raise CheckpointMismatchError(
-                f"{saved}, but its weight is in param group {candidate.group_index} here"
-            )
-        return candidate
-
-
-def _plan_entry(name: str, entry: Any) -> dict[str, Any]:
-    """A checkpoint's hand-off record with ``rank``, ``shape`` and ``group`` as Python ints."""
-    try:
-        rank, group = int(entry["rank"]), int(entry["group"])
-        shape = [int(size) for size in entry["shape"]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointMismatchError(
-            f"Checkpoint hand-off record of layer {name!r} is malformed ({entry!r}); expected "
-            "rank (int), shape ([rows, cols]) and group (int)"
-        ) from error
-    if len(shape) != 2:
-        raise CheckpointMismatchError(
-            f"Checkpoint hand-off record of layer {name!r} has shape {shape}; expected [rows, cols]"
-        )
-    return {**entry, "rank": rank, "shape": shape, "group": group}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _rewrap(old: nn.parallel.DistributedDataParallel, module: nn.Module) -> nn.Module:
-    """A new DDP wrapper around the changed module, with the old wrapper's options."""
-    return nn.parallel.DistributedDataParallel(
-        module,
-        device_ids=old.device_ids,
-        output_device=old.output_device,
-        broadcast_buffers=old.broadcast_buffers,
-        find_unused_parameters=old.find_unused_parameters,
-        gradient_as_bucket_view=old.gradient_as_bucket_view,
-    )
