@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from common import RESULTS, markdown_table, write_json
 
-from lowrank_optim.compress import compress_model
+from lowrank_optim.factorize.compress import compress_model
 from lowrank_optim.welore import (
     distill_embeddings,
     embedding_cosine,

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_suite  # noqa: E402
 from common import RESULTS, markdown_table, write_json  # noqa: E402
 
-from lowrank_optim.plots import plot_losses, read_records  # noqa: E402
+from lowrank_optim.cli.plots import plot_losses, read_records  # noqa: E402
 
 __all__ = ["QUICK_SUITE_ARGS", "main", "method_rows", "render"]
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from lowrank_optim.cli import main
-from lowrank_optim.compress import (
+from lowrank_optim.factorize import PLAN_FILE, LowRankLinear, spectra_of
+from lowrank_optim.factorize.compress import (
     CompressionError,
     compress_model,
     compress_pretrained,
@@ -20,7 +21,6 @@ from lowrank_optim.compress import (
     module_type_of,
     plan_for_target,
 )
-from lowrank_optim.factorize import PLAN_FILE, LowRankLinear, spectra_of
 from lowrank_optim.welore import (
     ADAMW_STATES,
     distill_embeddings,
