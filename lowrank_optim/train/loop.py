@@ -142,7 +142,8 @@ def train_steps(
             hooks.before_handoff(step, model)
             # The one extra line of a training loop; it re-wraps DDP (and, layer-wise, moves
             # the hooks onto the new factors).
-            model = (layerwise or optimizer).maybe_handoff(model)
+            owner = layerwise if layerwise is not None else optimizer
+            model = owner.maybe_handoff(model)
             hooks.after_handoff(step, model, list(getattr(optimizer, "handoffs", []))[done:])
         result = StepResult(step, float(step_loss), time.perf_counter() - tick, optimizer_seconds)
         hooks.after_step(result, model)
