@@ -119,13 +119,13 @@ def train_steps(
         batch = next(batches)
         if device is not None:
             batch = batch.to(device)
-        step_loss = torch.zeros((), device=batch.device)
+        losses = []
         for index, micro in enumerate(batch.chunk(accumulation)):
             with parallel.gradient_sync(model, last=index == accumulation - 1):
                 loss = model(input_ids=micro, labels=micro).loss / accumulation
                 loss.backward()
-            step_loss += loss.detach()
-        step_loss = parallel.mean(step_loss)
+            losses.append(loss.detach())
+        step_loss = parallel.mean_loss(losses)
         optimizer_seconds = 0.0
         if layerwise is not None:
             layerwise.step()  # the last backward stepped every parameter; this checks it did
@@ -145,6 +145,6 @@ def train_steps(
             owner = layerwise if layerwise is not None else optimizer
             model = owner.maybe_handoff(model)
             hooks.after_handoff(step, model, list(getattr(optimizer, "handoffs", []))[done:])
-        result = StepResult(step, float(step_loss), time.perf_counter() - tick, optimizer_seconds)
+        result = StepResult(step, step_loss, time.perf_counter() - tick, optimizer_seconds)
         hooks.after_step(result, model)
     return model

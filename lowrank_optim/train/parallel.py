@@ -39,9 +39,10 @@ class Parallel:
         """Context of one micro-batch's forward and backward; ``last`` ends the step."""
         return nullcontext()
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` averaged over ranks."""
-        return value
+    def mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """The step's loss: the sum of its micro-batch losses (each already divided by their
+        number), averaged over ranks. One process sums them as Python floats."""
+        return sum(float(loss) for loss in losses)
 
     def evaluate(self, model: nn.Module, batches: list[torch.Tensor]) -> float | None:
         """Validation loss on the ranks that compute one (None elsewhere)."""
@@ -71,11 +72,15 @@ class DataParallel(Parallel):
         # no_sync skips the all-reduce; the last micro-batch's backward reduces the sum.
         return nullcontext() if last else model.no_sync()
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
+    def mean_loss(self, losses: list[torch.Tensor]) -> float:
+        # One all-reduce of the rank's summed loss; no host sync per micro-batch.
         import torch.distributed as dist
 
-        dist.all_reduce(value)
-        return value / self.world_size
+        total = torch.zeros((), device=losses[0].device)
+        for loss in losses:
+            total += loss
+        dist.all_reduce(total)
+        return float(total / self.world_size)
 
 
 class FullyShardedParallel(DataParallel):
