@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowrank_optim.train.records import read_records
+
 __all__ = ["format_summary", "handoff_line", "handoff_summary"]
 
 
@@ -18,8 +20,6 @@ def handoff_summary(optimizer: Any, metrics: Path) -> dict[str, Any] | None:
     measured around each hand-off step (from the run's log, so resumed runs count them all)."""
     if not hasattr(optimizer, "handoff_report"):
         return None
-    from lowrank_optim.train.records import read_records
-
     records = optimizer.handoff_report()
     projected = sum(
         p.numel()
@@ -41,6 +41,7 @@ def handoff_summary(optimizer: Any, metrics: Path) -> dict[str, Any] | None:
 
 
 def handoff_line(handoff: dict[str, Any] | None, count: int) -> str:
+    """The summary table's hand-off row: layers, when, parameters removed, eval-loss jump."""
     if not handoff or not handoff["layers"]:
         return str(count)
     removed, total = handoff["projected_parameters_removed"], handoff["projected_parameters"]
