@@ -34,8 +34,8 @@ from distill_support import (
     stdlib_docstrings,
 )
 
-from lowrank_optim.compress import compress_model
 from lowrank_optim.factorize import trainable_lrc
+from lowrank_optim.factorize.compress import compress_model
 
 __all__ = ["fine_tune", "main"]
 

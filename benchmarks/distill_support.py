@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_optim.data import stdlib_corpus_files
+from lowrank_optim.train.data import stdlib_corpus_files
 
 __all__ = [
     "distill_embeddings",

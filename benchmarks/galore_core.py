@@ -1,7 +1,7 @@
 """GaLore core benchmark: AdamW vs galore-torch vs ours (SVD / randomized, keep / rotate).
 
 One script run = one seed, one data order, every method through the same training loop
-(`lowrank_optim.pretrain.run_pretraining`). Reports eval loss, optimizer-state bytes, mean
+(`lowrank_optim.train.run_pretraining`). Reports eval loss, optimizer-state bytes, mean
 optimizer-step time as a ratio to torch AdamW (timed interleaved on the same gradients, with
 refreshes amortized, and also as measured inside each training run), and the refresh time per
 matrix (exact SVD vs warm-started randomized) at the LLaMA 60M, 350M and 1B shapes.
@@ -24,9 +24,9 @@ from common import RESULTS, interleaved_medians, markdown_table, write_json
 
 from lowrank_optim import GaLoreAdamW, ProjectionConfig, StabilityConfig
 from lowrank_optim.factory import lowrank_param_groups
-from lowrank_optim.pretrain import PretrainConfig, run_pretraining
 from lowrank_optim.projection import randomized_basis, svd_basis
 from lowrank_optim.stability import subspace_overlap
+from lowrank_optim.train import PretrainConfig, run_pretraining
 
 #: Timed beside the others (not trained: its losses are torch AdamW's).
 FUSED_ADAMW = "torch AdamW (fused)"
@@ -135,8 +135,8 @@ def interleaved_step_times(
     ``2 * gap`` steps of every method in turn (so two refreshes of a GaLore optimizer fall in
     each window), which cancels machine-load drift between methods that sequential runs suffer.
     """
-    from lowrank_optim.data import build_corpus
-    from lowrank_optim.models import build_llama, load_llama_config
+    from lowrank_optim.train import build_corpus
+    from lowrank_optim.train.models import build_llama, load_llama_config
 
     base = PretrainConfig()
     corpus = build_corpus(vocab_size=base.vocab_size, max_bytes=base.corpus_bytes)

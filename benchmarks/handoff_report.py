@@ -120,10 +120,9 @@ def allocation_check(study: Any, seed: int, removed: float) -> dict[str, float] 
     from handoff_study import Job, _folder, _projected_total
 
     from lowrank_optim.checkpoint import load_checkpoint
-    from lowrank_optim.data import build_corpus, validation_batches
     from lowrank_optim.factorize import factorize_model
-    from lowrank_optim.models import build_llama, load_llama_config
-    from lowrank_optim.pretrain import evaluate
+    from lowrank_optim.train import build_corpus, evaluate, validation_batches
+    from lowrank_optim.train.models import build_llama, load_llama_config
 
     path = _folder(study, Job("dense", 0.0, seed)) / "checkpoint.pt"
     if not path.exists():

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from common import RESULTS
 
-from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+from lowrank_optim.train import PretrainConfig, run_pretraining
 
 __all__ = ["Job", "Study", "jobs_of", "main", "run_job"]
 
@@ -206,8 +206,8 @@ def _train(study: Study, job: Job, config: PretrainConfig, factory: Any = None) 
 
 
 def _projected_total(study: Study) -> tuple[int, dict[str, tuple[int, int]]]:
-    from lowrank_optim.data import build_corpus
-    from lowrank_optim.models import build_llama_on_meta, load_llama_config
+    from lowrank_optim.train import build_corpus
+    from lowrank_optim.train.models import build_llama_on_meta, load_llama_config
 
     vocab = build_corpus(max_bytes=study.corpus_bytes).tokenizer.vocab_size
     model = build_llama_on_meta(load_llama_config(study.model, vocab_size=vocab))
@@ -317,10 +317,9 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
     from handoff_methods import post_hoc
 
     from lowrank_optim.checkpoint import load_checkpoint
-    from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
     from lowrank_optim.factorize import trainable_lrc
-    from lowrank_optim.models import build_llama, count_parameters, load_llama_config
-    from lowrank_optim.pretrain import evaluate
+    from lowrank_optim.train import TokenBatches, build_corpus, evaluate, validation_batches
+    from lowrank_optim.train.models import build_llama, count_parameters, load_llama_config
 
     dense = _folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
     welore = _done(study, Job("welore", job.target, job.seed))
@@ -546,9 +545,9 @@ def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> d
     from common import interleaved_medians
 
     from lowrank_optim.checkpoint import load_checkpoint
-    from lowrank_optim.data import build_corpus
     from lowrank_optim.factory import build_optimizer
-    from lowrank_optim.models import build_llama, load_llama_config
+    from lowrank_optim.train import build_corpus
+    from lowrank_optim.train.models import build_llama, load_llama_config
 
     corpus = build_corpus(max_bytes=study.corpus_bytes)
     model_config = load_llama_config(study.model, vocab_size=corpus.tokenizer.vocab_size)

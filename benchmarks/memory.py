@@ -43,7 +43,7 @@ from lowrank_optim.memory import (  # noqa: E402
     welore_plan,
 )
 from lowrank_optim.memory.methods import run_method  # noqa: E402
-from lowrank_optim.models import (  # noqa: E402
+from lowrank_optim.train.models import (  # noqa: E402
     build_llama,
     build_llama_on_meta,
     load_llama_config,

@@ -1,7 +1,7 @@
 """Small-LLaMA pretraining suite: fixed vs adaptive refresh gap, and WeLore hand-offs.
 
 Four runs with one seed and one data order through the same loop
-(`lowrank_optim.pretrain.run_pretraining`):
+(`lowrank_optim.train.run_pretraining`):
 
 * torch AdamW;
 * GaLoreAdamW with GaLore's fixed refresh gap (the baseline for both questions below);
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from common import RESULTS, interleaved_medians, markdown_table, write_json
 
-from lowrank_optim.plots import plot_losses, plot_stability, read_records
-from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+from lowrank_optim.cli.plots import plot_losses, plot_stability, read_records
+from lowrank_optim.train import PretrainConfig, run_pretraining
 
 __all__ = ["build_parser", "configs", "main", "run_logs", "runs_cache"]
 
@@ -162,10 +162,10 @@ def handoff_step_times(config: PretrainConfig, log: Path, rounds: int = 3) -> di
     one refresh per projected layer. In-run step times mix in evaluation and the load of other
     processes; this comparison does not.
     """
-    from lowrank_optim.data import build_corpus
     from lowrank_optim.factorize import LayerRank, RankPlan, factorize_model
     from lowrank_optim.factory import build_optimizer
-    from lowrank_optim.models import build_llama, load_llama_config
+    from lowrank_optim.train import build_corpus
+    from lowrank_optim.train.models import build_llama, load_llama_config
 
     corpus = build_corpus(vocab_size=config.vocab_size, max_bytes=config.corpus_bytes)
     tokens = corpus.train_tokens[: config.batch_size * config.seq_len].long()

@@ -3,7 +3,7 @@
 The runs are ``benchmarks/pretrain_suite.py``'s: torch AdamW, GaLoreAdamW with a fixed and an
 adaptive refresh gap, WeLoreAdamW, and GaLoreAdamW8bit and QGaLoreAdamW with 8-bit and 4-bit
 moments, on the 9M LLaMA, one seed, one data order, one training loop
-(``lowrank_optim.pretrain.run_pretraining``). This script
+(``lowrank_optim.train.run_pretraining``). This script
 draws every run's train and eval loss into one plot (``quality_loss.png``) and tabulates the
 final losses against torch AdamW's (``quality.md``, ``quality.json``).
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_suite  # noqa: E402
 from common import RESULTS, markdown_table, write_json  # noqa: E402
 
-from lowrank_optim.plots import plot_losses, read_records  # noqa: E402
+from lowrank_optim.cli.plots import plot_losses, read_records  # noqa: E402
 
 __all__ = ["QUICK_SUITE_ARGS", "main", "method_rows", "render"]
 

@@ -1,6 +1,6 @@
 """Throughput: optimizer-step and whole-step time as ratios to torch AdamW, and refresh time.
 
-One run measures, on the small LLaMA of ``lowrank_optim.pretrain.PretrainConfig()`` (the 9M
+One run measures, on the small LLaMA of ``lowrank_optim.train.PretrainConfig()`` (the 9M
 config, its batch and rank, fed the corpus tokens that ``galore_core.interleaved_step_times``
 uses), every method of the memory benchmark plus torch's fused AdamW: torch AdamW (default and
 ``fused=True``), bitsandbytes AdamW8bit, torchao AdamW8bit and AdamW4bit, galore-torch, APOLLO
@@ -50,7 +50,7 @@ from common import RESULTS, interleaved_medians, markdown_table, write_json  # n
 from lowrank_optim.memory import param_specs, welore_plan  # noqa: E402
 from lowrank_optim.memory.methods import build_method, run_method, train_step  # noqa: E402
 from lowrank_optim.memory.rules import ESTIMATE_METHODS  # noqa: E402
-from lowrank_optim.pretrain import PretrainConfig  # noqa: E402
+from lowrank_optim.train import PretrainConfig  # noqa: E402
 
 __all__ = ["METHODS", "main", "measure", "render"]
 
@@ -93,7 +93,7 @@ class Workload:
     device: torch.device
 
     def fresh_model(self) -> nn.Module:
-        from lowrank_optim.models import build_llama
+        from lowrank_optim.train.models import build_llama
 
         # One seed for every method: identical weights, hence identical first gradients.
         return build_llama(self.config, seed=0).to(self.device)
@@ -106,8 +106,8 @@ class Workload:
 
 def build_workload(args: argparse.Namespace) -> Workload:
     """The LLaMA config and a batch of real corpus tokens (as ``interleaved_step_times``)."""
-    from lowrank_optim.data import build_corpus
-    from lowrank_optim.models import load_llama_config, tiny_llama_config
+    from lowrank_optim.train import build_corpus
+    from lowrank_optim.train.models import load_llama_config, tiny_llama_config
 
     base = PretrainConfig()
     corpus = build_corpus(vocab_size=base.vocab_size, max_bytes=base.corpus_bytes)

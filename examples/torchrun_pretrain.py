@@ -1,4 +1,4 @@
-"""Pretrain LLaMA with any lowrank_optim optimizer under torchrun: the pattern to copy.
+"""Pretrain LLaMA with any lowrank_optim optimizer under torchrun (DDP or FSDP2): a pattern to copy.
 
     torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --model 9m --optimizer welore_adamw
     torchrun --nproc_per_node 8 examples/torchrun_pretrain.py --model 1b --dtype bfloat16 \\
@@ -6,9 +6,14 @@
 
 One global batch per optimizer step, split over ranks and micro-batches (gradient
 accumulation with ``no_sync`` on all but the last micro-batch), gradient clipping, cosine
-schedule with warm-up, DDP over gloo (CPU) or NCCL (GPU). With WeLoreAdamW, one extra line
-(``ddp_model = optimizer.maybe_handoff(ddp_model)``) hands converged layers off to low-rank
-factors and re-wraps DDP. Rank 0 writes ``OUT/metrics.jsonl``.
+schedule with warm-up, DDP over gloo (CPU) or NCCL (GPU). The steps are the package's one
+training loop, :func:`lowrank_optim.train.train_steps`; this script builds the pieces (corpus,
+model, optimizer, placement) and logs. With WeLoreAdamW the loop's one extra line
+
+    model = optimizer.maybe_handoff(model)
+
+hands converged layers off to low-rank factors and re-wraps DDP. Rank 0 writes
+``OUT/metrics.jsonl``.
 
 ``--layerwise`` (one process only) steps every parameter inside backward and frees its gradient
 at once (:class:`lowrank_optim.LayerwiseOptimizer`), accumulating over the micro-batches and
@@ -16,37 +21,69 @@ clipping each parameter's gradient to ``--grad-clip`` (a global norm needs every
 once, which layer-wise updates never hold):
 
     python examples/torchrun_pretrain.py --model 9m --optimizer galore_adamw --layerwise
+
+``--fsdp`` shards parameters, gradients and optimizer state by rows with FSDP2 instead
+(``examples/fsdp_pretrain.py`` is the same run with ``--fsdp`` implied): every decoder layer
+and then the root get ``fully_shard``, the optimizer is built on the sharded (``DTensor``)
+parameters and projects on the right (``proj_type="right"``, rows stay local, no communication
+per step) with ``refresh="gram_eigh"`` (one all-reduce or all-gather per refresh; see
+:mod:`lowrank_optim.distributed.refresh`). Gradient accumulation skips the reduce-scatter on all
+but the last micro-batch. ``--checkpoint-dir`` saves model, optimizer, schedule and data
+position with ``torch.distributed.checkpoint`` (at ``--save-at`` or the last step) and, with
+``--resume``, loads them first; the resumed run continues bit for bit. WeLore hand-offs are not
+available on FSDP2 (``welore_adamw`` trains as GaLore unless a layer would be handed off, which
+raises).
+
+    torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --fsdp --model 9m
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import runpy
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
-from lowrank_optim.data import TokenBatches, build_corpus, validation_batches
 from lowrank_optim.factory import OPTIMIZER_NAMES, OptimizerSpec, build_optimizer
 from lowrank_optim.layerwise import LayerwiseOptimizer
-from lowrank_optim.models import LLAMA_SIZES, build_llama, load_llama_config
-from lowrank_optim.pretrain import cosine_with_warmup, evaluate
 from lowrank_optim.reporting import MetricsWriter
+from lowrank_optim.train import (
+    LLAMA_SIZES,
+    DataParallel,
+    FullyShardedParallel,
+    LoopHooks,
+    Parallel,
+    StepResult,
+    TokenBatches,
+    build_corpus,
+    build_llama,
+    cosine_with_warmup,
+    load_llama_config,
+    train_steps,
+    validation_batches,
+)
+from lowrank_optim.train.parallel import dcp_state
+
+__all__ = ["FSDP_OPTIMIZERS", "main", "parse_args"]
+
+#: Optimizers that run on FSDP2 (QGaLoreAdamW's INT8 weights cannot be sharded).
+FSDP_OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "welore_adamw", "adamw")
 
 
-def add_common_arguments(
-    parser: argparse.ArgumentParser, optimizers: tuple[str, ...], optimizer: str, out_dir: str
-) -> None:
-    """The flags this script shares with ``fsdp_pretrain.py`` (model, data, schedule, GaLore)."""
+def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
+    """The flags of a DDP run, or (``fsdp``) of an FSDP2 run: same model, data and schedule."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="9m", help=f"{', '.join(LLAMA_SIZES)} or a JSON path")
-    parser.add_argument("--optimizer", default=optimizer, choices=optimizers)
+    optimizers = FSDP_OPTIMIZERS if fsdp else OPTIMIZER_NAMES
+    default = "galore_adamw" if fsdp else "welore_adamw"
+    parser.add_argument("--optimizer", default=default, choices=optimizers)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="per rank per pass")
@@ -66,12 +103,14 @@ def add_common_arguments(
     parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=out_dir)
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, OPTIMIZER_NAMES, "welore_adamw", "runs/torchrun")
+    parser.add_argument("--out-dir", default="runs/fsdp" if fsdp else "runs/torchrun")
+    if fsdp:
+        parser.add_argument("--checkpoint-dir", default=None, help="DCP directory to save to")
+        parser.add_argument(
+            "--save-at", type=int, default=None, help="step to save at (default: the last)"
+        )
+        parser.add_argument("--resume", action="store_true", help="load --checkpoint-dir first")
+        return parser.parse_args(argv)
     parser.add_argument("--handoff-start", type=float, default=0.4, help="fraction of steps")
     parser.add_argument("--target-reduction", type=float, default=0.6)
     parser.add_argument(
@@ -82,20 +121,85 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--fsdp",
         action="store_true",
-        help="shard with FSDP2 instead of DDP: runs examples/fsdp_pretrain.py with these flags "
-        "(galore_adamw, galore_adamw8bit, welore_adamw without hand-offs; DCP checkpoints)",
+        help="shard with FSDP2 instead of DDP (galore_adamw, galore_adamw8bit, welore_adamw "
+        "without hand-offs; DCP checkpoints: --checkpoint-dir, --save-at, --resume)",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    if "--fsdp" in sys.argv[1:]:
-        # The FSDP2 loop differs (fully_shard per layer, DTensor state, DCP checkpoints), so it
-        # lives in its own file; the flags are the same.
-        sys.argv.remove("--fsdp")
-        runpy.run_path(str(Path(__file__).with_name("fsdp_pretrain.py")), run_name="__main__")
-        return
-    args = parse_args()
+def optimizer_spec(args: argparse.Namespace, fsdp: bool) -> OptimizerSpec:
+    """GaLore settings of the run; FSDP2 projects on the side that keeps its rows local."""
+    if fsdp:
+        projection = ProjectionConfig(
+            rank=args.rank,
+            update_proj_gap=args.update_proj_gap,
+            scale=args.scale,
+            proj_type="right",  # FSDP2 shards rows: project on the side that keeps them local
+            refresh="gram_eigh",
+        )
+        handoff = HandoffConfig(start_step=args.steps + 1)  # no hand-offs on FSDP2
+    else:
+        projection = ProjectionConfig(
+            rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale
+        )
+        handoff = HandoffConfig(
+            start_step=int(args.handoff_start * args.steps),
+            target_reduction=args.target_reduction,
+            check_every=args.update_proj_gap,
+        )
+    return OptimizerSpec(
+        name=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        projection=projection,
+        stability=StabilityConfig(policy="fixed", threshold=0.6, patience=2),
+        handoff=handoff,
+    )
+
+
+class RankZeroLog(LoopHooks):
+    """Rank 0 logs every step's loss and each evaluation; FSDP2 saves its DCP checkpoint."""
+
+    def __init__(
+        self, args: argparse.Namespace, parallel: Parallel, val: list[torch.Tensor], run: Any
+    ) -> None:
+        self.args, self.parallel, self.val, self.run = args, parallel, val, run
+        self.writer = (
+            MetricsWriter(Path(args.out_dir) / "metrics.jsonl") if parallel.is_main else None
+        )
+
+    def after_step(self, result: StepResult, model: torch.nn.Module) -> None:
+        args, step = self.args, result.step
+        checkpoint = getattr(args, "checkpoint_dir", None)
+        if checkpoint is not None and step == (args.save_at or args.steps):
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(dcp_state(model, *self.run), checkpoint_id=checkpoint)
+        evaluating = step % args.eval_every == 0 or step == args.steps
+        # DDP: rank 0 alone, on the module; FSDP2: every rank runs the (collective) forward.
+        eval_loss = self.parallel.evaluate(model, self.val) if evaluating else None
+        if self.writer is None:
+            return
+        lr = self.run[1].get_last_lr()[0]
+        self.writer.write({"kind": "train", "step": step, "loss": result.loss, "lr": lr})
+        if eval_loss is not None:
+            perplexity = math.exp(min(eval_loss, 50.0))
+            self.writer.write(
+                {"kind": "eval", "step": step, "loss": eval_loss, "perplexity": perplexity}
+            )
+            print(f"step {step}: train {result.loss:.4f} eval {eval_loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(argv: Sequence[str] | None = None, *, fsdp: bool = False) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--fsdp" in argv:
+        argv.remove("--fsdp")
+        fsdp = True
+    args = parse_args(argv, fsdp)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -104,14 +208,17 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if args.layerwise and world_size > 1:
+    layerwise_flag = getattr(args, "layerwise", False)
+    if layerwise_flag and world_size > 1:
         raise SystemExit(
             f"--layerwise with DDP (world size {world_size}) is not supported: a parameter would "
             "step before DDP has all-reduced its gradient. Run --layerwise in one process, or "
             "drop --layerwise under torchrun."
         )
-    if world_size > 1:
+    distributed = fsdp or world_size > 1
+    if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     per_pass = args.micro_batch_size * world_size
     if args.batch_size % per_pass:
         raise ValueError(
@@ -121,38 +228,30 @@ def main() -> None:
     accumulation = args.batch_size // per_pass
 
     # Rank 0 tokenizes first and fills the cache; the others then read it.
-    if rank != 0 and world_size > 1:
+    if rank != 0 and distributed:
         dist.barrier()
     corpus = build_corpus(vocab_size=args.vocab_size, max_bytes=args.corpus_bytes)
-    if rank == 0 and world_size > 1:
+    if rank == 0 and distributed:
         dist.barrier()
 
     config = load_llama_config(args.model, vocab_size=corpus.tokenizer.vocab_size)
     model = build_llama(config, seed=args.seed, dtype=getattr(torch, args.dtype), device=device)
-    spec = OptimizerSpec(
-        name=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        projection=ProjectionConfig(
-            rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale
-        ),
-        stability=StabilityConfig(policy="fixed", threshold=0.6, patience=2),
-        handoff=HandoffConfig(
-            start_step=int(args.handoff_start * args.steps),
-            target_reduction=args.target_reduction,
-            check_every=args.update_proj_gap,
-        ),
-    )
-    optimizer = build_optimizer(model, spec)  # before DDP: WeLoreAdamW keeps the module
-    ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    if fsdp:
+        parallel: Parallel = FullyShardedParallel(rank, world_size)
+        model = parallel.wrap(model)
+        optimizer = build_optimizer(model, optimizer_spec(args, fsdp))  # holds the DTensors
+    else:
+        parallel = DataParallel(rank, world_size) if world_size > 1 else Parallel()
+        optimizer = build_optimizer(model, optimizer_spec(args, fsdp))  # WeLore keeps the module
+        model = parallel.wrap(model)
     layerwise = (
         LayerwiseOptimizer(
             optimizer,
-            model,
+            parallel.unwrap(model),
             accumulation_steps=accumulation,
             max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
         )
-        if args.layerwise
+        if layerwise_flag
         else None
     )
     warmup = max(int(args.warmup_ratio * args.steps), 1)
@@ -167,65 +266,59 @@ def main() -> None:
         rank=rank,
         world_size=world_size,
     )
+    start = _resume(args, model, optimizer, scheduler, batches) if fsdp else 0
     val = [
         b.to(device)
         for b in validation_batches(corpus.val_tokens, args.micro_batch_size, args.seq_len, 4)
     ]
-    writer = MetricsWriter(Path(args.out_dir) / "metrics.jsonl") if rank == 0 else None
-
-    for step in range(1, args.steps + 1):
-        local_batch = next(batches).to(device)
-        step_loss = torch.zeros((), device=device)
-        for index, micro in enumerate(local_batch.split(args.micro_batch_size)):
-            last = index == accumulation - 1
-            sync = contextlib.nullcontext() if last or world_size == 1 else ddp_model.no_sync()
-            with sync:
-                loss = ddp_model(input_ids=micro, labels=micro).loss / accumulation
-                loss.backward()
-            step_loss += loss.detach()
-        if world_size > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= world_size
-        if layerwise is not None:
-            layerwise.step()  # the last backward stepped every parameter; this checks it did
-        else:
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.grad_clip)
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if layerwise is not None and hasattr(optimizer, "maybe_handoff"):
-            ddp_model = layerwise.maybe_handoff(ddp_model)  # moves the hooks onto new factors
-        elif hasattr(optimizer, "maybe_handoff"):
-            ddp_model = optimizer.maybe_handoff(ddp_model)
-        if writer is not None:
-            writer.write(
-                {
-                    "kind": "train",
-                    "step": step,
-                    "loss": float(step_loss),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-            )
-            if step % args.eval_every == 0 or step == args.steps:
-                module = ddp_model.module if world_size > 1 else ddp_model
-                eval_loss = evaluate(module, val)
-                writer.write(
-                    {
-                        "kind": "eval",
-                        "step": step,
-                        "loss": eval_loss,
-                        "perplexity": math.exp(min(eval_loss, 50.0)),
-                    }
-                )
-                print(f"step {step}: train {float(step_loss):.4f} eval {eval_loss:.4f}", flush=True)
-    if writer is not None:
-        writer.close()
-    if world_size > 1:
+    log = RankZeroLog(args, parallel, val, (optimizer, scheduler, batches))
+    train_steps(
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        first_step=start,
+        last_step=args.steps,
+        accumulation=accumulation,
+        grad_clip=args.grad_clip,
+        parallel=parallel,
+        layerwise=layerwise,
+        device=device,
+        hooks=log,
+    )
+    log.close()
+    if distributed:
         # Every rank reaches this point before any tears gloo down: a rank that destroys its
         # process group while a peer is still in a collective aborts the peer at exit.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _resume(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: TokenBatches,
+) -> int:
+    """FSDP2 ``--resume``: load the DCP checkpoint; returns the step it was saved at."""
+    if not args.resume:
+        return 0
+    if args.checkpoint_dir is None:
+        raise ValueError("Invalid --resume without --checkpoint-dir: nothing to load")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = dcp_state(model, optimizer, scheduler, batches)
+    dcp.load(state, checkpoint_id=args.checkpoint_dir)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["data"])
+    return scheduler.last_epoch
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 from test_pretrain import tiny_run
 
 from lowrank_optim.cli import main
-from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+from lowrank_optim.train import PretrainConfig, run_pretraining
 
 __all__: list[str] = []
 
@@ -236,7 +236,7 @@ def test_torchao_import_noise_is_silenced_and_nothing_else():
 def test_warm_built_in_corpus_reads_no_source_file(tmp_path: Path, monkeypatch):
     """A second start with the same standard library loads the cache without reading and
     hashing every source file (about a second of each start with the default corpus)."""
-    from lowrank_optim import data
+    from lowrank_optim.train import data
 
     first = data.build_corpus(vocab_size=300, max_bytes=300_000, cache_dir=tmp_path)
 

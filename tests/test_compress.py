@@ -18,20 +18,20 @@ from benchmarks.distill_support import (
     stdlib_docstrings,
 )
 from lowrank_optim.cli import main
-from lowrank_optim.compress import (
-    CompressionError,
-    compress_model,
-    compress_pretrained,
-    load_compressed,
-    module_type_of,
-    plan_for_target,
-)
 from lowrank_optim.factorize import (
     ADAMW_STATES,
     PLAN_FILE,
     LowRankLinear,
     spectra_of,
     trainable_lrc,
+)
+from lowrank_optim.factorize.compress import (
+    CompressionError,
+    compress_model,
+    compress_pretrained,
+    load_compressed,
+    module_type_of,
+    plan_for_target,
 )
 
 transformers = pytest.importorskip("transformers")

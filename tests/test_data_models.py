@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_optim.data import (
+from lowrank_optim.train import (
     BPETokenizer,
     ByteTokenizer,
     TokenBatches,
@@ -25,7 +25,7 @@ from lowrank_optim.data import (
     train_bpe_tokenizer,
     validation_batches,
 )
-from lowrank_optim.models import (
+from lowrank_optim.train.models import (
     LLAMA_SIZES,
     build_llama,
     build_llama_on_meta,
@@ -106,7 +106,7 @@ def test_corpus_cache_is_reused(bpe_corpus, monkeypatch: pytest.MonkeyPatch) -> 
     def fail(*args, **kwargs):
         raise AssertionError("a cached corpus must not be re-encoded")
 
-    monkeypatch.setattr("lowrank_optim.data.encode_documents", fail)
+    monkeypatch.setattr("lowrank_optim.train.data.encode_documents", fail)
     again = build_corpus("bpe", vocab_size=512, max_bytes=SMALL_BYTES, cache_dir=cache)
     assert torch.equal(again.train_tokens, corpus.train_tokens)
     assert torch.equal(again.val_tokens, corpus.val_tokens)

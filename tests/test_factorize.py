@@ -170,7 +170,7 @@ def test_bad_plans_raise() -> None:
 def test_hugging_face_llama_round_trip(tmp_path) -> None:
     from transformers import LlamaForCausalLM
 
-    from lowrank_optim.models import build_llama, tiny_llama_config
+    from lowrank_optim.train.models import build_llama, tiny_llama_config
 
     model = build_llama(
         tiny_llama_config(128, hidden=64, layers=2, heads=4, intermediate=128), seed=0

@@ -24,7 +24,7 @@ from lowrank_optim import (
 )
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
-from lowrank_optim.models import build_llama, tiny_llama_config
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "torchrun_pretrain.py"

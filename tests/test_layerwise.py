@@ -22,7 +22,7 @@ from lowrank_optim import (
 )
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
-from lowrank_optim.models import build_llama, tiny_llama_config
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 STEPS, ACCUMULATION = 7, 4
 # Gap 3: refreshes at steps 1, 4, 7 (full gradients), captured energy at 2 and 5 (full), and

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowrank_optim.cli import main
-from lowrank_optim.pretrain import PretrainConfig, run_pretraining
+from lowrank_optim.train import PretrainConfig, run_pretraining
 
 TINY_MODEL = {
     "model_type": "llama",
@@ -130,7 +130,7 @@ def test_bad_pretrain_settings_raise(field: str, value, message: str) -> None:
 
 def test_summary_reports_handoffs_and_their_measured_cost(tiny, tmp_path) -> None:
     """The main job's hand-off line: layers, steps, projected parameters removed, eval-loss jump."""
-    from lowrank_optim.pretrain import format_summary
+    from lowrank_optim.train import format_summary
 
     out = tmp_path / "handoff"
     config = PretrainConfig(

@@ -98,8 +98,8 @@ def test_small_tensors_stay_full_precision() -> None:
 
 
 def quantized_tiny_llama(seed: int = 0):
-    from lowrank_optim.models import build_llama, tiny_llama_config
     from lowrank_optim.quant import quantize_model
+    from lowrank_optim.train.models import build_llama, tiny_llama_config
 
     model = build_llama(
         tiny_llama_config(64, hidden=64, layers=2, heads=4, intermediate=128), seed=seed

@@ -17,9 +17,9 @@ from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.handoff import factor_moments
-from lowrank_optim.models import build_llama, tiny_llama_config
 from lowrank_optim.projection import LEFT, RIGHT
 from lowrank_optim.quant import quantize_model
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from helpers import roundtrip
 
 from lowrank_optim import GaLoreAdamW, StabilityConfig
-from lowrank_optim.plots import plot_stability
+from lowrank_optim.cli.plots import plot_stability
 from lowrank_optim.reporting import MetricsWriter, module_type
 from lowrank_optim.stability import leading_vector_similarity, subspace_overlap
 

@@ -15,7 +15,7 @@ from lowrank_optim import HandoffConfig, ProjectionConfig, StabilityConfig, WeLo
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.handoff import factor_moments
-from lowrank_optim.models import build_llama, tiny_llama_config
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 VOCAB = 96
 # Stable after one refresh of any overlap, hand-offs from step 6: exercises the mechanics fast.

@@ -71,7 +71,7 @@ def trainable_lrc(
     if not any(isinstance(module, LowRankLinear) for module in model.modules()):
         raise ValueError(
             f"{type(model).__name__} has no LowRankLinear layer to train; compress it first "
-            "(lowrank_optim.compress.compress_model or factorize.factorize_model)"
+            "(lowrank_optim.factorize.compress.compress_model or factorize.factorize_model)"
         )
     trainable, frozen, saved, names = 0, 0, 0, []
     for name, parameter in model.named_parameters():  # tied tensors are listed once

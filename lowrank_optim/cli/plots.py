@@ -1,53 +1,27 @@
-"""Matplotlib figures drawn from the JSONL metrics log (see :mod:`lowrank_optim.reporting`)."""
+"""Matplotlib figures: the JSONL metrics log's losses and stability heat maps (see
+:mod:`lowrank_optim.reporting`), and the singular-value spectra of ``lowrank-optim compress``.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-__all__ = ["check_stability_log", "plot_losses", "plot_stability", "read_records"]
+import torch
 
+from lowrank_optim.factorize import normalized_spectrum
+from lowrank_optim.factorize.compress import module_type_of
+from lowrank_optim.train.records import read_records
 
-def read_records(path: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of a JSONL log, optionally only those of one ``kind``.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file and
-    line) for anything that is not JSON Lines of objects, e.g. a binary file or a PNG.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No such file: {str(path)!r}; give a JSONL metrics log")
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a file; give a JSONL metrics log")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, start=1):  # noqa: B007 (used after the loop)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{number} is not valid JSON ({error.msg}); give a JSONL metrics log"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise ValueError(
-                        f"{path}:{number} holds a JSON {type(record).__name__}, not an object; "
-                        "give a JSONL metrics log"
-                    )
-                if kind is None or record.get("kind") == kind:
-                    records.append(record)
-        except UnicodeDecodeError:
-            raise ValueError(
-                f"{path}:{number + 1} is not UTF-8 text; give a JSONL metrics log"
-            ) from None
-    return records
+__all__ = [
+    "check_stability_log",
+    "plot_losses",
+    "plot_spectra",
+    "plot_stability",
+    "read_records",
+]
 
 
 def check_stability_log(log_path: str | os.PathLike[str]) -> int:
@@ -187,5 +161,45 @@ def plot_losses(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def plot_spectra(
+    spectra: dict[str, torch.Tensor], threshold: float | None, output: str | Path
+) -> Path:
+    """One panel per module type: every layer's normalized spectrum against ``i / rank``.
+
+    Curves that drop fast (heavy tails) lose many values under the dashed global threshold;
+    that is where WeLore's non-uniform ranks come from.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    for name, values in spectra.items():
+        groups[module_type_of(name)].append((name, normalized_spectrum(values)))
+    columns = min(len(groups), 4)
+    rows = -(-len(groups) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, (kind, curves) in zip(axes.flat, groups.items(), strict=False):
+        colours = plt.cm.viridis(torch.linspace(0, 1, len(curves)).tolist())
+        for colour, (name, curve) in zip(colours, curves, strict=True):
+            position = torch.arange(curve.numel()) / max(curve.numel() - 1, 1)
+            axis.plot(position.tolist(), curve.tolist(), color=colour, lw=1, label=name)
+        if threshold is not None:
+            axis.axhline(threshold, color="red", ls="--", lw=1)
+        axis.set_title(kind, fontsize=9)
+        axis.set_xlabel("singular value index / rank")
+        axis.set_ylabel("normalized value")
+    for axis in list(axes.flat)[len(groups) :]:
+        axis.set_visible(False)
+    figure.suptitle("Normalized singular-value spectra (dashed: WeLore global threshold)")
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
     plt.close(figure)
     return output

@@ -1,4 +1,4 @@
-"""``lowrank-optim compress``: WeLore's data-free compression of a pretrained Hugging Face model.
+"""WeLore's data-free compression of a pretrained Hugging Face model (the library part).
 
 Jaiswal et al., "From GaLore to WeLore", ICML 2025. No data is needed: for every linear matrix
 ``W_i`` the singular values are min/max normalized, one global threshold ``t`` is solved so
@@ -6,7 +6,9 @@ that the values under it make up the target fraction of the total rank, and the 
 own reduction exceeds ``min_ratio`` (the low-rank components, LRCs) are replaced by the
 truncated-SVD factors ``W_i ~ (U_k S_k^1/2)(S_k^1/2 V_k^T)``; the rest stay dense. The rank
 selection, the factor layer and saving live in :mod:`lowrank_optim.factorize`; this module
-loads the model, refuses what it cannot handle, reports and plots.
+loads the model, refuses what it cannot handle and reports per module type. The command line
+(``lowrank-optim compress``) is :mod:`lowrank_optim.cli.compress`, the spectra plot
+:func:`lowrank_optim.cli.plots.plot_spectra`.
 
 ``measure="rank"`` is the paper's target (fraction of the pooled rank under the threshold; the
 LRC rule then leaves some of it dense, so fewer parameters go). ``measure="params"`` solves
@@ -15,7 +17,6 @@ the same threshold by bisection so that the linear layers lose ``target`` of the
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -34,7 +35,6 @@ from lowrank_optim.factorize import (
     default_include,
     factorize_model,
     from_pretrained_factorized,
-    normalized_spectrum,
     plan_ranks,
     save_pretrained_factorized,
 )
@@ -42,10 +42,11 @@ from lowrank_optim.factorize.rank_selection import dense_weight_of
 
 __all__ = [
     "MEASURES",
+    "REPORT_FILE",
+    "SPECTRA_PLOT",
     "SUPPORTED_MODEL_TYPES",
     "CompressionError",
     "CompressionResult",
-    "add_arguments",
     "check_model_dir",
     "compress_model",
     "compress_pretrained",
@@ -53,8 +54,6 @@ __all__ = [
     "model_class_for",
     "module_type_of",
     "plan_for_target",
-    "plot_spectra",
-    "run",
     "summary_rows",
 ]
 
@@ -289,72 +288,6 @@ def summary_rows(result: CompressionResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _format_table(rows: list[dict[str, Any]]) -> str:
-    headers = [
-        "module type",
-        "LRC/matrices",
-        "rank kept/full",
-        "params before",
-        "params after",
-        "rel. error",
-    ]
-    cells = [
-        [
-            row["module_type"],
-            f"{row['lrc']}/{row['matrices']}",
-            f"{row['rank_kept']}/{row['full_rank']}",
-            f"{row['params_before']:,}",
-            f"{row['params_after']:,}",
-            f"{row['relative_error']:.3f}",
-        ]
-        for row in rows
-    ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
-    return "\n".join(lines)
-
-
-def plot_spectra(
-    spectra: dict[str, torch.Tensor], threshold: float | None, output: str | Path
-) -> Path:
-    """One panel per module type: every layer's normalized spectrum against ``i / rank``.
-
-    Curves that drop fast (heavy tails) lose many values under the dashed global threshold;
-    that is where WeLore's non-uniform ranks come from.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[str, list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    for name, values in spectra.items():
-        groups[module_type_of(name)].append((name, normalized_spectrum(values)))
-    columns = min(len(groups), 4)
-    rows = -(-len(groups) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, (kind, curves) in zip(axes.flat, groups.items(), strict=False):
-        colours = plt.cm.viridis(torch.linspace(0, 1, len(curves)).tolist())
-        for colour, (name, curve) in zip(colours, curves, strict=True):
-            position = torch.arange(curve.numel()) / max(curve.numel() - 1, 1)
-            axis.plot(position.tolist(), curve.tolist(), color=colour, lw=1, label=name)
-        if threshold is not None:
-            axis.axhline(threshold, color="red", ls="--", lw=1)
-        axis.set_title(kind, fontsize=9)
-        axis.set_xlabel("singular value index / rank")
-        axis.set_ylabel("normalized value")
-    for axis in list(axes.flat)[len(groups) :]:
-        axis.set_visible(False)
-    figure.suptitle("Normalized singular-value spectra (dashed: WeLore global threshold)")
-    figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return output
-
-
 def compress_pretrained(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -365,7 +298,11 @@ def compress_pretrained(
     allow_untested: bool = False,
     progress: bool = True,
 ) -> CompressionResult:
-    """Load ``model_dir``, compress it, save it (plus tokenizer, report and spectra plot)."""
+    """Load ``model_dir``, compress it, save it (plus tokenizer files and a JSON report).
+
+    The command (``lowrank-optim compress``) also draws the spectra plot, from
+    ``result.spectra`` and ``result.plan.threshold`` (:func:`lowrank_optim.cli.plots.plot_spectra`).
+    """
     _check_target(target, measure)  # before reading gigabytes of weights
     config = check_model_dir(model_dir, allow_untested)
     model = model_class_for(config).from_pretrained(model_dir).eval()
@@ -385,7 +322,6 @@ def compress_pretrained(
         "module_types": summary_rows(result),
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    plot_spectra(result.spectra, result.plan.threshold, output / SPECTRA_PLOT)
     return result
 
 
@@ -397,49 +333,3 @@ def load_compressed(directory: str | Path, **kwargs: Any) -> Any:
     return from_pretrained_factorized(model_class_for(config), directory, **kwargs)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="local Hugging Face model directory (config + weights)")
-    parser.add_argument("-o", "--output", required=True, help="directory for the compressed model")
-    parser.add_argument("--target", type=float, default=0.5, help="reduction in (0, 1)")
-    parser.add_argument(
-        "--measure",
-        choices=MEASURES,
-        default="rank",
-        help="rank: fraction of the pooled rank (WeLore); params: of linear-layer parameters",
-    )
-    parser.add_argument("--min-ratio", type=float, default=0.5, help="LRC rule: rank reduction")
-    parser.add_argument("--allow-untested", action="store_true", help="try other model types")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        result = compress_pretrained(
-            args.model_dir,
-            args.output,
-            args.target,
-            measure=args.measure,
-            min_ratio=args.min_ratio,
-            allow_untested=args.allow_untested,
-            progress=not args.no_progress,
-        )
-    except CompressionError as error:
-        print(f"lowrank-optim compress: refused: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:  # a bad option value (target, min_ratio): name it, no traceback
-        print(f"lowrank-optim compress: error: {error}", file=sys.stderr)
-        return 2
-    print(_format_table(summary_rows(result)))
-    saved = 1 - result.parameters_after / result.parameters_before
-    print(
-        f"parameters {result.parameters_before:,} -> {result.parameters_after:,} "
-        f"({saved:.1%} fewer); threshold {result.plan.threshold:.4f}; "
-        f"{len(result.plan.lrc_names)} of {len(result.plan.layers)} matrices factorized"
-    )
-    print(
-        f"saved {args.output} (reload: lowrank_optim.compress.load_compressed); "
-        f"spectra plot {Path(args.output) / SPECTRA_PLOT}"
-    )
-    return 0

@@ -1,4 +1,4 @@
-"""The built-in corpus, local and Hugging Face datasets, tokenizers and resumable batches.
+"""The built-in corpus, local and Hugging Face datasets, split and cached as token streams.
 
 The built-in corpus is the Python standard library's own source: about 30 MB of real text that
 exists wherever Python does, so every command and test runs offline. Documents go to the
@@ -13,56 +13,39 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from lowrank_optim.checkpoint import atomic_save
+from lowrank_optim.train.cache import atomic_write_text, default_cache_dir
+from lowrank_optim.train.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    encode_documents,
+    train_bpe_tokenizer,
+)
 
 __all__ = [
+    "LOCAL_SUFFIXES",
     "VALIDATION_EVERY",
-    "BPETokenizer",
-    "ByteTokenizer",
     "Corpus",
-    "TokenBatches",
-    "Tokenizer",
     "build_corpus",
-    "default_cache_dir",
-    "encode_documents",
     "load_hf_dataset",
     "load_local_dataset",
+    "looks_local",
     "split_documents",
     "stdlib_corpus_files",
-    "train_bpe_tokenizer",
-    "validation_batches",
 ]
 
 VALIDATION_EVERY = 20
 LOCAL_SUFFIXES = (".txt", ".py", ".md")
-EOS_TOKEN = "<eos>"
 # Bump when the cache layout or the encoding changes, so stale caches are never reused.
 _CACHE_VERSION = 2
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What training needs of a tokenizer: ids in, ids out, a vocabulary size and an EOS id."""
-
-    vocab_size: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def default_cache_dir() -> Path:
-    """``$LOWRANK_OPTIM_CACHE`` or ``~/.cache/lowrank_optim``."""
-    override = os.environ.get("LOWRANK_OPTIM_CACHE")
-    return Path(override) if override else Path.home() / ".cache" / "lowrank_optim"
 
 
 # --------------------------------------------------------------------------- documents
@@ -191,112 +174,6 @@ def split_documents(
     return training, validation
 
 
-# --------------------------------------------------------------------------- tokenizers
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (0..255) plus an end-of-document token (256); needs no training."""
-
-    vocab_size = 257
-    eos_id = 256
-
-    def encode(self, text: str) -> list[int]:
-        """The text's UTF-8 bytes."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Bytes back to text; EOS is dropped and broken UTF-8 becomes U+FFFD."""
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-
-class BPETokenizer:
-    """A byte-level BPE from the ``tokenizers`` library behind the :class:`Tokenizer` protocol.
-
-    ``backend`` is the ``tokenizers.Tokenizer`` itself, for anything the protocol lacks.
-    """
-
-    def __init__(self, backend: Any) -> None:
-        eos_id = backend.token_to_id(EOS_TOKEN)
-        if eos_id is None:
-            raise ValueError(f"BPE tokenizer has no {EOS_TOKEN} token; retrain it")
-        self.backend = backend
-        self.vocab_size = int(backend.get_vocab_size())
-        self.eos_id = int(eos_id)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> BPETokenizer:
-        """Load a tokenizer saved by :func:`train_bpe_tokenizer`."""
-        from tokenizers import Tokenizer as Backend
-
-        return cls(Backend.from_file(str(path)))
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no EOS appended)."""
-        return self.backend.encode(text).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts, encoded in parallel by the Rust backend."""
-        return [encoding.ids for encoding in self.backend.encode_batch(texts)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; EOS tokens are dropped."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 4096, cache_path: str | os.PathLike[str] | None = None
-) -> BPETokenizer:
-    """Train (or load from ``cache_path``) a byte-level BPE with an ``<eos>`` token.
-
-    Byte-level means every string round-trips exactly: ``decode(encode(x)) == x``. Training is
-    deterministic for given texts. ``cache_path`` is trusted as is: callers key it by corpus
-    and vocabulary size (as :func:`build_corpus` does).
-    """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 1:
-        raise ValueError(
-            f"Invalid vocab_size: {vocab_size}; a byte-level BPE needs at least "
-            f"{len(alphabet) + 1} (256 bytes and EOS)"
-        )
-    if cache_path is not None and Path(cache_path).is_file():
-        return BPETokenizer.from_file(cache_path)
-    backend = Backend(models.BPE())
-    # use_regex=False would merge across spaces; GPT-2's split keeps tokens word-like.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        show_progress=False,
-        initial_alphabet=alphabet,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    if cache_path is not None:
-        _atomic_write_text(Path(cache_path), backend.to_str())
-    return BPETokenizer(backend)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A per-process temporary name: data-parallel ranks may build the same cache at once.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """One 1-D ``int32`` tensor: each document's tokens followed by EOS."""
-    batch_encode = getattr(tokenizer, "encode_batch", None)
-    encoded = batch_encode(list(texts)) if batch_encode else [tokenizer.encode(t) for t in texts]
-    ids: list[int] = []
-    for document in encoded:
-        ids.extend(document)
-        ids.append(tokenizer.eos_id)
-    return torch.tensor(ids, dtype=torch.int32)
-
 
 # --------------------------------------------------------------------------- corpus
 
@@ -311,8 +188,11 @@ class Corpus:
     description: str
 
 
-def _looks_local(dataset: str) -> bool:
-    # A mistyped local path must fail at once, not after the hub client's retries.
+def looks_local(dataset: str) -> bool:
+    """Whether ``dataset`` names a local path (by its prefix or suffix), not a hub dataset.
+
+    A mistyped local path must fail at once, not after the hub client's retries.
+    """
     return dataset.startswith((".", "/", "~")) or dataset.endswith((".jsonl", *LOCAL_SUFFIXES))
 
 
@@ -341,7 +221,7 @@ def _documents(
         )
         return [_read(p) for p in files], description
     dataset = str(dataset)
-    if Path(dataset).expanduser().exists() or _looks_local(dataset):
+    if Path(dataset).expanduser().exists() or looks_local(dataset):
         documents = _cap(load_local_dataset(dataset), max_bytes)
         return documents, f"{dataset}, {len(documents)} documents"
     documents = _cap(load_hf_dataset(dataset), max_bytes)
@@ -417,7 +297,7 @@ def build_corpus(
         atomic_save(tokens, tokens_path)
     if shortcut is not None:
         record = {"folder": folder.name, "description": description}
-        _atomic_write_text(shortcut, json.dumps(record))
+        atomic_write_text(shortcut, json.dumps(record))
     return Corpus(tok, tokens["train"], tokens["val"], description)
 
 
@@ -455,103 +335,3 @@ def _load_shortcut(shortcut: Path, tokenizer: str) -> Corpus | None:
             return None
     return Corpus(tok, tokens["train"], tokens["val"], description)
 
-
-# --------------------------------------------------------------------------- batches
-
-
-class TokenBatches(Iterator[torch.Tensor]):
-    """Endless ``(batch, seq_len)`` ``int64`` windows of a token stream, seeded and resumable.
-
-    The stream is cut into non-overlapping windows; each epoch visits them in a permutation
-    drawn from ``seed`` and the epoch number (a leftover short of a batch is skipped). The
-    position is two integers (``epoch``, ``index``), so ``state_dict``/``load_state_dict``
-    resume exactly. ``batch_size`` is the global batch: with ``world_size > 1`` each rank takes
-    its contiguous slice of every global batch (rank 0 rows ``[0, B/W)``, rank 1 the next),
-    so the ranks together see exactly what one process with the global batch sees.
-    """
-
-    def __init__(
-        self,
-        tokens: torch.Tensor,
-        batch_size: int,
-        seq_len: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if tokens.dim() != 1:
-            raise ValueError(f"Invalid tokens: shape {tuple(tokens.shape)}; need a 1-D stream")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"Invalid batch_size={batch_size}, seq_len={seq_len}; need >= 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"Invalid rank={rank} for world_size={world_size}")
-        if batch_size % world_size:
-            raise ValueError(
-                f"Invalid batch_size: {batch_size}; must be divisible by world_size {world_size}"
-            )
-        # Leave the last token out of every window so that each window's next token exists,
-        # for callers that shift labels themselves.
-        windows = (tokens.numel() - 1) // seq_len
-        if windows < batch_size:
-            raise ValueError(
-                f"Corpus of {tokens.numel()} tokens has {windows} windows of {seq_len}; "
-                f"need at least batch_size={batch_size}. Use a larger corpus or shorter windows."
-            )
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.windows = windows
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        # A private generator: sampling never touches (or depends on) the global RNG.
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.windows, generator=generator)
-
-    def __next__(self) -> torch.Tensor:
-        if self.index + self.batch_size > self.windows:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        starts = self._order[self.index : self.index + self.batch_size] * self.seq_len
-        self.index += self.batch_size
-        local = self.batch_size // self.world_size
-        starts = starts[self.rank * local : (self.rank + 1) * local]
-        return self.tokens[starts[:, None] + torch.arange(self.seq_len)].long()
-
-    def state_dict(self) -> dict[str, int]:
-        """The position plus what defines the order, as plain ints."""
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "windows": self.windows,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at ``state``'s position; refuses a state of a different order or corpus."""
-        for name in ("seed", "batch_size", "seq_len", "windows"):
-            # Older states lack the shape fields; the seed was always recorded.
-            if name in state and int(state[name]) != getattr(self, name):
-                raise ValueError(
-                    f"Batch state has {name}={state[name]}; this sampler has "
-                    f"{getattr(self, name)}. Resume with the same corpus and batch settings."
-                )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._permutation(self.epoch)
-
-
-def validation_batches(
-    tokens: torch.Tensor, batch_size: int, seq_len: int, count: int
-) -> list[torch.Tensor]:
-    """The first ``count`` batches of consecutive ``int64`` windows: a fixed evaluation set."""
-    windows = (tokens.numel() - 1) // seq_len
-    needed = batch_size * count
-    if windows < needed:
-        raise ValueError(
-            f"Validation split has {windows} windows of {seq_len} tokens; {count} batches of "
-            f"{batch_size} need {needed}. Use a larger corpus or fewer eval batches."
-        )
-    usable = tokens[: needed * seq_len].long().view(count, batch_size, seq_len)
-    return list(usable)
