@@ -34,7 +34,6 @@ from torch import nn
 from lowrank_optim import state_keys as keys
 from lowrank_optim.basis_storage import read_basis
 from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
-from lowrank_optim.distributed.fsdp import refuse_sharded_handoff
 from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.factorize import LowRankLinear, dense_weight_of, replace_module
 from lowrank_optim.handoff import (
@@ -48,6 +47,7 @@ from lowrank_optim.handoff import (
     top_subspace,
 )
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
+from lowrank_optim.placement import refuse_sharded_handoff
 from lowrank_optim.projection import LEFT, RIGHT
 from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
 
