@@ -23,7 +23,6 @@ GROUP_SIZE = 256
 _PARTS = ("codes", "scale", "offset")
 
 
-
 def basis_fixed_dtype_keys(keys: tuple[str, ...]) -> frozenset[str]:
     """The fp32 scale/offset entries of quantized bases (kept fp32 when a checkpoint loads)."""
     return frozenset(basis_part(key, part) for key in keys for part in ("scale", "offset"))

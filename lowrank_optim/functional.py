@@ -63,9 +63,7 @@ __all__ = [
 ]
 
 #: ``apply(param, direction, bases, alpha, decay)``: ``param = decay param + alpha back(d)``.
-ApplyUpdate = Callable[
-    [torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float, float], None
-]
+ApplyUpdate = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float, float], None]
 
 
 @dataclass
@@ -245,9 +243,12 @@ def adam_moments(
         storage.write(state, exp_avg, exp_avg_sq)
     denominators = adam_denominators(exp_avg_sqs, steps, beta2, group["eps"])
     lr = float(group["lr"])
-    return exp_avgs, denominators, adam_step_sizes(lr, steps, beta1), 1.0 - lr * group[
-        "weight_decay"
-    ]
+    return (
+        exp_avgs,
+        denominators,
+        adam_step_sizes(lr, steps, beta1),
+        1.0 - lr * group["weight_decay"],
+    )
 
 
 def low_rank_directions(

@@ -14,8 +14,6 @@ Parameters in groups without ``rank``, and every tensor that is not 2-D, get pla
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,17 +28,19 @@ from lowrank_optim.config import (
     validate_adam_hyperparameters,
     validate_on_bad_gradient,
 )
-from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.moment_storage import WORKING_CHUNK, FullPrecisionMoments, MomentStorage
+from lowrank_optim.optim.checkpoints import check_compatible, split_fixed_dtype
+from lowrank_optim.optim.groups import (
+    check_projected_params,
+    expand_group,
+    validate_group,
+    validate_step_hyperparameters,
+)
 from lowrank_optim.placement import Placement, StepContext, placement_for
 from lowrank_optim.projection import LEFT, RIGHT, effective_rank, low_rank_shape
 from lowrank_optim.reporting import SubspaceRow, subspace_report
-from lowrank_optim.stability import upgrade_legacy_metrics
 
 __all__ = ["GaLoreAdamW"]
-
-#: Group keys that fix the shapes (or the stored form) of the state; a checkpoint must agree.
-STRUCTURAL_KEYS = ("rank", "proj_type", "proj_bits")
 
 Item = tuple[int, torch.Tensor]
 
@@ -105,81 +105,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group = dict(param_group)
-        projection = group.pop("projection", None)
-        if projection is True:
-            projection = self._default_projection
-        if isinstance(projection, ProjectionConfig):
-            group = {**projection.to_group(), **group}  # keys the group sets itself win
-        elif projection not in (None, False):
-            raise ValueError(
-                f"Invalid projection: {projection!r}; expected a ProjectionConfig, True or None"
-            )
-        stability = group.pop("stability", None)
-        if isinstance(stability, StabilityConfig):
-            group.update(stability.to_group())
-        elif stability is not None:
-            raise ValueError(f"Invalid stability: {stability!r}; expected a StabilityConfig")
-        super().add_param_group(group)
-        self._validate_group(self.param_groups[-1])
-        self._check_group_params(self.param_groups[-1])
-
-    def _check_group_params(self, group: dict[str, Any]) -> None:
-        """Refuse complex projected parameters; warn once per layer about a clipped rank.
-
-        GaLore's bases are real singular vectors of a real gradient: a complex matrix would need
-        a complex SVD and conjugate projections, so it is refused here rather than stepped
-        wrongly (complex parameters outside projected groups get AdamW on their real view, as
-        in ``torch.optim.AdamW``). A rank above ``min(m, n)`` is clipped to it, which leaves
-        low-rank moments the size of a full side of the matrix plus an ``m x m`` (or ``n x n``)
-        basis: at least as much state as AdamW's.
-        """
-        if group.get("rank") is None:
-            return
-        rank = group["rank"]
-        for index, param in enumerate(group["params"]):
-            if param.dim() != 2:
-                continue
-            name = self.param_name(group, index)
-            if param.is_complex():
-                raise ValueError(
-                    f"Invalid parameter {name}: complex dtype {param.dtype} in a projected group "
-                    f"(rank={rank}); GaLore projection supports real parameters only. Put it in "
-                    "a group without `rank` (stepped as AdamW on its real view, as "
-                    "torch.optim.AdamW does) or train its real and imaginary parts as real tensors"
-                )
-            size = min(param.shape)
-            if rank > size:
-                warnings.warn(
-                    f"rank={rank} exceeds the size of {name} (shape {tuple(param.shape)}); it is "
-                    f"clipped to {size}, so its optimizer state is at least as large as AdamW's "
-                    "(moments of a full side plus the basis). Lower the rank or leave this "
-                    "parameter unprojected",
-                    UserWarning,
-                    stacklevel=5,  # the line that built the optimizer
-                )
-
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        validate_adam_hyperparameters(
-            group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        )
-        validate_on_bad_gradient(group["on_bad_gradient"])
-        StabilityConfig.from_group(group)
-        if group.get("rank") is not None:
-            ProjectionConfig.from_group(group)
-
-    @staticmethod
-    def _validate_step_hyperparameters(groups: Sequence[dict[str, Any]]) -> None:
-        """Re-check lr, betas, eps and weight decay before a step updates anything.
-
-        A scheduler or user code may have set a tensor, a string or NaN since construction, and
-        ``float(group["lr"])`` would silently accept a string or a 1-element tensor.
-        """
-        for group in groups:
-            validate_adam_hyperparameters(
-                group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            )
+        super().add_param_group(expand_group(param_group, self._default_projection))
+        group = self.param_groups[-1]
+        validate_group(group)
+        check_projected_params(group, self.param_name)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -210,7 +139,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             (group, [i for i, param in enumerate(group["params"]) if param.grad is not None])
             for group in self.param_groups
         ]
-        self._validate_step_hyperparameters(self.param_groups)
+        validate_step_hyperparameters(self.param_groups)
         self._raise_before_update([(group, indices, {}) for group, indices in work])
         for group, with_grad in work:
             self._step_group(group, with_grad, {})
@@ -238,7 +167,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     "step needs the full gradient (it is not projected, refreshes its basis, "
                     "records captured energy or has no basis yet)"
                 )
-        self._validate_step_hyperparameters([group])
+        validate_step_hyperparameters([group])
         self._raise_before_update([(group, indices, low_rank_grads or {})])
         # Placements are told: FSDP2 refuses a step whose gradient shard is not all there.
         self._layerwise_step = True
@@ -414,81 +343,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, refusing one saved for other shapes or another rank/proj_type.
+        """Load a state dict, refusing one saved for other shapes, another rank/proj_type or
+        another moment storage (:mod:`lowrank_optim.optim.checkpoints`).
 
-        torch casts every loaded floating tensor, and every tensor of a floating parameter, to
-        the parameter's dtype. Metric histories must stay fp32 and integer or quantized state
-        must keep its dtype, so those entries bypass that cast and are only moved to the
-        parameter's device.
+        Entries whose dtype is fixed by design (metric histories, integer and quantized state)
+        bypass torch's cast to the parameter's dtype and are only moved to its device.
         """
-        self._check_compatible(state_dict)
-        held: dict[Any, dict[str, torch.Tensor]] = {}
-        stripped_state = {}
-        for param_id, entry in state_dict.get("state", {}).items():
-            entry = upgrade_legacy_metrics(entry)
-            keep = {
-                key: value
-                for key, value in entry.items()
-                if isinstance(value, torch.Tensor)
-                and (key in self._fixed_dtype_keys or not value.is_floating_point())
-            }
-            held[param_id] = keep
-            stripped_state[param_id] = {k: v for k, v in entry.items() if k not in keep}
-        super().load_state_dict({**state_dict, "state": stripped_state})
+        check_compatible(
+            state_dict, self.param_groups, self.moment_storage, self.is_projected, self.param_name
+        )
+        held, rest = split_fixed_dtype(state_dict.get("state", {}), self._fixed_dtype_keys)
+        super().load_state_dict({**state_dict, "state": rest})
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         for param_id, param in zip(saved_ids, params, strict=True):
             for key, value in held.get(param_id, {}).items():
                 self.state[param][key] = value.to(device=param.device)
-
-    def _check_compatible(self, state_dict: dict[str, Any]) -> None:
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            raise CheckpointMismatchError(
-                f"Checkpoint has {len(saved_groups)} param groups; this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        saved_state = state_dict.get("state", {})
-        for group_index, (saved, group) in enumerate(
-            zip(saved_groups, self.param_groups, strict=True)
-        ):
-            for key in STRUCTURAL_KEYS:
-                if saved.get(key) != group.get(key):
-                    raise CheckpointMismatchError(
-                        f"Checkpoint param group {group_index} was saved with {key}="
-                        f"{saved.get(key)!r}; this optimizer has {key}={group.get(key)!r}"
-                    )
-            if len(saved["params"]) != len(group["params"]):
-                continue  # torch's own check reports this with its usual message
-            for index, (saved_id, param) in enumerate(
-                zip(saved["params"], group["params"], strict=True)
-            ):
-                entry = saved_state.get(saved_id)
-                if entry is None:
-                    continue
-                projected = self.is_projected(group, param)
-                if projected:
-                    rank = effective_rank(group["rank"], param.shape)
-                    expected = low_rank_shape(group["proj_type"], param.shape, rank)
-                    numel: int | None = math.prod(expected)
-                else:
-                    numel = F.real_view(param).numel()
-                problem = self.moment_storage.layout_problem(
-                    entry, placement_for(param).checkpoint_numel(param, numel)
-                )
-                if problem is not None:
-                    raise CheckpointMismatchError(
-                        f"Checkpoint state of {self.param_name(group, index)} (param group "
-                        f"{group_index}) {problem}. It was saved by an optimizer with another "
-                        "moment storage (GaLoreAdamW keeps full-precision moments, "
-                        "GaLoreAdamW8bit and QGaLoreAdamW quantized ones); load it into the "
-                        "class (and moment_bits) that saved it"
-                    )
-                if not projected:
-                    continue
-                found = self.moment_storage.numel(entry)
-                if found != math.prod(expected):
-                    raise CheckpointMismatchError(
-                        f"Checkpoint moments of param group {group_index} have {found} elements; "
-                        f"a parameter of shape {tuple(param.shape)} at rank {rank} needs {expected}"
-                    )
