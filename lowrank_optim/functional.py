@@ -208,7 +208,7 @@ def fused_moments(
     """``(exp_avgs, exp_avg_sqs)`` if torch's fused AdamW kernel can update ``updated`` (the
     parameters, or low-rank buffers of their moments' shape) with ``grads``; ``None`` otherwise
     (quantized moments, mixed dtypes, tensor subclasses)."""
-    if not storage.plain_tensors or any(keys.EXP_AVG not in state for state in states):
+    if not storage.plain_tensors:  # the storage says whether its moments are plain tensors
         return None
     exp_avgs = [state[keys.EXP_AVG] for state in states]
     exp_avg_sqs = [state[keys.EXP_AVG_SQ] for state in states]

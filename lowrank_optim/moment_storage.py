@@ -340,7 +340,7 @@ class Blockwise8bitMoments(MomentStorage):
         return exp_avg.view(shape), exp_avg_sq.view(shape)
 
     def write(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        if keys.EXP_AVG in state:
+        if not self.holds_quantized(state):
             self._full.write(state, exp_avg, exp_avg_sq)
             return
         state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX] = self._quantize(exp_avg.float(), True)

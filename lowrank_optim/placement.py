@@ -25,7 +25,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from lowrank_optim.functional import ParamView, finite_flags
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection.refresh import refresh_from_gradient
 from lowrank_optim.stability import captured_energy
+
+if TYPE_CHECKING:  # not at runtime: importing lowrank_optim must not load the distributed code
+    from lowrank_optim.distributed.fsdp import HandoffOptimizer
 
 __all__ = [
     "SINGLE_PROCESS",
@@ -237,7 +240,7 @@ def placement_for(param: torch.Tensor) -> Placement:
     return SINGLE_PROCESS
 
 
-def refuse_sharded_handoff(optimizer: Any, step: int) -> None:
+def refuse_sharded_handoff(optimizer: HandoffOptimizer, step: int) -> None:
     """:func:`lowrank_optim.distributed.fsdp.refuse_sharded_handoff`, loaded only if needed.
 
     Without ``torch.distributed.tensor`` no parameter is sharded, so there is nothing to refuse.

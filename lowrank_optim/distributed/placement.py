@@ -73,7 +73,8 @@ class RowShardedPlacement(Placement):
     ) -> None:
         """Refuse layer-wise steps, other layouts, INT8 weights, left projections, and
         quantized state saved on another number of ranks; record the number of ranks."""
-        assert isinstance(param, DTensor)
+        if not isinstance(param, DTensor):
+            raise TypeError(f"{name} is not a DTensor; the FSDP2 placement steps DTensors only")
         if context.layerwise or param.grad is None:
             raise NotImplementedError(
                 f"Layer-wise stepping of {name} (an optimizer step inside backward, or a "
@@ -154,7 +155,8 @@ class RowShardedPlacement(Placement):
         storage: MomentStorage,
     ) -> bool:
         """The right basis of the row-sharded gradient: a Gram all-reduce or an all-gather."""
-        assert view.grad is not None
+        if view.grad is None:
+            raise RuntimeError(f"a basis refresh of {view.name} needs its gradient shard")
         return refresh_sharded(
             view.grad,
             view.state,

@@ -18,7 +18,7 @@ cols)`` for 8 bits, ``(rows, cols / 2)`` for 4), so they shard like the moments;
 absmax (and codes whose rows do not fill whole bytes: 4-bit codes of odd rows) is padded to the
 largest rank's count so that it is a regular ``Shard(0)`` tensor. The block boundaries depend on
 the number of ranks, so quantized state reloads only with the same number; full-precision
-moments reshard to any number (see :mod:`lowrank_optim.distributed.fsdp`).
+moments reshard to any number (see :mod:`lowrank_optim.distributed.placement`).
 """
 
 from __future__ import annotations
