@@ -13,20 +13,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASIS_BITS", "basis_fixed_dtype_keys", "read_basis", "write_basis"]
+from lowrank_optim.state_keys import basis_part
+
+__all__ = ["BASIS_BITS", "GROUP_SIZE", "basis_fixed_dtype_keys", "read_basis", "write_basis"]
 
 BASIS_BITS = (None, 4, 8)
-_GROUP = 256
+#: Values per quantization group of a stored basis (one scale and offset each; Q-GaLore's 256).
+GROUP_SIZE = 256
 _PARTS = ("codes", "scale", "offset")
-
-
-def _part(key: str, part: str) -> str:
-    return f"{key}_{part}"
 
 
 def basis_fixed_dtype_keys(keys: tuple[str, ...]) -> frozenset[str]:
     """The fp32 scale/offset entries of quantized bases (kept fp32 when a checkpoint loads)."""
-    return frozenset(_part(key, part) for key in keys for part in ("scale", "offset"))
+    return frozenset(basis_part(key, part) for key in keys for part in ("scale", "offset"))
 
 
 def write_basis(
@@ -38,10 +37,10 @@ def write_basis(
         return
     from lowrank_optim.quant import quantize_groupwise
 
-    quantized = quantize_groupwise(basis.float(), bits=bits, group_size=_GROUP)
+    quantized = quantize_groupwise(basis.float(), bits=bits, group_size=GROUP_SIZE)
     for part in _PARTS:
-        state[_part(key, part)] = quantized[part]
-    state[_part(key, "shape")] = torch.tensor(tuple(basis.shape), dtype=torch.int64)
+        state[basis_part(key, part)] = quantized[part]
+    state[basis_part(key, "shape")] = torch.tensor(tuple(basis.shape), dtype=torch.int64)
 
 
 def read_basis(
@@ -50,10 +49,10 @@ def read_basis(
     """The basis under ``key`` in ``dtype`` (dequantized if stored in bits), or None if absent."""
     if bits is None:
         return state.get(key)
-    if _part(key, "codes") not in state:
+    if basis_part(key, "codes") not in state:
         return None
     from lowrank_optim.quant import dequantize_groupwise
 
-    shape = tuple(int(d) for d in state[_part(key, "shape")])
-    parts = {part: state[_part(key, part)] for part in _PARTS}
-    return dequantize_groupwise(parts, shape, bits, _GROUP, dtype=dtype)
+    shape = tuple(int(d) for d in state[basis_part(key, "shape")])
+    parts = {part: state[basis_part(key, part)] for part in _PARTS}
+    return dequantize_groupwise(parts, shape, bits, GROUP_SIZE, dtype=dtype)

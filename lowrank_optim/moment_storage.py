@@ -30,22 +30,35 @@ import torch
 from lowrank_optim import state_keys as keys
 from lowrank_optim.quant.blockwise4bit import BLOCKSIZE4
 from lowrank_optim.quant.blockwise8bit import BACKENDS, BLOCKSIZE, MIN_QUANTIZED_NUMEL
+from lowrank_optim.state_keys import (
+    EXP_AVG_ABSMAX,
+    EXP_AVG_CODES,
+    EXP_AVG_SQ_ABSMAX,
+    EXP_AVG_SQ_CODES,
+    MOMENT_SHAPE,
+)
 
 __all__ = [
+    "EXP_AVG_ABSMAX",
+    "EXP_AVG_CODES",
+    "EXP_AVG_SQ_ABSMAX",
+    "EXP_AVG_SQ_CODES",
+    "FULL",
+    "MISSING",
+    "MOMENT_SHAPE",
+    "QUANTIZED",
     "WORKING_CHUNK",
     "Blockwise4bitMoments",
     "Blockwise8bitMoments",
     "FullPrecisionMoments",
     "MomentStorage",
+    "as_fp32",
+    "stored_layout",
 ]
 
 #: Elements of a moment widened to fp32 at once when it is updated or initialized in ranges
 #: (4 MiB of fp32): bounds the working copies of quantized and 16-bit moments.
 WORKING_CHUNK = 1 << 20
-
-EXP_AVG_CODES, EXP_AVG_ABSMAX = "exp_avg_codes", "exp_avg_absmax"
-EXP_AVG_SQ_CODES, EXP_AVG_SQ_ABSMAX = "exp_avg_sq_codes", "exp_avg_sq_absmax"
-MOMENT_SHAPE = "moment_shape"
 
 #: How a checkpoint's state entry holds its moments, by the keys present (see ``stored_layout``).
 FULL, QUANTIZED, MISSING = "full", "quantized", "missing"
@@ -66,7 +79,7 @@ def stored_layout(entry: Mapping[str, Any]) -> str:
     return MISSING
 
 
-def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
+def as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """16-bit tensors as fp32 copies; wider ones as they are (no copy)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
@@ -100,9 +113,34 @@ class MomentStorage(ABC):
     block_size: int | None = None
     min_numel: int | None = None
 
+    #: Every state key this storage may write (the moment entries of ``state_keys``).
+    state_keys: frozenset[str] = frozenset({keys.EXP_AVG, keys.EXP_AVG_SQ})
+    #: Entries holding flat codes and per-block absmax values of quantized moments (if any).
+    code_keys: frozenset[str] = frozenset()
+    absmax_keys: frozenset[str] = frozenset()
+
+    def quantizes(self, numel: int) -> bool:
+        """Whether a moment of ``numel`` values is kept quantized (``min_numel`` or more)."""
+        return self.quantized and self.min_numel is not None and numel >= self.min_numel
+
+    def holds_quantized(self, state: Mapping[str, Any]) -> bool:
+        """Whether ``state`` (written by this storage) holds its moments as codes."""
+        return False
+
     @abstractmethod
-    def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
-        """Zero moments of ``shape`` for a parameter like ``like``."""
+    def init(
+        self,
+        state: dict[str, Any],
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        total_numel: int | None = None,
+    ) -> None:
+        """Zero moments of ``shape`` for a parameter like ``like``.
+
+        ``total_numel``: values of the whole moment when ``shape`` is one shard of it (FSDP2
+        rows). Whether to quantize is decided on the whole moment, so that every rank keeps the
+        same state keys (a shard can be small when the tensor is not), which DCP needs.
+        """
 
     @abstractmethod
     def read(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +207,18 @@ class MomentStorage(ABC):
 class FullPrecisionMoments(MomentStorage):
     plain_tensors = True
 
-    def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
+    def init(
+        self,
+        state: dict[str, Any],
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        total_numel: int | None = None,
+    ) -> None:
         state[keys.EXP_AVG] = like.new_zeros(shape)
         state[keys.EXP_AVG_SQ] = like.new_zeros(shape)
 
     def read(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return _as_fp32(state[keys.EXP_AVG]), _as_fp32(state[keys.EXP_AVG_SQ])
+        return as_fp32(state[keys.EXP_AVG]), as_fp32(state[keys.EXP_AVG_SQ])
 
     def write(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         for key, value in ((keys.EXP_AVG, exp_avg), (keys.EXP_AVG_SQ, exp_avg_sq)):
@@ -188,7 +232,7 @@ class FullPrecisionMoments(MomentStorage):
         self, state: dict[str, Any], start: int, stop: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(  # type: ignore[return-value]
-            _as_fp32(state[key].view(-1)[start:stop]) for key in (keys.EXP_AVG, keys.EXP_AVG_SQ)
+            as_fp32(state[key].view(-1)[start:stop]) for key in (keys.EXP_AVG, keys.EXP_AVG_SQ)
         )
 
     def write_range(
@@ -207,6 +251,19 @@ class FullPrecisionMoments(MomentStorage):
 
 class Blockwise8bitMoments(MomentStorage):
     fixed_dtype_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
+    state_keys = frozenset(
+        {
+            keys.EXP_AVG,
+            keys.EXP_AVG_SQ,
+            EXP_AVG_CODES,
+            EXP_AVG_ABSMAX,
+            EXP_AVG_SQ_CODES,
+            EXP_AVG_SQ_ABSMAX,
+            MOMENT_SHAPE,
+        }
+    )
+    code_keys = frozenset({EXP_AVG_CODES, EXP_AVG_SQ_CODES})
+    absmax_keys = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
     quantized = True
     #: Bits per stored value (how many code bytes a moment of ``n`` values needs).
     bits = 8
@@ -241,7 +298,7 @@ class Blockwise8bitMoments(MomentStorage):
 
         return dequantize_blockwise8(codes, absmax, shape, signed=signed, backend=self.backend)
 
-    def _quantized(self, state: dict[str, Any]) -> bool:
+    def holds_quantized(self, state: Mapping[str, Any]) -> bool:
         return EXP_AVG_CODES in state
 
     def expected_layouts(self, numel: int | None) -> frozenset[str]:
@@ -250,9 +307,15 @@ class Blockwise8bitMoments(MomentStorage):
             return frozenset({FULL, QUANTIZED})
         return frozenset({FULL if numel < self.min_numel else QUANTIZED})
 
-    def init(self, state: dict[str, Any], shape: tuple[int, ...], like: torch.Tensor) -> None:
+    def init(
+        self,
+        state: dict[str, Any],
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        total_numel: int | None = None,
+    ) -> None:
         numel = math.prod(shape)
-        if numel < self.min_numel:
+        if not self.quantizes(numel if total_numel is None else total_numel):
             self._full.init(state, shape, like)
             return
         state[MOMENT_SHAPE] = torch.tensor(shape, dtype=torch.int64)
@@ -270,14 +333,14 @@ class Blockwise8bitMoments(MomentStorage):
             self.write_range(state, start, stop, zeros[: stop - start], zeros[: stop - start])
 
     def read(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._quantized(state):
+        if not self.holds_quantized(state):
             return self._full.read(state)
         shape = tuple(int(d) for d in state[MOMENT_SHAPE])
         exp_avg, exp_avg_sq = self.read_range(state, 0, math.prod(shape))
         return exp_avg.view(shape), exp_avg_sq.view(shape)
 
     def write(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        if keys.EXP_AVG in state:
+        if not self.holds_quantized(state):
             self._full.write(state, exp_avg, exp_avg_sq)
             return
         state[EXP_AVG_CODES], state[EXP_AVG_ABSMAX] = self._quantize(exp_avg.float(), True)
@@ -287,7 +350,7 @@ class Blockwise8bitMoments(MomentStorage):
         )
 
     def numel(self, state: dict[str, Any]) -> int:
-        if not self._quantized(state):
+        if not self.holds_quantized(state):
             return self._full.numel(state)
         numel = math.prod(int(d) for d in state[MOMENT_SHAPE])
         stored = state[EXP_AVG_CODES].numel()
@@ -302,7 +365,7 @@ class Blockwise8bitMoments(MomentStorage):
         return numel
 
     def ranges(self, state: dict[str, Any], numel: int, chunk: int) -> list[tuple[int, int]]:
-        if not self._quantized(state):
+        if not self.holds_quantized(state):
             return self._full.ranges(state, numel, chunk)
         # Whole blocks only: a block's absmax is computed over the block.
         aligned = max(chunk // self.block_size, 1) * self.block_size
@@ -317,7 +380,7 @@ class Blockwise8bitMoments(MomentStorage):
     def read_range(
         self, state: dict[str, Any], start: int, stop: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._quantized(state):
+        if not self.holds_quantized(state):
             return self._full.read_range(state, start, stop)
         codes, blocks = self._slices(start, stop)
         return (
@@ -340,7 +403,7 @@ class Blockwise8bitMoments(MomentStorage):
         exp_avg: torch.Tensor,
         exp_avg_sq: torch.Tensor,
     ) -> None:
-        if not self._quantized(state):
+        if not self.holds_quantized(state):
             self._full.write_range(state, start, stop, exp_avg, exp_avg_sq)
             return
         codes, blocks = self._slices(start, stop)

@@ -30,6 +30,14 @@ from typing import Any
 import torch
 
 from lowrank_optim.config import StabilityConfig
+from lowrank_optim.state_keys import (
+    ENERGY_HISTORY,
+    GROWTHS_PENDING,
+    LEADING_HISTORY,
+    OVERLAP_HISTORY,
+    STABLE_SINCE,
+    STABLE_STREAK,
+)
 
 __all__ = [
     "ENERGY_HISTORY",
@@ -53,12 +61,6 @@ __all__ = [
     "upgrade_legacy_metrics",
 ]
 
-OVERLAP_HISTORY = "overlap_history"  # list[float]: overlap at each refresh after the first
-ENERGY_HISTORY = "energy_history"  # list[float]: energy of the first gradient after a refresh
-LEADING_HISTORY = "leading_similarity_history"  # list[float]: Q-GaLore's signal per refresh
-STABLE_STREAK = "stable_streak"
-STABLE_SINCE = "stable_since"
-GROWTHS_PENDING = "refreshes_since_growth"
 _HISTORIES = (OVERLAP_HISTORY, ENERGY_HISTORY, LEADING_HISTORY)
 
 

@@ -1,13 +1,16 @@
 """Distributed training support: GaLore-family optimizers on FSDP2-sharded parameters.
 
+* :mod:`.placement`: the FSDP2 ``Shard(0)`` placement the optimizer picks for ``DTensor``
+  parameters (local views, refusals, cross-rank checks);
 * :mod:`.sharding`: row-sharded ``DTensor`` layout and the sharded optimizer state;
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
-* :mod:`.fsdp`: the optimizer step on ``DTensor`` parameters, dispatched to by ``GaLoreAdamW``;
 * :mod:`.comm`: counting the bytes of collectives (benchmarks and tests).
+
+Nothing here imports an optimizer class: the optimizer asks the placement, never the reverse.
 """
 
 from lowrank_optim.distributed.comm import CollectiveCounter
-from lowrank_optim.distributed.fsdp import refuse_sharded_handoff, step_sharded
+from lowrank_optim.distributed.placement import ROW_SHARDED, RowShardedPlacement
 from lowrank_optim.distributed.refresh import (
     FSDP_REFRESH,
     choose_strategy,
@@ -17,10 +20,10 @@ from lowrank_optim.distributed.refresh import (
 
 __all__ = [
     "FSDP_REFRESH",
+    "ROW_SHARDED",
     "CollectiveCounter",
+    "RowShardedPlacement",
     "choose_strategy",
     "gather_refresh_bytes",
     "gram_refresh_bytes",
-    "refuse_sharded_handoff",
-    "step_sharded",
 ]

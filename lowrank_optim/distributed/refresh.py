@@ -27,8 +27,9 @@ rule. The rest of a refresh is the ``n x n`` eigh, the same for both.
 
 Every rank gets identical input (an all-reduce returns the same sums everywhere; a gather the
 same matrix) and runs the same deterministic LAPACK call, so the bases agree bit for bit; the
-tests check it by gathering them. The bookkeeping after the new basis (metrics, moment rotation,
-gap) mirrors :func:`lowrank_optim.optim.refresh.refresh_parameter` on the rank's local state.
+tests check it by gathering them. The bookkeeping after the new basis (metrics, moment
+rotation, gap) is :func:`lowrank_optim.projection.refresh.install_bases_` on the rank's local
+state, as in one process.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ import torch.distributed as dist
 from lowrank_optim.distributed.sharding import rows_per_rank
 from lowrank_optim.errors import SubspaceRefreshError
 from lowrank_optim.moment_storage import MomentStorage
-from lowrank_optim.optim.refresh import (
+from lowrank_optim.projection import RIGHT
+from lowrank_optim.projection.gram import gram_top_eigenvectors
+from lowrank_optim.projection.refresh import (
     compute_bases,
     install_bases_,
     read_previous_bases,
     refresh_failed_,
 )
-from lowrank_optim.projection import RIGHT
-from lowrank_optim.projection.gram import gram_top_eigenvectors
 
 __all__ = [
     "FSDP_REFRESH",

@@ -18,7 +18,7 @@ cols)`` for 8 bits, ``(rows, cols / 2)`` for 4), so they shard like the moments;
 absmax (and codes whose rows do not fill whole bytes: 4-bit codes of odd rows) is padded to the
 largest rank's count so that it is a regular ``Shard(0)`` tensor. The block boundaries depend on
 the number of ranks, so quantized state reloads only with the same number; full-precision
-moments reshard to any number (see :mod:`lowrank_optim.distributed.fsdp`).
+moments reshard to any number (see :mod:`lowrank_optim.distributed.placement`).
 """
 
 from __future__ import annotations
@@ -31,41 +31,21 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from lowrank_optim import state_keys as keys
-from lowrank_optim.moment_storage import (
-    EXP_AVG_ABSMAX,
-    EXP_AVG_CODES,
-    EXP_AVG_SQ_ABSMAX,
-    EXP_AVG_SQ_CODES,
-    MOMENT_SHAPE,
-    MomentStorage,
-)
+from lowrank_optim.moment_storage import MomentStorage
 
 __all__ = [
-    "SHARDED_KEYS",
-    "WORLD_SIZE_KEY",
     "check_row_sharded",
-    "init_local_moments",
     "is_sharded",
     "local_view",
     "rows_per_rank",
+    "sharded_keys",
     "store_sharded",
 ]
 
-#: State entries holding one rank's rows (or their codes); everything else is replicated.
-SHARDED_KEYS = frozenset(
-    {
-        keys.EXP_AVG,
-        keys.EXP_AVG_SQ,
-        EXP_AVG_CODES,
-        EXP_AVG_SQ_CODES,
-        EXP_AVG_ABSMAX,
-        EXP_AVG_SQ_ABSMAX,
-    }
-)
-_ABSMAX_KEYS = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX})
-_CODE_KEYS = frozenset({EXP_AVG_CODES, EXP_AVG_SQ_CODES})
-#: Replicated int: the number of ranks the sharded state was laid out for.
-WORLD_SIZE_KEY = "fsdp_world_size"
+
+def sharded_keys(storage: MomentStorage) -> frozenset[str]:
+    """State entries holding one rank's rows (moments or their codes); the rest is replicated."""
+    return storage.state_keys - {keys.MOMENT_SHAPE}
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -130,13 +110,13 @@ def local_view(
     numel = math.prod(local_shape)
     for key, value in state.items():
         local = value.to_local() if isinstance(value, DTensor) else value
-        if key in _CODE_KEYS:
+        if key in storage.code_keys:
             local = local.reshape(-1)[: storage.code_bytes(numel)]
-        elif key in _ABSMAX_KEYS:
+        elif key in storage.absmax_keys:
             local = local[: storage.absmax_blocks(numel)]
         view[key] = local
-    if MOMENT_SHAPE in state:
-        view[MOMENT_SHAPE] = torch.tensor(local_shape, dtype=torch.int64)
+    if keys.MOMENT_SHAPE in state:
+        view[keys.MOMENT_SHAPE] = torch.tensor(local_shape, dtype=torch.int64)
     return view
 
 
@@ -157,17 +137,18 @@ def store_sharded(
     world = mesh.size()
     rows = rows_per_rank(global_shape[0], world)
     row_numel = math.prod(global_shape[1:])
+    sharded = sharded_keys(storage)
     for key, value in view.items():
-        if key == MOMENT_SHAPE:
+        if key == keys.MOMENT_SHAPE:
             state[key] = torch.tensor(global_shape, dtype=torch.int64)
-        elif key not in SHARDED_KEYS:
+        elif key not in sharded:
             state[key] = value
-        elif key in _ABSMAX_KEYS:
+        elif key in storage.absmax_keys:
             width = max(storage.absmax_blocks(count * row_numel) for count in rows)
             state[key] = _flat_padded(value, width, mesh, world)
         else:
             shape, local = global_shape, value
-            if key in _CODE_KEYS:
+            if key in storage.code_keys:
                 shape = _codes_shape(global_shape, storage.bits)
                 if shape is None:
                     width = max(storage.code_bytes(count * row_numel) for count in rows)
@@ -178,26 +159,4 @@ def store_sharded(
             state[key] = DTensor.from_local(
                 local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride
             )
-    state[WORLD_SIZE_KEY] = world
-
-
-def init_local_moments(
-    storage: MomentStorage,
-    view: dict[str, Any],
-    local_shape: tuple[int, int],
-    global_numel: int,
-    like: torch.Tensor,
-) -> None:
-    """Zero moments for this rank's rows, quantized or not as the *whole* tensor would be.
-
-    A quantized storage keeps tensors under its ``min_numel`` elements in full precision;
-    deciding that on the global size keeps the same state keys on every rank (a shard can be
-    small when the tensor is not), which DCP needs.
-    """
-    storage.init(view, local_shape, like)
-    if not storage.quantized or keys.EXP_AVG not in view or global_numel < storage.min_numel:
-        return
-    del view[keys.EXP_AVG], view[keys.EXP_AVG_SQ]
-    view[MOMENT_SHAPE] = torch.tensor(local_shape, dtype=torch.int64)
-    zeros = torch.zeros(local_shape, dtype=torch.float32, device=like.device)
-    storage.write(view, zeros, zeros)
+    state[keys.WORLD_SIZE] = world

@@ -45,7 +45,7 @@ __all__ = [
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
 FACTORS_OF = "welore_factors_of"
 #: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
-HANDOFF_STEP = "handoff_step"
+HANDOFF_STEP = keys.HANDOFF_STEP  # declared once, in state_keys
 
 
 def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:

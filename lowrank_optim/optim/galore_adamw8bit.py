@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from lowrank_optim.config import ProjectionConfig, StabilityConfig
 from lowrank_optim.moment_storage import (
     Blockwise4bitMoments,
     Blockwise8bitMoments,
@@ -64,27 +63,12 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        projection: ProjectionConfig | None = None,
-        stability: StabilityConfig | None = None,
-        on_bad_gradient: str = "raise",
+        *args: Any,
         quant_backend: str | None = None,
         moment_bits: int = 8,
+        **kwargs: Any,
     ) -> None:
         # Validated before the param groups are built, so a bad backend fails first.
         backend = quant_backend or ("torchao" if moment_bits == 4 else "bitsandbytes")
         self.moment_storage = moment_storage_for(moment_bits, backend)
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            projection=projection,
-            stability=stability,
-            on_bad_gradient=on_bad_gradient,
-        )
+        super().__init__(params, *args, **kwargs)

@@ -51,30 +51,19 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
+        *args: Any,
         projection: ProjectionConfig | None = None,
         stability: StabilityConfig | None = None,
-        on_bad_gradient: str = "raise",
         model: nn.Module | None = None,
         seed: int = 0,
-        quant_backend: str | None = None,
-        moment_bits: int = 8,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
+            *args,
             projection=projection or ProjectionConfig(proj_bits=4),
             stability=stability or StabilityConfig(policy="qgalore"),
-            on_bad_gradient=on_bad_gradient,
-            quant_backend=quant_backend,
-            moment_bits=moment_bits,
+            **kwargs,
         )
         self.model = model
         self.owners: dict[nn.Parameter, QuantizedLinear] = (
@@ -99,6 +88,10 @@ class QGaLoreAdamW(GaLoreAdamW8bit):
             generator.manual_seed(self.seed)
             self._generators[key] = generator
         return self._generators[key]
+
+    def updates_int8_weight(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a ``QuantizedLinear``'s INT8 weight this optimizer updates."""
+        return param in self.owners
 
     def _apply_projected_update(
         self,

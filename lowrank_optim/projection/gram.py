@@ -11,7 +11,7 @@ this module is the single-process form of the same computation, so the two are c
 
 Squaring the spectrum squares the condition number: directions with ``s_i / s_1`` below about
 ``sqrt(eps)`` (3e-4 in fp32) are resolved poorly. Only the top ``r`` matter here, and
-:func:`~lowrank_optim.optim.refresh.compute_bases` retries in fp64 when LAPACK fails.
+:func:`~lowrank_optim.projection.refresh.compute_bases` retries in fp64 when LAPACK fails.
 
 Signs are canonical (the largest-magnitude entry of every column is positive), so two
 computations on Gram matrices that differ by rounding return the same basis up to rounding,

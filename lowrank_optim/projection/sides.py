@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_optim.state_keys import LEFT, RIGHT
+
 __all__ = [
     "LEFT",
     "RIGHT",
@@ -27,9 +29,6 @@ __all__ = [
     "resolve_sides",
     "rotate_moments_",
 ]
-
-LEFT = "basis_left"
-RIGHT = "basis_right"
 
 
 def resolve_sides(proj_type: str, shape: torch.Size | tuple[int, int]) -> tuple[bool, bool]:

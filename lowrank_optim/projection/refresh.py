@@ -33,7 +33,7 @@ __all__ = [
     "read_previous_bases",
     "record_refresh_",
     "refresh_failed_",
-    "refresh_parameter",
+    "refresh_from_gradient",
 ]
 
 
@@ -80,8 +80,8 @@ def compute_bases(
     return bases
 
 
-def refresh_parameter(
-    param: torch.Tensor,
+def refresh_from_gradient(
+    grad: torch.Tensor,
     state: dict[str, Any],
     group: dict[str, Any],
     basis_keys: tuple[str, ...],
@@ -89,15 +89,16 @@ def refresh_parameter(
     step: int,
     name: str,
     storage: MomentStorage,
+    dtype: torch.dtype,
 ) -> bool:
-    """Refresh ``param``'s bases in ``state``. Returns ``False`` if the refresh was skipped."""
-    grad = param.grad
+    """Refresh the bases in ``state`` from the whole gradient ``grad`` (of a parameter of
+    ``dtype``, the bases' stored dtype). Returns ``False`` if the refresh was skipped."""
     previous = read_previous_bases(state, basis_keys, group.get("proj_bits"))
     try:
         new_bases = compute_bases(grad, basis_keys, rank, previous, group, step, name)
     except SubspaceRefreshError as error:
         return refresh_failed_(state, group, error, step)
-    install_bases_(state, group, previous, new_bases, step, storage, param.dtype)
+    install_bases_(state, group, previous, new_bases, step, storage, dtype)
     return True
 
 
