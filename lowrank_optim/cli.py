@@ -113,38 +113,27 @@ COMMANDS["compress"] = (
 )
 
 
-#: Short names of benchmark scripts: ``bench handoff`` runs ``benchmarks/handoff_study.py``.
-_BENCH_ALIASES = {"handoff": "handoff_study"}
-
-
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="a script of the checkout's benchmarks/ folder, e.g. memory")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script")
+    parser.add_argument("name", help="a module of the checkout's benchmarks package, e.g. memory")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     # Benchmarks live beside the package in a source checkout, not inside the installed wheel.
-    import runpy
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    script = folder / f"{_BENCH_ALIASES.get(args.name, args.name)}.py"
-    if not script.is_file():
-        found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else []
-        raise UsageError(
-            f"Invalid benchmark: {args.name!r}; allowed: {', '.join(found) or 'none'} "
-            f"(scripts of {folder}, present in a source checkout)"
-        )
-    saved_argv, sys.argv = sys.argv, [str(script), *args.args]
-    sys.path.insert(0, str(folder))
     try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as finished:  # scripts end with `raise SystemExit(main())`
-        code = finished.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    finally:
-        sys.argv = saved_argv
-    return 0
+        import benchmarks
+    except ModuleNotFoundError as error:
+        if error.name != "benchmarks":
+            raise
+        raise UsageError(
+            f"Invalid benchmark: {args.name!r}; the benchmarks package is not importable "
+            "(run from the root of a source checkout)"
+        ) from None
+    try:
+        benchmarks.resolve(args.name)
+    except benchmarks.UnknownBenchmark as error:
+        raise UsageError(str(error)) from None
+    return benchmarks.run(args.name, args.args)
 
 
 COMMANDS["bench"] = (

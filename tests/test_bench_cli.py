@@ -117,15 +117,12 @@ def test_bench_memory_quick_writes_to_a_temporary_folder(capsys: pytest.CaptureF
 
 def test_bench_memory_plot_keeps_labels_and_legend_clear(monkeypatch: pytest.MonkeyPatch):
     """Long method labels stay inside the figure and the legend overlaps no panel."""
-    import sys
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, str(RESULTS.parent))
-    import memory
+    from benchmarks import memory
 
     recorded = json.loads((RESULTS / "memory.json").read_text())["configs"]
     results = {name: recorded[name] for name in list(recorded)[:1]}  # one panel, as --quick

@@ -22,7 +22,7 @@ from lowrank_optim.memory import (
     param_specs,
     welore_plan,
 )
-from lowrank_optim.memory.methods import run_method
+from benchmarks.peers import run_method
 from lowrank_optim.models import build_llama, build_llama_on_meta, tiny_llama_config
 
 # hidden 128 and rank 32 make the low-rank moments exactly 4096 elements (the smallest that the
