@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ __all__ = [
     "interleaved_medians",
     "markdown_table",
     "module_command",
+    "pyplot",
+    "refresh_results_md",
     "write_json",
 ]
 
@@ -100,3 +103,24 @@ def interleaved_medians(
                 action()
             samples[label].append((time.perf_counter() - tick) / repeats)
     return {label: statistics.median(values) for label, values in samples.items()}
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend: benchmarks write figures to files, and a
+    display backend would fail on a headless machine. Imported on first use (matplotlib is slow
+    to import and only the plotting steps need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def refresh_results_md(out: Path) -> None:
+    """Regenerate ``RESULTS.md`` when ``out`` is the committed results folder (a run written
+    elsewhere, such as a ``--quick`` one, leaves it alone)."""
+    if out.resolve() == RESULTS.resolve():
+        from benchmarks.results_md import write_results_md
+
+        print(f"wrote {write_results_md()}")

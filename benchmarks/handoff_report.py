@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import markdown_table, write_json
+from benchmarks.common import markdown_table, pyplot, write_json
 
 __all__ = ["layer_claim", "report", "spearman"]
 
@@ -164,10 +164,7 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 
 
 def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7.5, 5))
     axis.axhspan(
@@ -203,10 +200,7 @@ def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> No
 
 
 def _layers_plot(layers: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for axis, key, label in (

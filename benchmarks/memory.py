@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, environment, markdown_table
+from benchmarks.common import RESULTS, environment, markdown_table, pyplot, refresh_results_md
 from benchmarks.peers import run_method
 from lowrank_optim.memory import (
     ESTIMATE_METHODS,
@@ -295,10 +295,7 @@ def _by_method(methods: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     # Constrained layout sizes the margins to the method labels, and the legend goes in its
@@ -441,10 +438,7 @@ def render(payload: dict[str, Any], args: argparse.Namespace) -> int:
     print(head)
     print(json.dumps(facts, indent=2))
     print(f"wrote memory.json, memory.md and memory.png to {args.out}")
-    if args.out.resolve() == RESULTS.resolve():
-        from benchmarks.results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(args.out)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import pretrain_suite
-from benchmarks.common import RESULTS, markdown_table, write_json
+from benchmarks.common import RESULTS, markdown_table, refresh_results_md, write_json
 from lowrank_optim.plots import plot_losses, read_records
 
 __all__ = ["QUICK_SUITE_ARGS", "main", "method_rows", "render"]
@@ -186,10 +186,7 @@ def render(runs: Path, out: Path, source: str) -> Path:
     markdown = report(rows, settings, source)
     (out / "quality.md").write_text(markdown)
     print(markdown)
-    if out.resolve() == RESULTS.resolve():
-        from benchmarks.results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(out)
     return path
 
 

@@ -43,7 +43,14 @@ import torch
 from torch import nn
 
 from benchmarks import galore_core
-from benchmarks.common import RESULTS, interleaved_medians, markdown_table, write_json
+from benchmarks.common import (
+    RESULTS,
+    interleaved_medians,
+    markdown_table,
+    pyplot,
+    refresh_results_md,
+    write_json,
+)
 from benchmarks.peers import build_method, run_method, train_step
 from lowrank_optim.memory import param_specs, welore_plan
 from lowrank_optim.memory.rules import ESTIMATE_METHODS
@@ -356,10 +363,7 @@ def report(payload: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Both times as ratios to each AdamW baseline: bars from 1x (the baseline) on a log axis,
     so 2x slower and 2x faster are equally long."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullFormatter
 
     labels = [row["label"] + ("" if row["ok"] else " (n/a)") for row in rows]
@@ -422,10 +426,7 @@ def render(payload: dict[str, Any], out: Path) -> Path:
     title = f"Step time vs torch AdamW, LLaMA {s['model']}, {s['device']}"
     plot(payload["methods"], out / "throughput.png", title)
     print(markdown)
-    if out.resolve() == RESULTS.resolve():
-        from benchmarks.results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(out)
     return path
 
 
