@@ -9,8 +9,8 @@ files and held-out files disjoint). For each target the compressed model is fine
 from the same start, LRC factors only and every parameter, for the same steps; each run is a
 fresh process, so its peak RSS is its own.
 
-    python benchmarks/compress_minilm.py               # writes results/compress_minilm.{json,md}
-    python benchmarks/compress_minilm.py --steps 100   # shorter, on a busy machine
+    python -m benchmarks.compress_minilm               # writes results/compress_minilm.{json,md}
+    python -m benchmarks.compress_minilm --steps 100   # shorter, on a busy machine
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -26,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, markdown_table, write_json
-from distill_support import (
+
+from benchmarks.common import RESULTS, markdown_table, write_json
+from benchmarks.distill_support import (
     distill_embeddings,
     embedding_cosine,
     sentence_embeddings,
     stdlib_docstrings,
 )
-
 from lowrank_optim.factorize import trainable_lrc
 from lowrank_optim.factorize.compress import compress_model
 
@@ -261,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """FSDP2 communication and state of GaLoreAdamW at the LLaMA-1B shapes, rank 512.
 
-    nice -n 19 python benchmarks/fsdp_comm.py                 # real steps on the 2048 x 2048
-    nice -n 19 python benchmarks/fsdp_comm.py --step-shapes "attention q/k/v/o" \
+    nice -n 19 python -m benchmarks.fsdp_comm                 # real steps on the 2048 x 2048
+    nice -n 19 python -m benchmarks.fsdp_comm --step-shapes "attention q/k/v/o" \
         "mlp gate/up" "mlp down"                               # all three (minutes per refresh)
 
 Measured at 2 ranks (gloo, CPU, one thread per rank), for the matrices in ``--step-shapes``, with
@@ -37,19 +37,17 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, write_json  # noqa: E402
-
-from lowrank_optim import GaLoreAdamW  # noqa: E402
-from lowrank_optim.distributed import (  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, write_json
+from lowrank_optim import GaLoreAdamW
+from lowrank_optim.distributed import (
     CollectiveCounter,
     choose_strategy,
     gather_refresh_bytes,
     gram_refresh_bytes,
 )
-from lowrank_optim.distributed.refresh import gather_rows  # noqa: E402
-from lowrank_optim.distributed.sharding import rows_per_rank  # noqa: E402
-from lowrank_optim.quant import blockwise8_nbytes  # noqa: E402
+from lowrank_optim.distributed.refresh import gather_rows
+from lowrank_optim.distributed.sharding import rows_per_rank
+from lowrank_optim.quant import blockwise8_nbytes
 
 __all__ = ["main"]
 
@@ -213,7 +211,7 @@ def _mb(value: float) -> str:
     return f"{value / 2**20:.2f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--step-shapes",
@@ -223,7 +221,7 @@ def main() -> None:
         help="matrices to run real optimizer steps on (each refresh is an n x n eigh per rank; "
         "the 5461-wide one takes minutes); the others get formulas and collective timings",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     measured = _measure_all(args.step_shapes)
     computed = {
         name: {str(world): formulas(shape, world) for world in WORLDS}
@@ -314,7 +312,7 @@ def main() -> None:
     lines = [
         "# FSDP2: GaLoreAdamW communication and state, LLaMA-1B shapes, rank 512",
         "",
-        "`nice -n 19 python benchmarks/fsdp_comm.py`. Right projection (`proj_type='right'`,",
+        "`nice -n 19 python -m benchmarks.fsdp_comm`. Right projection (`proj_type='right'`,",
         "rows sharded), `refresh='gram_eigh'`. Bytes per matrix; MiB unless said. The 2-rank",
         "row is measured (collectives counted around `optimizer.step()`, gloo, CPU) and equals",
         "the formula; 4 and 8 ranks are the formula. Step bytes: one fp32 finite-flag per",
@@ -376,7 +374,8 @@ def main() -> None:
     path = RESULTS / "fsdp_comm.md"
     path.write_text("\n".join(lines))
     print(path.read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

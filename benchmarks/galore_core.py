@@ -6,8 +6,8 @@ optimizer-step time as a ratio to torch AdamW (timed interleaved on the same gra
 refreshes amortized, and also as measured inside each training run), and the refresh time per
 matrix (exact SVD vs warm-started randomized) at the LLaMA 60M, 350M and 1B shapes.
 
-    python benchmarks/galore_core.py            # ~15 minutes on 2 CPU cores
-    python benchmarks/galore_core.py --quick    # smoke run
+    python -m benchmarks.galore_core            # ~15 minutes on 2 CPU cores
+    python -m benchmarks.galore_core --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, interleaved_medians, markdown_table, write_json
 
+from benchmarks.common import RESULTS, interleaved_medians, markdown_table, write_json
 from lowrank_optim import GaLoreAdamW, ProjectionConfig, StabilityConfig
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.projection import randomized_basis, svd_basis
@@ -153,10 +154,14 @@ def interleaved_step_times(
     return interleaved_medians(steps, rounds, 2 * gap)
 
 
-def refresh_timings(repeats: int) -> list[dict[str, Any]]:
+def refresh_timings(
+    repeats: int, shapes_by_size: dict[str, list[tuple[int, int, int]]] | None = None
+) -> list[dict[str, Any]]:
+    """SVD and randomized refresh times of the matrices of ``shapes_by_size`` (default: every
+    size of :data:`REFRESH_SHAPES`), ``repeats`` times each."""
     rows = []
     generator = torch.Generator().manual_seed(0)
-    for size, shapes in REFRESH_SHAPES.items():
+    for size, shapes in (REFRESH_SHAPES if shapes_by_size is None else shapes_by_size).items():
         for rows_, cols, rank in shapes:
             # A gradient with a decaying spectrum, and a drifted copy (the next refresh's input).
             grad = torch.randn(rows_, cols, generator=generator) / torch.arange(1, cols + 1) ** 0.5
@@ -242,7 +247,7 @@ def report(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
@@ -254,14 +259,14 @@ def main() -> None:
         help="take the pretraining runs from results/galore_core.json (same --steps; the runs "
         "are deterministic) and measure only the timings again",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    shapes = dict(REFRESH_SHAPES)
     if args.quick:
         args.steps, args.repeats, args.rounds = 20, 1, 1
-        for key in ("350M", "1B"):
-            REFRESH_SHAPES.pop(key)
+        shapes = {"60M": REFRESH_SHAPES["60M"]}
     out = RESULTS / "runs" / "galore_core"
     runs = previous_runs(args.steps) if args.reuse_runs else pretraining_runs(args.steps, out)
-    refresh = refresh_timings(args.repeats)
+    refresh = refresh_timings(args.repeats, shapes)
     base = PretrainConfig()
     timed = dict(methods_under_test(base))
     timed[FUSED_ADAMW] = lambda model: torch.optim.AdamW(
@@ -276,7 +281,8 @@ def main() -> None:
     (RESULTS / "galore_core.md").write_text(markdown)
     print(markdown)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import markdown_table, write_json
+
+from benchmarks.common import markdown_table, pyplot, write_json
 
 __all__ = ["layer_claim", "report", "spearman"]
 
@@ -63,12 +64,11 @@ def layer_claim(study: Any, seed: int) -> list[dict[str, Any]]:
     threshold over the min/max-normalized spectra); the error is the relative Frobenius error of
     the rank-k truncation, ``sqrt(sum_{i>k} s_i^2 / sum_i s_i^2)``.
     """
-    from handoff_study import Job, _folder
-
+    from benchmarks.handoff_study import Job, job_folder
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.factorize import normalized_spectrum, solve_threshold
 
-    folder = _folder(study, Job("dense", 0.0, seed))
+    folder = job_folder(study, Job("dense", 0.0, seed))
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     result_path = folder / "result.json"
     result = json.loads(result_path.read_text())
@@ -116,15 +116,14 @@ def allocation_check(study: Any, seed: int, removed: float) -> dict[str, float] 
     its projected-matrix parameters under four rank allocations: WeLore's global threshold,
     Cuttlefish's (stable rank x full rank / stable rank at init), the stable rank alone, and
     one rank share for all. ``None`` without the run's checkpoint (not kept in git)."""
-    from handoff_methods import match_parameters, scaled_plan, stable_rank
-    from handoff_study import Job, _folder, _projected_total
-
+    from benchmarks.handoff_methods import match_parameters, scaled_plan, stable_rank
+    from benchmarks.handoff_study import Job, job_folder, projected_total
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.factorize import factorize_model
     from lowrank_optim.train import build_corpus, evaluate, validation_batches
     from lowrank_optim.train.models import build_llama, load_llama_config
 
-    path = _folder(study, Job("dense", 0.0, seed)) / "checkpoint.pt"
+    path = job_folder(study, Job("dense", 0.0, seed)) / "checkpoint.pt"
     if not path.exists():
         return None
     corpus = build_corpus(max_bytes=study.corpus_bytes)
@@ -132,7 +131,7 @@ def allocation_check(study: Any, seed: int, removed: float) -> dict[str, float] 
     val = validation_batches(corpus.val_tokens, study.batch_size, study.seq_len, study.eval_batches)
     weights = load_checkpoint(path)["model"]
     initial = build_llama(config, seed=seed).state_dict()
-    projected, shapes = _projected_total(study)
+    projected, shapes = projected_total(study)
     budget = round((1.0 - removed) * projected)
     names = {name: f"{name}.weight" for name in shapes}
     spectra = {n: torch.linalg.svdvals(weights[w].float()) for n, w in names.items()}
@@ -164,10 +163,7 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 
 
 def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7.5, 5))
     axis.axhspan(
@@ -203,10 +199,7 @@ def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> No
 
 
 def _layers_plot(layers: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for axis, key, label in (
@@ -233,7 +226,7 @@ def _layers_plot(layers: list[dict[str, Any]], path: Path) -> None:
 
 def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     """Write the markdown table, the JSON and both plots into ``folder``; returns the table."""
-    from handoff_study import Job, _done
+    from benchmarks.handoff_study import Job, cached_result
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = collected["rows"]
@@ -276,7 +269,7 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         if timing
         else "Step timing not measured in this report (`--timing`)."
     )
-    dense_seeds = [seed for seed in study.seeds if _done(study, Job("dense", 0.0, seed))]
+    dense_seeds = [seed for seed in study.seeds if cached_result(study, Job("dense", 0.0, seed))]
     layers = [row for seed in dense_seeds for row in layer_claim(study, seed)]
     stable = [r for r in layers if r["stable_since"] is not None and r["stable_since"] >= 0]
     correlations = {

@@ -20,9 +20,9 @@ Methods (all at equal training tokens):
 
 Every run's summary is cached under ``--out``; an interrupted study continues where it stopped.
 
-    python benchmarks/handoff_study.py             # the study, 2 runs at a time (1 thread each)
-    python benchmarks/handoff_study.py --quick     # smoke run: tiny model, a few steps
-    python benchmarks/handoff_study.py --report    # tables and plots from the cache only
+    python -m benchmarks.handoff_study             # the study, 2 runs at a time (1 thread each)
+    python -m benchmarks.handoff_study --quick     # smoke run: tiny model, a few steps
+    python -m benchmarks.handoff_study --report    # tables and plots from the cache only
 """
 
 from __future__ import annotations
@@ -39,11 +39,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS
 
+from benchmarks.common import RESULTS, child_env, module_command
 from lowrank_optim.train import PretrainConfig, run_pretraining
 
-__all__ = ["Job", "Study", "jobs_of", "main", "run_job"]
+__all__ = [
+    "Job",
+    "Study",
+    "cached_result",
+    "job_folder",
+    "jobs_of",
+    "main",
+    "projected_total",
+    "run_job",
+]
 
 METHODS = (
     "dense",
@@ -149,7 +158,8 @@ class Job:
         return f"{self.method}{target}{lr}-s{self.seed}"
 
 
-def _folder(study: Study, job: Job) -> Path:
+def job_folder(study: Study, job: Job) -> Path:
+    """Where ``job`` of ``study`` keeps its checkpoint, metrics and result."""
     return Path(study.out) / job.name
 
 
@@ -169,9 +179,9 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
     return json.loads(json.dumps(values))  # tuples as lists, as read back from JSON
 
 
-def _done(study: Study, job: Job) -> dict[str, Any] | None:
+def cached_result(study: Study, job: Job) -> dict[str, Any] | None:
     """The cached result of ``job``, if one was made with these settings."""
-    path = _folder(study, job) / "result.json"
+    path = job_folder(study, job) / "result.json"
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -205,7 +215,7 @@ def _train(study: Study, job: Job, config: PretrainConfig, factory: Any = None) 
     }
 
 
-def _projected_total(study: Study) -> tuple[int, dict[str, tuple[int, int]]]:
+def projected_total(study: Study) -> tuple[int, dict[str, tuple[int, int]]]:
     from lowrank_optim.train import build_corpus
     from lowrank_optim.train.models import build_llama_on_meta, load_llama_config
 
@@ -220,7 +230,7 @@ def _projected_total(study: Study) -> tuple[int, dict[str, tuple[int, int]]]:
 
 
 def _welore_ranks(study: Study, target: float, seed: int) -> dict[str, int]:
-    record = _done(study, Job("welore", target, seed))
+    record = cached_result(study, Job("welore", target, seed))
     if record is None:
         raise RuntimeError(f"welore at target {target}, seed {seed} has not run yet")
     return {h["layer"]: int(h["rank"]) for h in record["handoffs"]}
@@ -228,10 +238,10 @@ def _welore_ranks(study: Study, target: float, seed: int) -> dict[str, int]:
 
 def run_job(study: Study, job: Job) -> dict[str, Any]:
     """Run ``job`` (or its cached result) and cache its result."""
-    if (cached := _done(study, job)) is not None:
+    if (cached := cached_result(study, job)) is not None:
         return cached
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
-    folder = _folder(study, job)
+    folder = job_folder(study, job)
     if (folder / "result.json").exists():  # made with other settings: start over
         import shutil
 
@@ -267,8 +277,7 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
 
 
 def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
-    from handoff_methods import CuttlefishAdamW
-
+    from benchmarks.handoff_methods import CuttlefishAdamW
     from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
     from lowrank_optim.factory import lowrank_param_groups
 
@@ -303,7 +312,7 @@ def _inherited_lr_factory(config: PretrainConfig) -> Any:
 
 
 def _scratch_factory(ranks: dict[str, int], lr: float) -> Any:
-    from handoff_methods import factorized_from_scratch
+    from benchmarks.handoff_methods import factorized_from_scratch
 
     def build(model: torch.nn.Module) -> torch.optim.Optimizer:
         factorized_from_scratch(model, ranks)
@@ -314,15 +323,14 @@ def _scratch_factory(ranks: dict[str, int], lr: float) -> Any:
 
 def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
     """Method 1's final model compressed to method 2's size; evaluated, then LRC fine-tuned."""
-    from handoff_methods import post_hoc
-
+    from benchmarks.handoff_methods import post_hoc
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.factorize import trainable_lrc
     from lowrank_optim.train import TokenBatches, build_corpus, evaluate, validation_batches
     from lowrank_optim.train.models import build_llama, count_parameters, load_llama_config
 
-    dense = _folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
-    welore = _done(study, Job("welore", job.target, job.seed))
+    dense = job_folder(study, Job("dense", 0.0, job.seed)) / "checkpoint.pt"
+    welore = cached_result(study, Job("welore", job.target, job.seed))
     if welore is None or not dense.exists():
         raise RuntimeError(f"posthoc {job.name} needs the dense and welore runs first")
     corpus = build_corpus(max_bytes=study.corpus_bytes)
@@ -330,7 +338,7 @@ def _post_hoc(study: Study, job: Job, config: PretrainConfig) -> dict[str, Any]:
         load_llama_config(study.model, vocab_size=corpus.tokenizer.vocab_size), seed=job.seed
     )
     model.load_state_dict(load_checkpoint(dense)["model"])
-    _, shapes = _projected_total(study)
+    _, shapes = projected_total(study)
     model, report, plan = post_hoc(
         model, list(shapes), welore["parameters_end"] - (count_parameters(model) - sum(
             m * n for m, n in shapes.values())), study.min_ratio
@@ -392,24 +400,23 @@ def jobs_of(study: Study) -> list[list[Job]]:
 
 
 def best_scratch_lr(study: Study) -> float:
-    losses = {
-        lr: _done(study, Job("scratch", study.headline, study.seeds[0], lr))["final_eval_loss"]
-        for lr in study.scratch_lrs
-    }
+    runs = {lr: Job("scratch", study.headline, study.seeds[0], lr) for lr in study.scratch_lrs}
+    losses = {lr: cached_result(study, job)["final_eval_loss"] for lr, job in runs.items()}
     return min(losses, key=lambda lr: losses[lr])
 
 
 def _run_stage(study: Study, jobs: list[Job], parallel: int, settings: str) -> None:
-    pending = [job for job in jobs if _done(study, job) is None]
+    pending = [job for job in jobs if cached_result(study, job) is None]
     running: list[tuple[Job, subprocess.Popen]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDY_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1", STUDY_THREADS="1")
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
             log = Path(study.out) / f"{job.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, __file__, "--job", json.dumps(asdict(job)),
-                       "--settings", settings]
+            command = module_command(
+                "benchmarks.handoff_study", "--job", json.dumps(asdict(job)), "--settings", settings
+            )
             print(f"start {job.name}", flush=True)
             running.append((job, subprocess.Popen(command, env=env, stdout=log.open("w"),
                                                   stderr=subprocess.STDOUT)))
@@ -438,24 +445,25 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 def collect(study: Study) -> dict[str, Any]:
     """Every cached result, grouped per (method, target), with means and stds over seeds."""
-    projected, _ = _projected_total(study)
+    projected, _ = projected_total(study)
     dense_loss = {
         seed: result["final_eval_loss"]
         for seed in study.seeds
-        if (result := _done(study, Job("dense", 0.0, seed))) is not None
+        if (result := cached_result(study, Job("dense", 0.0, seed))) is not None
     }
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for folder in sorted(Path(study.out).glob("*/result.json")):
         result = json.loads(folder.read_text())
         job = Job(result["method"], result["target"], result["seed"], result.get("lr"))
-        if _done(study, job) is None:  # made with other settings: not part of this study
+        if cached_result(study, job) is None:  # made with other settings: not part of this study
             continue
         method, target = result["method"], result["target"]
         if method == "scratch":
             if result["lr"] != best_scratch_lr(study):
                 continue
             # factorized from step 0 at method 2's final ranks: its hand-offs are method 2's
-            result["handoffs"] = _done(study, Job("welore", target, result["seed"]))["handoffs"]
+            welore = cached_result(study, Job("welore", target, result["seed"]))
+            result["handoffs"] = welore["handoffs"]
         entries = [(method, result["final_eval_loss"])]
         if method == "posthoc":
             entries.append(("posthoc+ft", result["finetuned_eval_loss"]))
@@ -524,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         third += [Job("scratch", t, study.seeds[0], best) for t in study.targets
                   if t != study.headline]
         _run_stage(study, third, args.parallel, settings)
-    from handoff_report import report
+    from benchmarks.handoff_report import report
 
     collected = collect(study)
     if args.timing:
@@ -542,8 +550,7 @@ def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> d
     optimizer (factors and all, restored from its checkpoint), step on the same batch in turn
     (``interleaved_medians``), so machine load affects both alike. Run it on a quiet machine.
     """
-    from common import interleaved_medians
-
+    from benchmarks.common import interleaved_medians
     from lowrank_optim.checkpoint import load_checkpoint
     from lowrank_optim.factory import build_optimizer
     from lowrank_optim.train import build_corpus
@@ -558,10 +565,10 @@ def step_timing(study: Study, seed: int, rounds: int = 7, repeats: int = 3) -> d
         ("before", Job("dense", 0.0, seed), "galore_adamw"),
         ("after", Job("welore", study.headline, seed), "welore_adamw"),
     ):
-        config = replace(study.base(seed, _folder(study, job)), optimizer=optimizer)
+        config = replace(study.base(seed, job_folder(study, job)), optimizer=optimizer)
         model = build_llama(model_config, seed=seed)
         built = build_optimizer(model, config.optimizer_spec())
-        payload = load_checkpoint(_folder(study, job) / "checkpoint.pt")
+        payload = load_checkpoint(job_folder(study, job) / "checkpoint.pt")
         built.load_state_dict(payload["optimizer"])  # re-applies the hand-offs first
         model = getattr(built, "model", None) or model
         model.load_state_dict(payload["model"])

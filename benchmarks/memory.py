@@ -9,7 +9,7 @@ peak measured (:func:`lowrank_optim.memory.measure_peak`). The exact and estimat
 are compared entry by entry. WeLoreAdamW is shown after hand-offs at a plan that keeps half of
 each projected matrix's parameters (:func:`lowrank_optim.memory.welore_plan`).
 
-    python benchmarks/memory.py                 # about 10 minutes on 2 CPU cores
+    python -m benchmarks.memory                 # about 10 minutes on 2 CPU cores
     lowrank-optim bench memory --quick          # smoke run, tiny config, to a temporary folder
 
 A peer whose package is not installed (galore-torch, apollo-torch, ...) is a row marked "not
@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, markdown_table  # noqa: E402
-
-from lowrank_optim.memory import (  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, pyplot, refresh_results_md
+from benchmarks.peers import run_method
+from lowrank_optim.memory import (
     ESTIMATE_METHODS,
     account,
     estimate,
@@ -42,8 +41,7 @@ from lowrank_optim.memory import (  # noqa: E402
     param_specs,
     welore_plan,
 )
-from lowrank_optim.memory.methods import run_method  # noqa: E402
-from lowrank_optim.train.models import (  # noqa: E402
+from lowrank_optim.train.models import (
     build_llama,
     build_llama_on_meta,
     load_llama_config,
@@ -297,10 +295,7 @@ def _by_method(methods: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(results)
     # Constrained layout sizes the margins to the method labels, and the legend goes in its
@@ -443,10 +438,7 @@ def render(payload: dict[str, Any], args: argparse.Namespace) -> int:
     print(head)
     print(json.dumps(facts, indent=2))
     print(f"wrote memory.json, memory.md and memory.png to {args.out}")
-    if args.out.resolve() == RESULTS.resolve():
-        from results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(args.out)
     return 0
 
 
@@ -469,4 +461,4 @@ def published_ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -12,9 +12,9 @@ Four runs with one seed and one data order through the same loop
 * GaLoreAdamW8bit (fixed gap) and QGaLoreAdamW (INT8 weights, INT4 bases, Q-GaLore's lazy
   refresh): eval loss against GaLoreAdamW (issue: quantized variants).
 
-    python benchmarks/pretrain_suite.py             # about 60 minutes on 2 CPU cores
-    python benchmarks/pretrain_suite.py --steps 60  # smoke run
-    python benchmarks/pretrain_suite.py --steps 20 --batch-size 2 --seq-len 32 --out /tmp/suite
+    python -m benchmarks.pretrain_suite             # about 60 minutes on 2 CPU cores
+    python -m benchmarks.pretrain_suite --steps 60  # smoke run
+    python -m benchmarks.pretrain_suite --steps 20 --batch-size 2 --seq-len 32 --out /tmp/suite
 
 `lowrank-optim bench quality` draws these runs' loss curves into one plot (benchmarks/quality.py).
 """
@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, interleaved_medians, markdown_table, write_json
 
+from benchmarks.common import RESULTS, interleaved_medians, markdown_table, write_json
 from lowrank_optim.cli.plots import plot_losses, plot_stability, read_records
 from lowrank_optim.train import PretrainConfig, run_pretraining
 
@@ -447,4 +448,4 @@ def report(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -28,11 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pretrain_suite  # noqa: E402
-from common import RESULTS, markdown_table, write_json  # noqa: E402
-
-from lowrank_optim.cli.plots import plot_losses, read_records  # noqa: E402
+from benchmarks import pretrain_suite
+from benchmarks.common import RESULTS, markdown_table, refresh_results_md, write_json
+from lowrank_optim.cli.plots import plot_losses, read_records
 
 __all__ = ["QUICK_SUITE_ARGS", "main", "method_rows", "render"]
 
@@ -188,10 +186,7 @@ def render(runs: Path, out: Path, source: str) -> Path:
     markdown = report(rows, settings, source)
     (out / "quality.md").write_text(markdown)
     print(markdown)
-    if out.resolve() == RESULTS.resolve():
-        from results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(out)
     return path
 
 
@@ -221,7 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return args, suite_args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args, suite_args = parse_args(argv)
     if args.quick:
         # The quick runs are thrown away: only their report lands in --out.
@@ -246,4 +241,4 @@ def _shown(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

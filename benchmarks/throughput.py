@@ -6,7 +6,7 @@ uses), every method of the memory benchmark plus torch's fused AdamW: torch Adam
 ``fused=True``), bitsandbytes AdamW8bit, torchao AdamW8bit and AdamW4bit, galore-torch, APOLLO
 and ours (GaLoreAdamW; GaLoreAdamW8bit and QGaLoreAdamW with 8-bit and with 4-bit moments;
 WeLoreAdamW after hand-offs). Every optimizer is built and brought to its steady state by
-:func:`lowrank_optim.memory.methods.run_method` (GaLore's recipe: refresh gap 200).
+:func:`benchmarks.peers.run_method` (GaLore's recipe: refresh gap 200).
 
 * Whole training step (zero_grad, forward, backward, step) on one batch of real tokens:
   ``gap`` steps per method per round, one refresh of every projected matrix in each window.
@@ -24,7 +24,7 @@ and ``throughput.png`` (the ratios as bars) into ``--out``.
 
     lowrank-optim bench throughput            # about 30 minutes on 2 CPU cores
     lowrank-optim bench throughput --quick --out /tmp/throughput   # smoke run, seconds
-    python benchmarks/throughput.py --methods adamw adamw_fused galore_adamw --rounds 5
+    python -m benchmarks.throughput --methods adamw adamw_fused galore_adamw --rounds 5
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import json
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,19 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import galore_core  # noqa: E402
-from common import RESULTS, interleaved_medians, markdown_table, write_json  # noqa: E402
-
-from lowrank_optim.memory import param_specs, welore_plan  # noqa: E402
-from lowrank_optim.memory.methods import build_method, run_method, train_step  # noqa: E402
-from lowrank_optim.memory.rules import ESTIMATE_METHODS  # noqa: E402
-from lowrank_optim.train import PretrainConfig  # noqa: E402
+from benchmarks import galore_core
+from benchmarks.common import (
+    RESULTS,
+    interleaved_medians,
+    markdown_table,
+    pyplot,
+    refresh_results_md,
+    write_json,
+)
+from benchmarks.peers import build_method, run_method, train_step
+from lowrank_optim.memory import param_specs, welore_plan
+from lowrank_optim.memory.rules import ESTIMATE_METHODS
+from lowrank_optim.train import PretrainConfig
 
 __all__ = ["METHODS", "main", "measure", "render"]
 
@@ -200,19 +204,6 @@ def prepare(
     return ready, failed
 
 
-@contextmanager
-def refresh_shapes(configs: Sequence[str]) -> Iterator[None]:
-    """Limit ``galore_core.refresh_timings`` to ``configs`` (it reads the module's table)."""
-    saved = dict(galore_core.REFRESH_SHAPES)
-    for name in set(saved) - set(configs):
-        del galore_core.REFRESH_SHAPES[name]
-    try:
-        yield
-    finally:
-        galore_core.REFRESH_SHAPES.clear()
-        galore_core.REFRESH_SHAPES.update(saved)
-
-
 def ratio(value: float | None, baseline: float | None) -> float | None:
     return value / baseline if value is not None and baseline else None
 
@@ -262,8 +253,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     step_seconds = interleaved_medians(
         {m: t.optimizer_step for m, t in ready.items()}, args.rounds, step_window
     )
-    with refresh_shapes(args.refresh_configs):
-        refresh = galore_core.refresh_timings(args.repeats)
+    wanted = set(args.refresh_configs)
+    shapes = {name: s for name, s in galore_core.REFRESH_SHAPES.items() if name in wanted}
+    refresh = galore_core.refresh_timings(args.repeats, shapes)
     parameters = sum(p.numel() for p in work.fresh_model().parameters())
     return {
         "settings": {
@@ -358,7 +350,7 @@ def report(payload: dict[str, Any]) -> str:
         f"per round; {amortized}. Ratios above 1 are slower than the baseline. torch AdamW "
         "(default) is torch's default implementation for the device (the single-tensor loop on "
         "a CPU). Every optimizer follows GaLore's recipe as built for the memory benchmark "
-        "(`lowrank_optim.memory.methods.build_method`); WeLoreAdamW is timed after handing off "
+        "(`benchmarks.peers.build_method`); WeLoreAdamW is timed after handing off "
         "every projected matrix at half its parameters."
     )
     return (
@@ -371,10 +363,7 @@ def report(payload: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Both times as ratios to each AdamW baseline: bars from 1x (the baseline) on a log axis,
     so 2x slower and 2x faster are equally long."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullFormatter
 
     labels = [row["label"] + ("" if row["ok"] else " (n/a)") for row in rows]
@@ -437,14 +426,11 @@ def render(payload: dict[str, Any], out: Path) -> Path:
     title = f"Step time vs torch AdamW, LLaMA {s['model']}, {s['device']}"
     plot(payload["methods"], out / "throughput.png", title)
     print(markdown)
-    if out.resolve() == RESULTS.resolve():
-        from results_md import write_results_md
-
-        print(f"wrote {write_results_md()}")
+    refresh_results_md(out)
     return path
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     base = PretrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -492,7 +478,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A re-rendered file keeps the environment it was measured in (write_json's own is older).
     payload = json.loads(args.from_json.read_text()) if args.from_json else measure(args)
@@ -504,4 +490,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "lowrank_optim"
 
 
@@ -60,7 +58,6 @@ def test_distributed_never_imports_the_optimizers() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=False, reason="pending merge of refactor/app")
 def test_no_module_imports_a_private_name_of_another() -> None:
     offenders = []
     for path in _modules(PACKAGE):

@@ -117,15 +117,12 @@ def test_bench_memory_quick_writes_to_a_temporary_folder(capsys: pytest.CaptureF
 
 def test_bench_memory_plot_keeps_labels_and_legend_clear(monkeypatch: pytest.MonkeyPatch):
     """Long method labels stay inside the figure and the legend overlaps no panel."""
-    import sys
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, str(RESULTS.parent))
-    import memory
+    from benchmarks import memory
 
     recorded = json.loads((RESULTS / "memory.json").read_text())["configs"]
     results = {name: recorded[name] for name in list(recorded)[:1]}  # one panel, as --quick
@@ -148,3 +145,35 @@ def test_bench_memory_plot_keeps_labels_and_legend_clear(monkeypatch: pytest.Mon
     for axis in figure.axes:
         assert not legend_box.overlaps(axis.get_tightbbox(renderer))
     close(figure)
+
+
+def test_every_benchmark_with_a_main_is_registered_and_unknown_names_are_refused():
+    """`benchmarks.run` knows every module that has a main; a wrong name runs nothing."""
+    import benchmarks
+
+    with_main = {
+        path.stem
+        for path in RESULTS.parent.glob("*.py")
+        if "\ndef main(argv: list[str] | None = None) -> int:" in path.read_text()
+    }
+    assert with_main == set(benchmarks.BENCHMARKS)
+    assert benchmarks.resolve("handoff") == "handoff_study"
+    with pytest.raises(ValueError, match=r"Invalid benchmark: 'nope'; allowed: .*memory"):
+        benchmarks.run("nope", [])
+    assert benchmarks.run("results_md", ["--help"]) == 0  # argparse's exit is a return code
+
+
+def test_a_benchmark_child_process_imports_the_package_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """How handoff_study starts its runs: `python -m benchmarks.<name>`, from the caller's
+    working directory, which need not be the repository root, and without a PYTHONPATH."""
+    import subprocess
+
+    from benchmarks.common import child_env, module_command
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    command = module_command("benchmarks.results_md", "--help")
+    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "RESULTS.md" in done.stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.peers import run_method
 from lowrank_optim.memory import (
     COMPONENTS,
     ESTIMATE_METHODS,
@@ -22,7 +23,6 @@ from lowrank_optim.memory import (
     param_specs,
     welore_plan,
 )
-from lowrank_optim.memory.methods import run_method
 from lowrank_optim.train.models import build_llama, build_llama_on_meta, tiny_llama_config
 
 # hidden 128 and rank 32 make the low-rank moments exactly 4096 elements (the smallest that the

@@ -22,8 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The benchmark's exit code; an unknown name is a UsageError (one line, exit code 2)."""
-    import benchmarks
-
+    try:
+        import benchmarks
+    except ImportError:  # an installed wheel without the source checkout's benchmarks/
+        raise UsageError(
+            "the benchmarks package is not importable: run from a source checkout installed "
+            "with `pip install -e .`"
+        ) from None
     try:
         return benchmarks.run(args.name, list(args.args))
     except benchmarks.UnknownBenchmark as error:  # raised before anything runs

@@ -34,13 +34,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_optim.memory.basic import _tensors_in
+from lowrank_optim import state_keys as keys
+from lowrank_optim.memory.basic import tensors_in
+from lowrank_optim.moment_storage import (
+    EXP_AVG_ABSMAX,
+    EXP_AVG_CODES,
+    EXP_AVG_SQ_ABSMAX,
+    EXP_AVG_SQ_CODES,
+    MOMENT_SHAPE,
+)
+from lowrank_optim.projection import LEFT, RIGHT
 
 __all__ = [
+    "BNB_META_KEYS",
+    "BNB_MOMENT_KEYS",
     "COMPONENTS",
     "MODULE_TYPES",
     "SHARED",
     "SUMMARY_GROUPS",
+    "TORCHAO_CODES",
     "MemoryBreakdown",
     "account",
     "classify_state_key",
@@ -83,12 +95,25 @@ _MODULE_PATTERNS = (
     ("norm", re.compile(r"norm")),
 )
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+# Peers' own state keys, which only their code defines; ours come from state_keys and
+# moment_storage.
+#: bitsandbytes' 8-bit optimizers (``bnb.optim.Optimizer2State``): the two moments' codes.
+BNB_MOMENT_KEYS = ("state1", "state2")
+#: bitsandbytes' per-block absmax of each moment and the code books (``qmap``) they share.
+BNB_META_KEYS = ("absmax1", "absmax2", "qmap1", "qmap2")
+#: torchao's quantized state subclasses (``OptimState8bit``/``4bit``): the inner tensor that
+#: holds the codes; their other inner tensors (scale, code book) are metadata.
+TORCHAO_CODES = "codes"
+
 _MOMENT_KEYS = frozenset(
-    {"exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes", "state1", "state2"}
+    {keys.EXP_AVG, keys.EXP_AVG_SQ, EXP_AVG_CODES, EXP_AVG_SQ_CODES, *BNB_MOMENT_KEYS}
 )
-_MOMENT_META_KEYS = frozenset(
-    {"exp_avg_absmax", "exp_avg_sq_absmax", "moment_shape", "absmax1", "absmax2", "qmap1", "qmap2"}
-)
+_MOMENT_META_KEYS = frozenset({EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX, MOMENT_SHAPE, *BNB_META_KEYS})
+#: Our projection bases; a quantized basis keeps ``<key>_codes`` beside its scale, offset and
+#: shape (``basis_storage``), and only the codes are the basis itself.
+_BASIS_KEYS = (LEFT, RIGHT)
+_BASIS_CODES = frozenset(f"{key}_codes" for key in _BASIS_KEYS)
 
 
 def module_type_of(name: str) -> str:
@@ -129,13 +154,15 @@ def footprint_bytes(tensor: torch.Tensor) -> int:
 def classify_state_key(key: str, inner: str | None = None) -> str:
     """The component of optimizer-state entry ``key`` (``inner``: a subclass's inner tensor)."""
     if inner is not None:
-        return "moments" if inner == "codes" else "moment_meta"
+        return "moments" if inner == TORCHAO_CODES else "moment_meta"
     if key in _MOMENT_KEYS:
         return "moments"
     if key in _MOMENT_META_KEYS:
         return "moment_meta"
-    if key.startswith("basis_"):
-        return "projection" if key.endswith(("_left", "_right", "_codes")) else "projection_meta"
+    if key in _BASIS_KEYS or key in _BASIS_CODES:
+        return "projection"
+    if key.startswith(_BASIS_KEYS):
+        return "projection_meta"
     if "proj" in key:  # peers that keep a projector object: its tensors are the basis
         return "projection"
     return "state_other"
@@ -261,5 +288,5 @@ def _state_items(
                     items += [(name, classify_state_key(key, n), t) for n, t in inner]
             else:
                 component = classify_state_key(key)
-                items += [(name, component, t) for t in _tensors_in(value)]
+                items += [(name, component, t) for t in tensors_in(value)]
     return items

@@ -8,7 +8,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["current_memory_bytes", "optimizer_state_bytes", "tensor_bytes", "weight_bytes"]
+__all__ = [
+    "current_memory_bytes",
+    "optimizer_state_bytes",
+    "tensor_bytes",
+    "tensors_in",
+    "weight_bytes",
+]
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -23,7 +29,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
-def _tensors_in(value: object, depth: int = 2) -> list[torch.Tensor]:
+def tensors_in(value: object, depth: int = 2) -> list[torch.Tensor]:
     """Tensors held by a state value: the value itself, or (for peers that keep Python objects
     in their state, such as galore-torch's projector) tensors among its attributes."""
     if isinstance(value, torch.Tensor):
@@ -38,7 +44,7 @@ def _tensors_in(value: object, depth: int = 2) -> list[torch.Tensor]:
         children = list(vars(value).values())
     else:
         return []
-    return [tensor for child in children for tensor in _tensors_in(child, depth - 1)]
+    return [tensor for child in children for tensor in tensors_in(child, depth - 1)]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -47,7 +53,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         tensor
         for state in optimizer.state.values()
         for value in state.values()
-        for tensor in _tensors_in(value)
+        for tensor in tensors_in(value)
     )
 
 

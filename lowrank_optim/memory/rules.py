@@ -18,17 +18,35 @@ from lowrank_optim.quant.blockwise4bit import BLOCKSIZE4
 from lowrank_optim.quant.blockwise8bit import BLOCKSIZE, MIN_QUANTIZED_NUMEL
 
 __all__ = [
+    "BASIS_GROUP",
+    "BNB_BLOCKSIZE",
     "BNB_CODEBOOK_BYTES",
     "ESTIMATE_METHODS",
     "MIN_QUANTIZED",
+    "TORCHAO_BLOCKSIZE",
+    "WEIGHT_GROUP",
     "ParamSpec",
     "Rows",
     "int8_weight",
 ]
 
-_BLOCK = 256  # bitsandbytes' and our 8-bit block, Q-GaLore's group
-MIN_QUANTIZED = 4096  # bitsandbytes' and torchao's default: smaller tensors stay unquantized
-BNB_CODEBOOK_BYTES = 2 * 256 * 4  # bitsandbytes' two shared 256-entry fp32 code books
+# Our own storage facts come from the code that allocates the state (quant.blockwise8bit's
+# BLOCKSIZE and MIN_QUANTIZED_NUMEL, quant.blockwise4bit's BLOCKSIZE4). Two of ours are not
+# named constants there yet, only defaults:
+#: Values per quantization group of a 4/8-bit projection basis (``basis_storage``'s group).
+BASIS_GROUP = 256
+#: Inputs per fp32 scale of an INT8 weight (``QuantizedLinear``'s default ``group_size``).
+WEIGHT_GROUP = 256
+
+# The peers' facts, which only their code defines (the tests check them against it).
+#: bitsandbytes' 8-bit optimizers: values per fp32 absmax of a moment.
+BNB_BLOCKSIZE = 256
+#: torchao's AdamW8bit / AdamW4bit: values per fp32 scale, by bits.
+TORCHAO_BLOCKSIZE = {8: 256, 4: 128}
+#: bitsandbytes' ``min_8bit_size`` and torchao's default: smaller states stay unquantized.
+MIN_QUANTIZED = 4096
+#: bitsandbytes' two code books (signed, unsigned) of 2**8 fp32 entries, shared by all states.
+BNB_CODEBOOK_BYTES = 2 * 2**8 * 4
 _STEP = 4  # torch.optim-style fp32 scalar step tensor (ours keep an int: no tensor bytes)
 _SHAPE_ENTRY = 8  # int64 entries of stored shapes
 
@@ -101,7 +119,7 @@ def _ours(storage: str, bits: int | None) -> Callable[..., Rows]:
         if bits is None:
             return [*out, ("projection", basis * spec.esize)]
         codes = math.ceil(basis / 2) if bits == 4 else basis
-        meta = 8 * math.ceil(basis / _BLOCK) + 2 * _SHAPE_ENTRY
+        meta = 8 * math.ceil(basis / BASIS_GROUP) + 2 * _SHAPE_ENTRY
         return [*out, ("projection", codes), ("projection_meta", meta)]
 
     return rows
@@ -114,11 +132,12 @@ def _adamw(spec: ParamSpec, rank: int) -> Rows:
 def _bnb(spec: ParamSpec, rank: int) -> Rows:
     if spec.numel < MIN_QUANTIZED:
         return _full(spec.numel, 4)  # bitsandbytes keeps small tensors' states in fp32
-    return [("moments", 2 * spec.numel), ("moment_meta", 2 * 4 * math.ceil(spec.numel / _BLOCK))]
+    blocks = math.ceil(spec.numel / BNB_BLOCKSIZE)
+    return [("moments", 2 * spec.numel), ("moment_meta", 2 * 4 * blocks)]
 
 
 def _torchao(bits: int) -> Callable[..., Rows]:
-    block = 256 if bits == 8 else 128
+    block = TORCHAO_BLOCKSIZE[bits]
 
     def rows(spec: ParamSpec, rank: int) -> Rows:
         if spec.numel < MIN_QUANTIZED or spec.numel % block:
@@ -184,7 +203,7 @@ def int8_weight(spec: ParamSpec) -> list[tuple[str, str, int]]:
     """``QuantizedLinear``: a one-element handle, INT8 codes and fp32 scales (its buffers)."""
     module = spec.name.removesuffix(".weight")
     rows, cols = spec.shape
-    scales = 4 * rows * math.ceil(cols / _BLOCK)
+    scales = 4 * rows * math.ceil(cols / WEIGHT_GROUP)
     return [
         (spec.name, "weights", spec.esize),
         (f"{module}.weight_codes", "weight_codes", rows * cols),

@@ -239,9 +239,6 @@ class WeLoreAdamW(GaLoreAdamW):
         self.plan[candidate.name] = entry
         self.handoffs.append({"step": step, "layer": candidate.name, **fields})
 
-    #: The former private name, still called by ``lowrank_optim.memory.methods``.
-    _handoff = hand_off
-
     def _warn_once(self, layer: str, why: str, message: str) -> None:
         if (layer, why) not in self._warned:
             self._warned.add((layer, why))

@@ -1,4 +1,10 @@
-"""Build every optimizer the memory benchmark compares, and bring it to its steady state.
+"""Build every optimizer the memory and throughput benchmarks compare, and bring it to its
+steady state.
+
+The peers (bitsandbytes, torchao, galore-torch, apollo-torch) are imported here, in the
+benchmarks, never by the library: ``lowrank_optim.memory`` only describes their storage
+(:mod:`lowrank_optim.memory.rules`), and ``tests/test_memory.py`` checks that description
+against the optimizers this module builds.
 
 Each method gets the model, GaLore's param-group split (projected attention/MLP matrices,
 everything else dense) and a rank; :func:`run_method` then takes one training step (forward,
@@ -88,6 +94,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, tokens
 
 def _init_torchao_state(optimizer: torch.optim.Optimizer) -> None:
     # What torchao's step() creates on first use (torchao/optim/adam.py), without compiling.
+    # `_new_buffer` is torchao's private helper: calling it keeps the state exactly torchao's.
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state[param]
@@ -103,7 +110,7 @@ def _hand_off(optimizer: torch.optim.Optimizer, model: nn.Module, plan: dict[str
     step = optimizer.current_step()
     for candidate in projected_linears(model, optimizer, optimizer.is_projected):
         if candidate.name in plan:
-            optimizer._handoff(model, candidate, plan[candidate.name], step)
+            optimizer.hand_off(model, candidate, plan[candidate.name], step)
 
 
 def run_method(
