@@ -18,6 +18,7 @@ __all__ = [
     "matrix_batches",
     "matrix_groups",
     "roundtrip",
+    "run_stream",
     "split_groups",
     "train_steps",
 ]
@@ -174,3 +175,26 @@ def gradient_stream(
         + 0.01 * torch.randn(rows, cols, generator=generator)
         for _ in range(count)
     ]
+
+
+def run_stream(
+    build: Callable[..., torch.optim.Optimizer],
+    grads: list[torch.Tensor],
+    rank: int = 32,
+    **kwargs: Any,
+) -> tuple[nn.Parameter, torch.optim.Optimizer]:
+    """Feed ``grads`` to one projected weight (gap 10, scale 1, a fixed refresh gap)."""
+    from lowrank_optim import StabilityConfig
+
+    weight = nn.Parameter(torch.zeros(grads[0].shape))
+    optimizer = build(
+        [{"params": [weight], "rank": rank, "update_proj_gap": 10, "scale": 1.0}],
+        lr=1e-2,
+        weight_decay=0.0,
+        stability=StabilityConfig(policy="fixed"),
+        **kwargs,
+    )
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    return weight, optimizer

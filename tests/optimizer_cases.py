@@ -29,6 +29,7 @@ import torch
 from lowrank_optim import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    ProjectionConfig,
     QGaLoreAdamW,
     WeLoreAdamW,
     register_refresh_method,
@@ -44,7 +45,7 @@ __all__ = [
     "QUANTIZED_KEYS",
     "STORAGES",
     "OptimizerCase",
-    "case",
+    "find_case",
     "identity_basis",
     "is_quantized",
 ]
@@ -87,6 +88,9 @@ class OptimizerCase:
     )
     #: proj_types the optimizer supports
     proj_types: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
+    #: the same optimizer with full-precision moments (bases, refresh and update unchanged): the
+    #: reference that isolates what the storage changes
+    full_precision: Callable[..., torch.optim.Optimizer] | None = None
 
     @property
     def id(self) -> str:
@@ -104,21 +108,32 @@ class OptimizerCase:
         return self.id
 
 
+#: GaLoreAdamW with QGaLoreAdamW's INT4 bases: QGaLoreAdamW (without INT8 weights) with
+#: full-precision moments.
+_INT4_BASES = partial(GaLoreAdamW, projection=ProjectionConfig(proj_bits=4))
+
 CASES: list[OptimizerCase] = [
     OptimizerCase("GaLoreAdamW", FULL, GaLoreAdamW),
     OptimizerCase("WeLoreAdamW", FULL, WeLoreAdamW),
-    OptimizerCase("GaLoreAdamW8bit", INT8, GaLoreAdamW8bit),
-    OptimizerCase("GaLoreAdamW8bit", INT4, partial(GaLoreAdamW8bit, moment_bits=4)),
+    OptimizerCase("GaLoreAdamW8bit", INT8, GaLoreAdamW8bit, full_precision=GaLoreAdamW),
+    OptimizerCase(
+        "GaLoreAdamW8bit",
+        INT4,
+        partial(GaLoreAdamW8bit, moment_bits=4),
+        full_precision=GaLoreAdamW,
+    ),
     # QGaLoreAdamW stores bases in 4 bits: the identity's entries (0 and 1) are exactly
     # representable, so the identity degenerate case still holds exactly. Without model= its
     # weights stay in full precision (INT8 weights are tested in test_quantized_optim.py).
-    OptimizerCase("QGaLoreAdamW", INT8, QGaLoreAdamW),
-    OptimizerCase("QGaLoreAdamW", INT4, partial(QGaLoreAdamW, moment_bits=4)),
+    OptimizerCase("QGaLoreAdamW", INT8, QGaLoreAdamW, full_precision=_INT4_BASES),
+    OptimizerCase(
+        "QGaLoreAdamW", INT4, partial(QGaLoreAdamW, moment_bits=4), full_precision=_INT4_BASES
+    ),
 ]
 QUANTIZED_CASES = [c for c in CASES if c.quantized]
 
 
-def case(optimizer: str, storage: str) -> OptimizerCase:
+def find_case(optimizer: str, storage: str) -> OptimizerCase:
     """The registered case of ``optimizer`` with ``storage`` moments."""
     for candidate in CASES:
         if (candidate.optimizer, candidate.storage) == (optimizer, storage):
