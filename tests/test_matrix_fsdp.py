@@ -56,6 +56,9 @@ def test_fsdp_matches_single_process(runs: Results, case: OptimizerCase) -> None
     quantized = {name for name, value in layout.items() if value}
     # The state really is quantized where the storage says so (and nowhere else).
     assert quantized == (set(MatrixNet.QUANTIZED) if case.quantized else set())
+    if case.quantized:  # codes of moment_bits bits: wide's 1536 x 4 moments
+        codes = optimizer.state[model.wide.weight]["exp_avg_codes"]
+        assert codes.numel() == 1536 * 4 * case.moment_bits // 8
     for rank_result in _result(runs, f"train/{case.id}"):
         assert rank_result["replicated_equal"]  # bases and counters agree on every rank
         assert rank_result["quantized"] == layout  # quantized by the global size, not a shard's
