@@ -1,4 +1,11 @@
-"""Every optimizer against torch.optim.AdamW in its degenerate cases, plus the common contract."""
+"""The optimizer matrix's contract, in one process: every (optimizer, storage) case against
+torch.optim.AdamW in its degenerate cases, plus the torch.optim contract and input checks.
+
+``TinyNet`` keeps every tensor under 4096 elements, so quantized storages keep full-precision
+moments here and the degenerate cases hold exactly. The storage axis with quantized state is
+``test_matrix_storage.py``; the placements are ``test_matrix_fsdp.py`` (FSDP2, 2 processes)
+and ``test_matrix_layerwise.py`` (``LayerwiseOptimizer``).
+"""
 
 from __future__ import annotations
 
