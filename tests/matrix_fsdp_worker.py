@@ -42,6 +42,7 @@ WORLD = 2
 BATCH = 16  # global batch; each rank takes BATCH / world rows
 STEPS = 10  # update_proj_gap 4: refreshes at steps 1, 5 and 9
 SAVE_AT = 4
+DCP_STEPS = 7  # saved at 4, resumed through the refresh at 5
 LR = 2e-3
 TIMEOUT_S = 120  # a collective that waits longer raises in the worker
 SPAWN_TIMEOUT_S = 600  # the whole run (generous: the CI machine may be loaded)
@@ -140,7 +141,7 @@ def _scenario_train(case: OptimizerCase) -> dict[str, Any]:
 
 def _scenario_dcp(case: OptimizerCase, directory: Path) -> dict[str, Any]:
     """Save at step 4 (torch.distributed.checkpoint), resume in a new model and optimizer."""
-    batches = matrix_batches(STEPS, batch=BATCH)
+    batches = matrix_batches(DCP_STEPS, batch=BATCH)
     model, optimizer, rows = _sharded(case)
     train(model, optimizer, batches[:SAVE_AT], rows)
     dcp.save(_checkpoint(model, optimizer), checkpoint_id=str(directory / f"ckpt_{case.id}"))
@@ -205,7 +206,7 @@ def _reshard(case: OptimizerCase, directory: Path) -> dict[str, Any]:
     model, optimizer, rows = _sharded(case)
     error = error_of(lambda: _load(model, optimizer, directory / f"ckpt_{case.id}"))
     if error == "no error":
-        batches = matrix_batches(STEPS, batch=BATCH)[SAVE_AT:]
+        batches = matrix_batches(DCP_STEPS, batch=BATCH)[SAVE_AT:]
         error = error_of(lambda: train(model, optimizer, batches, rows))
     return {"error": error, "weights": _full(model)}
 

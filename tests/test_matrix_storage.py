@@ -89,7 +89,7 @@ def test_large_moments_are_quantized_and_small_ones_are_not(case: OptimizerCase)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("split_at", [4, 5, 6])  # gap 4: refreshes at 1, 5, 9
 def test_state_dict_resume_is_bit_identical(case: OptimizerCase, split_at: int) -> None:
-    batches = matrix_batches(12)
+    batches = matrix_batches(8)
     model = MatrixNet()
     optimizer = case.build(matrix_groups(model), lr=LR)
     train_steps(model, optimizer, batches)
