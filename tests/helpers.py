@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_optim import StabilityConfig
+
 __all__ = [
     "MATRIX_GROUP",
     "MatrixNet",
@@ -184,8 +186,6 @@ def run_stream(
     **kwargs: Any,
 ) -> tuple[nn.Parameter, torch.optim.Optimizer]:
     """Feed ``grads`` to one projected weight (gap 10, scale 1, a fixed refresh gap)."""
-    from lowrank_optim import StabilityConfig
-
     weight = nn.Parameter(torch.zeros(grads[0].shape))
     optimizer = build(
         [{"params": [weight], "rank": rank, "update_proj_gap": 10, "scale": 1.0}],
