@@ -9,7 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TinyNet", "make_batches", "roundtrip", "split_groups", "train_steps"]
+from lowrank_optim import StabilityConfig
+
+__all__ = [
+    "MATRIX_GROUP",
+    "MatrixNet",
+    "TinyNet",
+    "gradient_stream",
+    "make_batches",
+    "matrix_batches",
+    "matrix_groups",
+    "roundtrip",
+    "run_stream",
+    "split_groups",
+    "train_steps",
+]
 
 
 class TinyNet(nn.Module):
@@ -76,3 +90,111 @@ def roundtrip(obj: Any) -> Any:
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+# ------------------------------------------------------------------ the matrix's larger model
+#: Keys of MatrixNet's projected group. ``right`` keeps FSDP2's sharded rows local (the only
+#: side FSDP2 accepts) and ``gram_eigh`` is the refresh the sharded Gram path reproduces.
+MATRIX_GROUP = {
+    "rank": 4,
+    "update_proj_gap": 4,
+    "scale": 0.5,
+    "proj_type": "right",
+    "refresh": "gram_eigh",
+}
+
+
+class MatrixNet(nn.Module):
+    """Four linears whose moments are stored quantized where they reach 4096 elements.
+
+    ==========  =============  ==========  ===================================================
+    layer       weight         group       moments
+    ==========  =============  ==========  ===================================================
+    ``first``   320 x 16       dense       5120: quantized
+    ``narrow``  25 x 320       projected   25 x 4: full precision; uneven FSDP2 shards (13 + 12)
+    ``wide``    1536 x 25      projected   1536 x 4 = 6144: quantized
+    ``out``     5 x 1536       dense       7680: quantized; uneven FSDP2 shards (3 + 2 rows)
+    ==========  =============  ==========  ===================================================
+
+    Biases are dense and small. The same model runs on every placement of the matrix.
+    """
+
+    QUANTIZED = ("first.weight", "wide.weight", "out.weight")
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 320, dtype=dtype)
+        self.narrow = nn.Linear(320, 25, dtype=dtype)
+        self.wide = nn.Linear(25, 1536, dtype=dtype)
+        self.out = nn.Linear(1536, 5, dtype=dtype)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in self.parameters():
+                fan_in = param.shape[-1] if param.dim() == 2 else 16
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(inputs))
+        hidden = torch.tanh(self.narrow(hidden))
+        return self.out(torch.tanh(self.wide(hidden)))
+
+
+def matrix_groups(model: nn.Module, **overrides: Any) -> list[dict[str, Any]]:
+    """MatrixNet's groups: ``narrow`` and ``wide`` weights projected, the rest dense.
+
+    The projected weights have few columns (320 and 25), so the ``right`` bases' Gram
+    matrices stay small: a refresh is cheap on the CI's two cores.
+    """
+    named = dict(model.named_parameters())
+    projected = [named[name] for name in ("narrow.weight", "wide.weight")]
+    dense = [p for name, p in named.items() if not any(p is q for q in projected)]
+    return [{"params": dense}, {"params": projected, **MATRIX_GROUP, **overrides}]
+
+
+def matrix_batches(
+    count: int, dtype: torch.dtype = torch.float32, seed: int = 1, batch: int = 16
+) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs and learnable targets (a fixed smooth function of the inputs, plus noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(16, 5, generator=generator) / 4
+    batches = []
+    for _ in range(count):
+        inputs = torch.randn(batch, 16, generator=generator)
+        targets = torch.tanh(inputs @ teacher) + 0.05 * torch.randn(batch, 5, generator=generator)
+        batches.append((inputs.to(dtype), targets.to(dtype)))
+    return batches
+
+
+# ------------------------------------------------------------- a stream of low-rank gradients
+def gradient_stream(
+    count: int, rows: int = 96, cols: int = 256, seed: int = 0
+) -> list[torch.Tensor]:
+    """Gradients near a fixed rank-8 subspace plus noise: what GaLore is built for."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(rows, 8, generator=generator)).Q
+    return [
+        basis @ torch.randn(8, cols, generator=generator) * 0.1
+        + 0.01 * torch.randn(rows, cols, generator=generator)
+        for _ in range(count)
+    ]
+
+
+def run_stream(
+    build: Callable[..., torch.optim.Optimizer],
+    grads: list[torch.Tensor],
+    rank: int = 32,
+    **kwargs: Any,
+) -> tuple[nn.Parameter, torch.optim.Optimizer]:
+    """Feed ``grads`` to one projected weight (gap 10, scale 1, a fixed refresh gap)."""
+    weight = nn.Parameter(torch.zeros(grads[0].shape))
+    optimizer = build(
+        [{"params": [weight], "rank": rank, "update_proj_gap": 10, "scale": 1.0}],
+        lr=1e-2,
+        weight_decay=0.0,
+        stability=StabilityConfig(policy="fixed"),
+        **kwargs,
+    )
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    return weight, optimizer

@@ -1,14 +1,18 @@
-"""GaLore-family optimizers on FSDP2 (``fully_shard``) parameters, 2 CPU processes over gloo.
+"""Focused FSDP2 (``fully_shard``) tests, 2 CPU processes over gloo: the sharded refresh
+strategies (Gram all-reduce, all-gather), the bytes they communicate, checkpoint resume and
+resharding per moment storage, and the input checks of the FSDP2 path.
+
+Every (optimizer, storage) case on FSDP2 against one process, and the combinations FSDP2
+refuses on purpose, are the FSDP2 column of the optimizer matrix (``test_matrix_fsdp.py``).
 
 One 2-rank run (a module fixture) plays every scenario and saves what each rank saw; the tests
-compare that with single-process runs of the same global batches. A second, 1-rank run loads
-the 2-rank checkpoints (a different number of ranks).
+compare that with single-process runs of the same global batches. Rank 0 then loads the 2-rank
+checkpoints alone, in a 1-rank group (a different number of ranks).
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import socket
 import time
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from optimizer_cases import FULL, INT4, INT8, OptimizerCase, find_case
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -32,16 +37,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from lowrank_optim import GaLoreAdamW, HandoffConfig, StabilityConfig, WeLoreAdamW
+from lowrank_optim import CheckpointMismatchError, GaLoreAdamW
 from lowrank_optim.distributed import (
     CollectiveCounter,
     gather_refresh_bytes,
     gram_refresh_bytes,
 )
-from lowrank_optim.errors import CheckpointMismatchError
-from lowrank_optim.optim import GaLoreAdamW8bit, QGaLoreAdamW
 from lowrank_optim.projection import RIGHT
-from lowrank_optim.quant import quantize_model
 from lowrank_optim.stability import ENERGY_HISTORY, OVERLAP_HISTORY
 
 WORLD = 2
@@ -87,13 +89,13 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-CASES: dict[str, tuple[Callable[..., GaLoreAdamW], int, int]] = {
-    # name: optimizer class, width of the middle layer, rank
-    "galore": (GaLoreAdamW, 16, 4),
+CASES: dict[str, tuple[OptimizerCase, int, int]] = {
+    # name: the matrix's case (optimizer_cases.py), width of the middle layer, rank
+    "galore": (find_case("GaLoreAdamW", FULL), 16, 4),
     # 768 x 32 at rank 8: 6144-element moments, quantized (a 3072-element shard alone is not)
-    "galore8bit": (GaLoreAdamW8bit, 768, 8),
+    "galore8bit": (find_case("GaLoreAdamW8bit", INT8), 768, 8),
     # the same in torchao's 4-bit format: blocks of 128, two codes per byte
-    "galore4bit": (functools.partial(GaLoreAdamW8bit, moment_bits=4), 768, 8),
+    "galore4bit": (find_case("GaLoreAdamW8bit", INT4), 768, 8),
 }
 
 
@@ -110,16 +112,16 @@ def _train(
 
 
 def _single_process(case: str, steps: int = STEPS) -> tuple[nn.Module, GaLoreAdamW]:
-    cls, wide, rank = CASES[case]
+    registered, wide, rank = CASES[case]
     model = _model(wide)
-    optimizer = cls(_groups(model, rank), lr=1e-2)
+    optimizer = registered.build(_groups(model, rank), lr=1e-2)
     _train(model, optimizer, _batches()[:steps], slice(None))
     return model, optimizer
 
 
 # ------------------------------------------------------------------------------ the workers
 def _sharded(case: str) -> tuple[nn.Module, GaLoreAdamW, slice]:
-    cls, wide, rank = CASES[case]
+    registered, wide, rank = CASES[case]
     model = _model(wide)
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -127,7 +129,7 @@ def _sharded(case: str) -> tuple[nn.Module, GaLoreAdamW, slice]:
     fully_shard(model)
     world, me = dist.get_world_size(), dist.get_rank()
     per = BATCH // world
-    return model, cls(_groups(model, rank), lr=1e-2), slice(me * per, (me + 1) * per)
+    return model, registered.build(_groups(model, rank), lr=1e-2), slice(me * per, (me + 1) * per)
 
 
 def _full(model: nn.Module) -> list[torch.Tensor]:
@@ -230,75 +232,42 @@ def _scenario_errors() -> dict[str, str]:
 
     errors["fsdp_refresh"] = _error_of(bad_strategy)
 
-    def layerwise() -> None:
-        model, optimizer, rows = _sharded("galore")
-        _train(model, optimizer, batches[:2], rows)  # past the refresh and the energy record
-        (model(batches[2][0][rows]) - batches[2][1][rows]).square().mean().backward()
-        weight = optimizer.param_groups[2]["params"][0]
-        basis = optimizer.state[weight][RIGHT]
-        low = weight.grad.to_local() @ basis
-        weight.grad = None  # layer-wise stepping frees the gradient once it is projected
-        optimizer.step_parameters(2, [0], {0: low})
-
-    errors["layerwise"] = _error_of(layerwise)
-
-    def qgalore_int8() -> None:
-        model = quantize_model(_model(16), include=lambda name: True)
-        for layer in model:
-            if isinstance(layer, nn.Module) and any(True for _ in layer.parameters()):
-                fully_shard(layer)
-        fully_shard(model)
-        optimizer = QGaLoreAdamW(_groups(model, 4), lr=1e-2, model=model)
-        per = BATCH // dist.get_world_size()
-        _train(
-            model, optimizer, batches[:1], slice(dist.get_rank() * per, (dist.get_rank() + 1) * per)
-        )
-
-    errors["qgalore_int8"] = _error_of(qgalore_int8)
-
-    def welore_handoff() -> None:
-        model, _, rows = _sharded("galore")
-        optimizer = WeLoreAdamW(
-            _groups(model, 4),
-            lr=1e-2,
-            model=model,
-            stability=StabilityConfig(threshold=1e-6, patience=1),
-            handoff=HandoffConfig(start_step=1, check_every=1, target_reduction=0.5),
-        )
-        for step in range(STEPS):
-            _train(model, optimizer, batches[step : step + 1], rows)
-            optimizer.maybe_handoff(model)
-
-    errors["welore_handoff"] = _error_of(welore_handoff)
+    # Layer-wise stepping, QGaLoreAdamW's INT8 weights and WeLore hand-offs are refused on
+    # FSDP2 on purpose: test_matrix_fsdp.py asserts those refusals for every case.
     return errors
 
 
-def _run(rank: int, world: int, port: int, directory: str, plan: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-    )
-    results: dict[str, Any] = {}
-    scenarios: dict[str, Callable[[], Any]]
-    if plan == "main":
-        scenarios = {f"train_{case}": (lambda c=case: _scenario_train(c)) for case in CASES}
-        scenarios |= {
-            f"dcp_{case}": (lambda c=case: _scenario_dcp(c, Path(directory))) for case in CASES
-        }
-        scenarios["errors"] = _scenario_errors
-    else:
-        scenarios = {
-            f"reshard_{case}": (lambda c=case: _reshard(c, Path(directory))) for case in CASES
-        }
+def _play(results: dict[str, Any], scenarios: dict[str, Callable[[], Any]]) -> None:
     for name, scenario in scenarios.items():
         try:
             results[name] = scenario()
         except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
             results[name] = {"failure": traceback.format_exc()}
-    torch.save(results, Path(directory) / f"{plan}_rank{rank}.pt")
+
+
+def _run(rank: int, world: int, port: int, directory: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    results: dict[str, Any] = {}
+    scenarios: dict[str, Callable[[], Any]] = {"train_galore": lambda: _scenario_train("galore")}
+    scenarios |= {
+        f"dcp_{case}": (lambda c=case: _scenario_dcp(c, Path(directory))) for case in CASES
+    }
+    scenarios["errors"] = _scenario_errors
+    _play(results, scenarios)
     dist.barrier()  # no rank tears gloo down while a peer is still in a collective
     dist.destroy_process_group()
+    if rank == 0:  # the 2-rank checkpoints, loaded by one rank alone
+        store = f"file://{Path(directory) / 'reshard_store'}"
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1, timeout=timeout)
+        reshard = {
+            f"reshard_{case}": (lambda c=case: _reshard(c, Path(directory))) for case in CASES
+        }
+        _play(results, reshard)
+        dist.destroy_process_group()
+    torch.save(results, Path(directory) / f"rank{rank}.pt")
 
 
 def _reshard(case: str, directory: Path) -> dict[str, Any]:
@@ -312,25 +281,24 @@ def _reshard(case: str, directory: Path) -> dict[str, Any]:
     return {"error": error, "weights": _full(model)}
 
 
-def _spawn(world: int, directory: Path, plan: str) -> list[dict[str, Any]]:
+def _spawn(world: int, directory: Path) -> list[dict[str, Any]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    context = mp.spawn(_run, args=(world, port, str(directory), plan), nprocs=world, join=False)
+    context = mp.spawn(_run, args=(world, port, str(directory)), nprocs=world, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {world}-rank run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(directory / f"{plan}_rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    directory = tmp_path_factory.mktemp("fsdp")
-    main = _spawn(WORLD, directory, "main")
-    return {"main": main, "reshard": _spawn(1, directory, "reshard")}
+    ranks = _spawn(WORLD, tmp_path_factory.mktemp("fsdp"))
+    return {"main": ranks, "reshard": ranks[:1]}  # rank 0 alone loaded the checkpoints
 
 
 def _result(runs: dict[str, list[dict[str, Any]]], run: str, name: str) -> list[Any]:
@@ -384,35 +352,6 @@ def test_fsdp_communication_per_step(runs: dict[str, list[dict[str, Any]]]) -> N
     assert result["bytes"][10] == {"all_reduce": flags + 3 * 2 * 8}
 
 
-def test_fsdp_8bit_moments_sharded(runs: dict[str, list[dict[str, Any]]]) -> None:
-    """8-bit moments are quantized per rank: close to, not equal to, one process."""
-    sharded = _result(runs, "main", "train_galore8bit")
-    model, _ = _single_process("galore8bit")
-    for rank_result in sharded:
-        assert rank_result["bases_equal"]
-        assert "exp_avg_codes" in rank_result["sharded_moments"][2]
-        for got, want in zip(rank_result["weights"], model.parameters(), strict=True):
-            torch.testing.assert_close(got, want.detach(), rtol=0, atol=5e-3)
-
-
-def test_fsdp_4bit_moments_sharded(runs: dict[str, list[dict[str, Any]]]) -> None:
-    """4-bit moments (blocks of 128, not the 8-bit 256) are quantized per rank, with codes and
-    absmax sharded like the 8-bit ones: close to one process."""
-    sharded = _result(runs, "main", "train_galore4bit")
-    model, optimizer = _single_process("galore4bit")
-    assert optimizer.moment_storage.bits == 4
-    for rank_result in sharded:
-        assert rank_result["bases_equal"]
-        assert "exp_avg_codes" in rank_result["sharded_moments"][2]
-        assert all(placement == (Shard(0),) for placement in rank_result["placements"])
-        for got, want in zip(rank_result["weights"], model.parameters(), strict=True):
-            torch.testing.assert_close(got, want.detach(), rtol=0, atol=5e-3)
-    # The training moved the weights: equality is not the trivial one.
-    initial = [p.detach() for p in _model(768).parameters()]
-    trained = [p.detach() for p in model.parameters()]
-    assert any(not torch.allclose(a, b) for a, b in zip(initial, trained, strict=True))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_dcp_round_trip_is_bit_for_bit(runs: dict[str, list[dict[str, Any]]], case: str) -> None:
     for rank_result in _result(runs, "main", f"dcp_{case}"):
@@ -440,11 +379,6 @@ def test_dcp_load_on_other_rank_count(runs: dict[str, list[dict[str, Any]]]) -> 
         ("shard1", "ValueError", ["Shard(dim=1)", "Shard(0)"]),
         ("proj_type", "ValueError", ["'std'", "proj_type='right'"]),
         ("fsdp_refresh", "ValueError", ["'broadcast'", "auto, gram, gather"]),
-        ("layerwise", "NotImplementedError", ["Layer-wise", "optimizer.step()"]),
-        # fully_shard itself refuses QuantizedLinear's INT8 weight handle (stride 0); the
-        # optimizer's own check stays for the day it does not
-        ("qgalore_int8", "NotImplementedError", ["FSDP", "non-contiguous"]),
-        ("welore_handoff", "NotImplementedError", ["hand-off", "fully_shard again"]),
     ],
 )
 def test_unsupported_combinations_raise(

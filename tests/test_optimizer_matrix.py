@@ -1,4 +1,11 @@
-"""Every optimizer against torch.optim.AdamW in its degenerate cases, plus the common contract."""
+"""The optimizer matrix's contract, in one process: every (optimizer, storage) case against
+torch.optim.AdamW in its degenerate cases, plus the torch.optim contract and input checks.
+
+``TinyNet`` keeps every tensor under 4096 elements, so quantized storages keep full-precision
+moments here and the degenerate cases hold exactly. The storage axis with quantized state is
+``test_matrix_storage.py``; the placements are ``test_matrix_fsdp.py`` (FSDP2, 2 processes)
+and ``test_matrix_layerwise.py`` (``LayerwiseOptimizer``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from optimizer_cases import CASES, OptimizerCase
 
 HYPER = {"lr": 3e-2, "betas": (0.8, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
-case_ids = [case.name for case in CASES]
+case_ids = [case.id for case in CASES]
 
 
 def assert_same_as_adamw(
@@ -39,7 +46,7 @@ def test_unprojected_groups_equal_adamw(case: OptimizerCase) -> None:
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_identity_projection_equals_adamw(case: OptimizerCase, proj_type: str) -> None:
     if proj_type not in case.proj_types:
-        pytest.skip(f"{case.name} does not support proj_type={proj_type}")
+        pytest.skip(f"{case.id} does not support proj_type={proj_type}")
     # rank 1000 is clipped to min(m, n) per matrix. "std" projects the smaller side, which the
     # identity basis then covers for any shape; the other types need square matrices for that.
     keys = {"rank": 1000, "update_proj_gap": 3, "proj_type": proj_type, **case.identity_group}
