@@ -103,6 +103,18 @@ def _widened(bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: as_fp32(basis) for key, basis in bases.items()}
 
 
+def _in_moment_dtype(grad: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """``grad`` in the dtype of the working moment it updates (a copy only where they differ).
+
+    The working moments are fp32-or-wider (``MomentStorage.read``): the parameter's dtype for
+    full-precision fp32/fp64 moments, fp32 for 16-bit and for quantized ones. A quantized
+    moment is dequantized to fp32 whatever the parameter's dtype, so an fp64 gradient is
+    narrowed to it (the stored codes hold far less than fp32 anyway); 16-bit gradients are
+    widened. The ``torch._foreach_*`` kernels refuse mixed dtypes.
+    """
+    return grad if grad.dtype == moment.dtype else grad.to(moment.dtype)
+
+
 def _grads(views: Sequence[ParamView]) -> list[torch.Tensor]:
     """The views' local gradients (present on every full-gradient step)."""
     grads = [view.grad for view in views]
@@ -238,7 +250,8 @@ def adam_moments(
     working = [storage.read(state) for state in states]
     exp_avgs = [exp_avg for exp_avg, _ in working]
     exp_avg_sqs = [exp_avg_sq for _, exp_avg_sq in working]
-    update_moments_([as_fp32(g) for g in grads], exp_avgs, exp_avg_sqs, beta1, beta2)
+    grads = [_in_moment_dtype(g, m) for g, m in zip(grads, exp_avgs, strict=True)]
+    update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     for state, exp_avg, exp_avg_sq in zip(states, exp_avgs, exp_avg_sqs, strict=True):
         storage.write(state, exp_avg, exp_avg_sq)
     denominators = adam_denominators(exp_avg_sqs, steps, beta2, group["eps"])
@@ -308,7 +321,8 @@ def dense_update_in_chunks(
     flat_grad = grad.reshape(-1)
     for start, stop in storage.ranges(state, target.numel(), chunk):
         exp_avg, exp_avg_sq = storage.read_range(state, start, stop)
-        update_moments_([as_fp32(flat_grad[start:stop])], [exp_avg], [exp_avg_sq], beta1, beta2)
+        piece_grad = _in_moment_dtype(flat_grad[start:stop], exp_avg)
+        update_moments_([piece_grad], [exp_avg], [exp_avg_sq], beta1, beta2)
         storage.write_range(state, start, stop, exp_avg, exp_avg_sq)
         (denominator,) = adam_denominators([exp_avg_sq], [step], beta2, group["eps"])
         piece = flat_param[start:stop]

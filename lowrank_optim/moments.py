@@ -92,6 +92,51 @@ def fused_kernel_applies(
     return True
 
 
+def _dense_layout(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill one gap-free block of memory, in any dimension order.
+
+    True for contiguous tensors and for permutations of them (a transposed weight); false for
+    slices with gaps and for broadcast (zero-stride) views. Dimensions of size 1 have no say.
+    """
+    if tensor.numel() == 0:
+        return True
+    expected = 1
+    dims = zip(tensor.shape, tensor.stride(), strict=True)
+    for size, stride in sorted(((s, d) for s, d in dims if s != 1), key=lambda pair: pair[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _in_layout(tensor: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if its strides are ``layout``'s, else a copy with ``layout``'s strides."""
+    if tensor.stride() == layout.stride():
+        return tensor
+    return torch.empty_like(layout, memory_format=torch.preserve_format).copy_(tensor)
+
+
+def _kernel_operands(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four tensors, or copies of them, laid out alike in one gap-free block each.
+
+    torch's fused kernel reads each tensor as flat memory from its data pointer and pairs the
+    i-th element of the parameter with the i-th of its gradient and moments: strides that
+    differ (a transposed parameter with contiguous moments, or a contiguous gradient assigned
+    to it) pair unrelated elements and update the parameter silently wrong. Copies are made
+    only where layouts differ (autograd gives a gradient its parameter's strides, and the
+    moments of a contiguous parameter are contiguous), so the usual step copies nothing.
+    """
+    layout = param if _dense_layout(param) else param.contiguous()
+    return (
+        layout,
+        _in_layout(grad, layout),
+        _in_layout(exp_avg, layout),
+        _in_layout(exp_avg_sq, layout),
+    )
+
+
 def fused_adamw_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -111,20 +156,30 @@ def fused_adamw_(
     eps)``, the formula above, with the moments updated in place. Callers check
     :func:`fused_kernel_applies` first. The kernel reads the step from a tensor; the state keeps
     it as a number, so one scalar tensor per distinct step value and device is made here.
+
+    Any layout is accepted: tensors whose strides differ from their parameter's (or a
+    parameter with gaps) are stepped through working copies that are copied back
+    (:func:`_kernel_operands`), so every element meets its own gradient and moments.
     """
+    operands = [
+        _kernel_operands(*four) for four in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)
+    ]
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, param in enumerate(params):
+    for index, (param, *_) in enumerate(operands):
         groups.setdefault((param.device, param.dtype), []).append(index)
     step_tensors: dict[tuple[torch.device, int], torch.Tensor] = {}
     for (device, _), indices in groups.items():
         for i in indices:
             if (device, steps[i]) not in step_tensors:
                 step_tensors[device, steps[i]] = torch.tensor(float(steps[i]), device=device)
+        param_list, grad_list, exp_avg_list, exp_avg_sq_list = (
+            [operands[i][column] for i in indices] for column in range(4)
+        )
         torch._fused_adamw_(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices],
-            [exp_avg_sqs[i] for i in indices],
+            param_list,
+            grad_list,
+            exp_avg_list,
+            exp_avg_sq_list,
             [],
             [step_tensors[device, steps[i]] for i in indices],
             lr=lr,
@@ -135,3 +190,10 @@ def fused_adamw_(
             amsgrad=False,
             maximize=False,
         )
+    # Working copies of the parameters and moments (the gradients are only read) go back.
+    for originals, (work_param, _, work_avg, work_avg_sq) in zip(
+        zip(params, exp_avgs, exp_avg_sqs, strict=True), operands, strict=True
+    ):
+        for original, working in zip(originals, (work_param, work_avg, work_avg_sq), strict=True):
+            if working is not original:
+                original.copy_(working)

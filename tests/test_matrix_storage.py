@@ -42,26 +42,6 @@ LR = 2e-3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Library bugs these cells expose (not fixed here: the matrix records them, strictly).
-FP64_QUANTIZED_BUG = (
-    "float64 parameters with quantized moments fail at the first step of a quantized dense "
-    "moment: RuntimeError: expected dtype float for `end` but got dtype double "
-    "(torch._foreach_lerp_ in moments.update_moments_: the dense chunked update widens only "
-    "16-bit gradients to fp32, so an fp64 gradient meets fp32 dequantized moments)"
-)
-NON_CONTIGUOUS_FULL_BUG = (
-    "full-precision moments: a non-contiguous dense parameter (a transposed 96 x 256 view) is "
-    "updated with its elements misplaced: after 3 steps 24570 of 24576 elements differ from the "
-    "contiguous run (and from torch.optim.AdamW on the same view), e.g. weight[46, 128] is "
-    "+0.0300 instead of -0.0299; the quantized storages' chunked path gets it right"
-)
-
-
-def xfail_where(cases: list[OptimizerCase], bug: str, when) -> list:
-    """``cases`` as pytest params, ``xfail(strict=True)`` where ``when(case)`` holds."""
-    mark = pytest.mark.xfail(strict=True, reason=bug)
-    return [pytest.param(c, marks=mark, id=c.id) if when(c) else c for c in cases]
-
 
 def layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, bool]:
     """Parameter name -> whether its moments are quantized, read from ``state_dict()``."""
@@ -113,14 +93,7 @@ def test_state_dict_resume_is_bit_identical(case: OptimizerCase, split_at: int) 
 @pytest.mark.parametrize(
     ("case", "dtype"),
     [
-        pytest.param(
-            c,
-            dtype,
-            id=f"{c.id}-{str(dtype).removeprefix('torch.')}",
-            marks=[pytest.mark.xfail(strict=True, reason=FP64_QUANTIZED_BUG)]
-            if c.quantized and dtype == torch.float64
-            else [],
-        )
+        pytest.param(c, dtype, id=f"{c.id}-{str(dtype).removeprefix('torch.')}")
         for c in CASES
         for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     ],
@@ -141,9 +114,7 @@ def test_dtypes_train_and_keep_dtype(case: OptimizerCase, dtype: torch.dtype) ->
     assert quantized == (set(MatrixNet.QUANTIZED) if case.quantized else set())
 
 
-@pytest.mark.parametrize(
-    "case", xfail_where(CASES, NON_CONTIGUOUS_FULL_BUG, lambda c: not c.quantized), ids=str
-)
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_non_contiguous_parameter_is_updated_in_place(case: OptimizerCase) -> None:
     weight = torch.nn.Parameter(torch.zeros(COLS, ROWS).T)  # a transposed view: not contiguous
     reference = torch.nn.Parameter(torch.zeros(ROWS, COLS))
@@ -155,6 +126,101 @@ def test_non_contiguous_parameter_is_updated_in_place(case: OptimizerCase) -> No
     assert not weight.is_contiguous()
     assert is_quantized(optimizers[0].state[weight]) == case.quantized
     torch.testing.assert_close(weight.detach(), reference.detach(), rtol=0, atol=0)
+
+
+def transposed_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in a column-major (transposed, non-contiguous) layout."""
+    return tensor.T.contiguous().T
+
+
+#: (parameter layout, gradient layout): the gradient's strides differ from the parameter's.
+MIXED_LAYOUTS = {
+    "transposed-param-contiguous-grad": (transposed_layout, lambda grad: grad),
+    "contiguous-param-transposed-grad": (lambda param: param, transposed_layout),
+}
+
+
+@pytest.mark.parametrize("layouts", MIXED_LAYOUTS.values(), ids=MIXED_LAYOUTS.keys())
+def test_gradient_strides_unlike_the_parameters_match_torch_adamw(layouts) -> None:
+    # Regression: torch's fused AdamW kernel pairs elements by memory offset, so a gradient
+    # (or moments) laid out unlike the parameter paired unrelated elements: a silently wrong
+    # update. Dense parameter, no projection: GaLoreAdamW must be AdamW to the bit. The
+    # reference is torch's fused AdamW on a contiguous parameter (the same kernel; its
+    # default implementation differs in the last bit) -- torch's fused AdamW itself has the
+    # bug on mixed layouts, so it is only a reference where every layout is contiguous.
+    param_layout, grad_layout = layouts
+    weight = torch.nn.Parameter(param_layout(torch.zeros(ROWS, COLS)))
+    reference = torch.nn.Parameter(torch.zeros(ROWS, COLS))
+    optimizer = find_case("GaLoreAdamW", "full").build([weight], lr=1e-2, weight_decay=0.1)
+    adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1, fused=True)
+    storage = weight.data_ptr()
+    for grad in gradient_stream(3):
+        weight.grad = grad_layout(grad.clone())
+        reference.grad = grad.clone()
+        assert weight.grad.stride() != weight.stride()
+        optimizer.step()
+        adamw.step()
+    assert weight.data_ptr() == storage and weight.stride() == param_layout(reference).stride()
+    torch.testing.assert_close(weight.detach(), reference.detach(), rtol=0, atol=0)
+    ours, theirs = optimizer.state[weight], adamw.state[reference]
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layouts", MIXED_LAYOUTS.values(), ids=MIXED_LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_dense_update_handles_mixed_layouts(layouts, dtype: torch.dtype) -> None:
+    # The path taken where the fused kernel does not apply (quantized moments, tensor
+    # subclasses): chunks of 1000 elements (not a divisor of 96 x 256) of the flattened
+    # parameter, gradient and moments must be the same elements whatever the strides, so the
+    # result is the contiguous run's to the bit (and torch's AdamW's up to rounding in fp32;
+    # bf16 moments are rounded between steps here, not in torch).
+    from lowrank_optim.functional import dense_update_in_chunks
+    from lowrank_optim.moment_storage import FullPrecisionMoments
+
+    group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+    storage = FullPrecisionMoments()
+
+    def chunked_run(param_layout, grad_layout) -> torch.Tensor:
+        weight, state = param_layout(torch.zeros(ROWS, COLS, dtype=dtype)), {}
+        storage.init(state, (ROWS, COLS), weight)
+        for step, grad in enumerate(gradient_stream(3), start=1):
+            grad = grad_layout(grad.to(dtype))
+            dense_update_in_chunks(group, weight, grad, state, step, storage, chunk=1000)
+        assert weight.stride() == param_layout(torch.zeros(ROWS, COLS)).stride()
+        return weight
+
+    weight = chunked_run(*layouts)
+    torch.testing.assert_close(weight, chunked_run(lambda t: t, lambda t: t), rtol=0, atol=0)
+    if dtype == torch.float32:
+        reference = torch.nn.Parameter(torch.zeros(ROWS, COLS))
+        adamw = torch.optim.AdamW([reference], foreach=False, **group)
+        for grad in gradient_stream(3):
+            reference.grad = grad
+            adamw.step()
+        torch.testing.assert_close(weight, reference.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", QUANTIZED_CASES, ids=str)
+def test_float64_projected_weight_with_quantized_moments(case: OptimizerCase) -> None:
+    # Regression: the low-rank path widened 16-bit gradients only, so an fp64 projected
+    # gradient met the fp32 dequantized moments in torch._foreach_lerp_ (RuntimeError). The
+    # Adam math runs in fp32 (what the codes hold); the weight stays fp64 and follows the
+    # fp32 weight's run up to fp32 rounding of its projection.
+    grads = gradient_stream(12)
+    weight32, _ = run_stream(case.build, grads)
+    weight = torch.nn.Parameter(torch.zeros(ROWS, COLS, dtype=torch.float64))
+    optimizer = case.build(
+        [{"params": [weight], "rank": RANK, "update_proj_gap": 10, "scale": 1.0}],
+        lr=1e-2,
+        weight_decay=0.0,
+        stability=StabilityConfig(policy="fixed"),
+    )
+    for grad in grads:
+        weight.grad = grad.double()
+        optimizer.step()
+    assert is_quantized(optimizer.state[weight]) and weight.dtype == torch.float64
+    assert relative(weight.float(), weight32) < 1e-3
 
 
 # ---------------------------------------------------------------------- quantized storages
