@@ -35,6 +35,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lowrank_optim import HandoffConfig, LayerwiseOptimizer, StabilityConfig, WeLoreAdamW
+from lowrank_optim.distributed import load_sharded_state
 
 __all__ = ["BATCH", "LR", "SAVE_AT", "STEPS", "WORLD", "error_of", "spawn", "train"]
 
@@ -104,7 +105,7 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 
 def _load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     state = _checkpoint(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    load_sharded_state(state, checkpoint_id=str(path))  # dcp.load, refusing what cannot fit
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
 

@@ -81,32 +81,18 @@ def test_fsdp_dcp_round_trip_is_bit_for_bit(runs: Results, case: OptimizerCase) 
             assert torch.equal(straight, resumed)
 
 
-RESHARD_BUG = (
-    "quantized state of a dense weight with uneven FSDP2 shards (MatrixNet.out: 5 rows, 3 + 2) "
-    "saved on 2 ranks fails inside torch.distributed.checkpoint.load on 1 rank, before the "
-    "optimizer's CheckpointMismatchError: 'Size mismatch between saved torch.Size([36]) and "
-    "current: torch.Size([30]) for optim.state.out.weight.exp_avg_absmax' (8-bit; 72 vs 60 for "
-    "4-bit): the absmax DTensor's global size follows the padded shards"
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=RESHARD_BUG))
-        if c.quantized
-        else c
-        for c in CASES
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_fsdp_checkpoint_on_another_rank_count(runs: Results, case: OptimizerCase) -> None:
     """Full-precision state reshards (2 -> 1 rank) and continues; quantized state is refused
-    (its blocks follow the shards) with the optimizer's own error."""
+    (its blocks follow the shards) with the library's own error, by ``load_sharded_state``
+    before ``dcp.load`` (whose own size check would fail first: ``out``'s padded absmax has
+    36 blocks on 2 ranks and 30 on 1)."""
     (resumed,) = _result(runs, f"reshard/{case.id}")
     if case.quantized:
         assert resumed["error"].startswith(CheckpointMismatchError.__name__), resumed["error"]
         assert f"saved on {WORLD} ranks" in resumed["error"] and "has 1" in resumed["error"]
+        assert any(f"moments of {name} were" in resumed["error"] for name in MatrixNet.QUANTIZED)
+        assert "full-precision moments load on any number" in resumed["error"]
         return
     assert resumed["error"] == "no error"
     straight = _result(runs, f"dcp/{case.id}")[0]["straight"]

@@ -4,11 +4,14 @@
   parameters (local views, refusals, cross-rank checks);
 * :mod:`.sharding`: row-sharded ``DTensor`` layout and the sharded optimizer state;
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
-* :mod:`.comm`: counting the bytes of collectives (benchmarks and tests).
+* :mod:`.comm`: counting the bytes of collectives (benchmarks and tests);
+* :mod:`.checkpoint`: ``dcp.load`` that refuses quantized state saved on another number of
+  ranks with :class:`~lowrank_optim.errors.CheckpointMismatchError` (:func:`load_sharded_state`).
 
 Nothing here imports an optimizer class: the optimizer asks the placement, never the reverse.
 """
 
+from lowrank_optim.distributed.checkpoint import load_sharded_state
 from lowrank_optim.distributed.comm import CollectiveCounter
 from lowrank_optim.distributed.placement import ROW_SHARDED, RowShardedPlacement
 from lowrank_optim.distributed.refresh import (
@@ -26,4 +29,5 @@ __all__ = [
     "choose_strategy",
     "gather_refresh_bytes",
     "gram_refresh_bytes",
+    "load_sharded_state",
 ]

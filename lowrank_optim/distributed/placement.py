@@ -24,8 +24,9 @@ after a refresh one all-reduce of two fp64 sums per refreshed parameter for the 
 State: moments (or their 8-/4-bit codes) are ``Shard(0)`` DTensors, the rest replicated plain values
 (:mod:`lowrank_optim.distributed.sharding`), so ``torch.distributed.checkpoint`` round-trips
 it. Full-precision state loads on any number of ranks (DCP reshards the moments' rows; the
-basis is replicated); quantized state only on the number it was saved with, otherwise the first
-step raises :class:`~lowrank_optim.errors.CheckpointMismatchError`.
+basis is replicated); quantized state only on the number it was saved with, otherwise
+:func:`~lowrank_optim.distributed.checkpoint.load_sharded_state` (in place of ``dcp.load``)
+or else the first step raises :class:`~lowrank_optim.errors.CheckpointMismatchError`.
 
 Refused with an error: placements other than ``(Shard(0),)`` on a 1-D mesh, ``proj_type``
 that projects the sharded side (``left``, ``full``, ``std`` on a wide matrix,
@@ -44,9 +45,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lowrank_optim import state_keys as keys
+from lowrank_optim.distributed.checkpoint import world_size_mismatch
 from lowrank_optim.distributed.refresh import refresh_sharded
 from lowrank_optim.distributed.sharding import check_row_sharded, local_view, store_sharded
-from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.functional import ParamView
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.placement import Placement, StepContext
@@ -99,12 +100,7 @@ class RowShardedPlacement(Placement):
         world = param.device_mesh.size()
         if state and state.get(keys.WORLD_SIZE, world) != world:
             if storage.holds_quantized(state):
-                raise CheckpointMismatchError(
-                    f"Quantized moments of {name} were saved on {state[keys.WORLD_SIZE]} ranks "
-                    f"and this run has {world}: their quantization blocks follow the shards, so "
-                    "they load only on the same number of ranks (full-precision moments load on "
-                    "any number)"
-                )
+                raise world_size_mismatch(name, int(state[keys.WORLD_SIZE]), world)
             state[keys.WORLD_SIZE] = world
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
