@@ -19,12 +19,13 @@ import torch
 
 from benchmarks.common import markdown_table, pyplot, write_json
 
-__all__ = ["layer_claim", "report", "spearman"]
+__all__ = ["layer_claim", "paired_against_welore", "report", "spearman"]
 
 LABELS = {
     "dense": "GaLoreAdamW, dense",
     "welore": "WeLoreAdamW (stability-driven)",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
+    "welore-rewarmup": "WeLoreAdamW (stability-driven, factor lr re-warm-up)",
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
@@ -162,6 +163,30 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def paired_against_welore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target, every method's loss cost minus stability-driven WeLore's, seed by seed.
+
+    Paired over seeds (the same data order and initialization), so seed-to-seed variation of
+    the dense baseline cancels: a positive mean is a method doing worse than WeLore. ``wins``
+    counts the seeds on which WeLore is better.
+    """
+    pairs = []
+    for welore in (r for r in rows if r["method"] == "welore"):
+        for other in rows:
+            if other["target"] != welore["target"] or other["method"] in ("welore", "dense"):
+                continue
+            seeds = sorted(set(welore["deltas"]) & set(other["deltas"]))
+            if len(seeds) < 2:
+                continue
+            gaps = [other["deltas"][s] - welore["deltas"][s] for s in seeds]
+            pairs.append({
+                "method": other["method"], "target": welore["target"], "seeds": len(seeds),
+                "gap": statistics.fmean(gaps), "gap_std": statistics.stdev(gaps),
+                "wins": sum(gap > 0 for gap in gaps),
+            })
+    return pairs
+
+
 def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
     plt = pyplot()
 
@@ -247,7 +272,8 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     ]
     sweep = [
         [LABELS[r["method"]], f"{r['target']:g}", r["seeds"], f"{100 * r['removed']:.1f}",
-         _fmt(r["eval_loss"], r["eval_loss_std"]), f"{100 * r['vs_dense']:+.2f}%"]
+         _fmt(r["eval_loss"], r["eval_loss_std"]),
+         f"{100 * r['vs_dense']:+.2f}% ± {100 * r['vs_dense_std']:.2f}%"]
         for r in rows
         if r["method"] != "dense"
     ]
@@ -293,6 +319,12 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         [label, _fmt(*_mean_std([allocations[s][label] for s in allocations]))]
         for label in next(iter(allocations.values()), {})
     ]
+    pairs = paired_against_welore(rows)
+    paired_rows = [
+        [LABELS[p["method"]], f"{p['target']:g}", p["seeds"],
+         f"{100 * p['gap']:+.2f}% ± {100 * p['gap_std']:.2f}%", f"{p['wins']}/{p['seeds']}"]
+        for p in pairs
+    ]
     _pareto(rows, dense, folder / "handoff_pareto.png")
     _layers_plot(layers, folder / "handoff_layers.png")
     text = "\n\n".join(
@@ -315,6 +347,13 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             markdown_table(["allocation", "eval loss"], allocation_rows)
             if allocation_rows
             else "Not measured: the dense runs' checkpoints are not in this cache.",
+            "## Paired against stability-driven WeLore (same seeds)",
+            "The method's loss cost minus WeLore's, seed by seed (positive: WeLore is better), "
+            "mean ± std over the paired seeds, and on how many seeds WeLore is better.",
+            markdown_table(
+                ["method", "target", "seeds", "cost minus WeLore's", "WeLore better"],
+                paired_rows,
+            ),
             "## Every target",
             markdown_table(
                 ["method", "target", "seeds", "removed (%)", "final eval loss", "vs dense"], sweep
@@ -329,7 +368,7 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     write_json(
         "handoff_study",
         {"study": study.__dict__, **collected, "layers": layers, "correlations": correlations,
-         "allocations": allocations},
+         "allocations": allocations, "paired": pairs},
         folder,
     )
     print(text)

@@ -17,6 +17,7 @@ METHODS = {
     "dense",
     "welore",
     "welore-taper",
+    "welore-rewarmup",
     "welore-lr",
     "oneshot",
     "oneshot-late",
