@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lowrank_optim.distributed.factorize import (
@@ -37,6 +39,7 @@ from lowrank_optim.distributed.factorize import (
 )
 from lowrank_optim.distributed.sharding import rows_per_rank
 from lowrank_optim.factorize import plan_ranks
+from lowrank_optim.handoff import HandoffCandidate, welore_ranks
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -109,7 +112,22 @@ def _scenarios(me: int) -> dict[str, Any]:
     shapes = {name: tuple(w.shape) for name, (w, _) in MATRICES.items()}
     plan = plan_ranks(spectra, shapes, 0.5, min_ratio=0.3)
     results["plan"] = plan.to_dict()
+    results["handoff_ranks"] = welore_ranks(_candidates(sharded=True), [], 0.5)
     return results
+
+
+def _candidates(sharded: bool) -> list[HandoffCandidate]:
+    """Hand-off candidates over ``nn.Linear`` layers holding the test weights (FSDP2-sharded
+    with ``fully_shard`` when ``sharded``)."""
+    layers = nn.ModuleDict()
+    for name, (weight, _) in MATRICES.items():
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        layers[name] = layer
+        if sharded:
+            fully_shard(layer)
+    return [HandoffCandidate(name, layer, 0) for name, layer in layers.items()]
 
 
 def _run(rank: int, port: int, directory: str) -> None:
@@ -247,6 +265,17 @@ def test_welore_plan_from_sharded_spectra_equals_single_process(
     assert runs[0]["plan"] == runs[1]["plan"]  # every rank chose the same threshold and ranks
     # the plan is not trivial: some layers are factorized and the ranks differ
     assert len({e["rank"] for e in single["layers"].values()}) > 1
+
+
+def test_handoff_ranks_on_fsdp2_weights_equal_single_process(
+    runs: list[dict[str, Any]],
+) -> None:
+    """``handoff.welore_ranks`` on ``fully_shard``-ed linears takes the sharded spectra and
+    chooses what one process chooses on the same weights, on every rank."""
+    single = welore_ranks(_candidates(sharded=False), [], 0.5)
+    assert len(set(single.values())) > 1
+    for result in runs:
+        assert result["handoff_ranks"] == single
 
 
 def test_zero_singular_values_are_safe(runs: list[dict[str, Any]]) -> None:
