@@ -15,6 +15,12 @@ and of the collective alone. 4 and 8 ranks come from the formulas in
 "payload" is the tensor handed to the collective; "wire/rank" is what a ring algorithm sends
 per rank: ``2 (R - 1) / R`` payloads for an all-reduce, ``(R - 1) / R`` for an all-gather.
 Writes ``results/fsdp_comm.json`` and ``results/fsdp_comm.md``.
+
+    python -m benchmarks.fsdp_comm --handoff-formulas       # seconds: formulas only, no ranks
+
+prints the bytes of one WeLore hand-off of every matrix (:mod:`lowrank_optim.distributed.
+factorize`: the route ``auto`` takes, its payload and wire bytes per rank, its per-rank peak)
+at 2, 4 and 8 ranks, against gathering the weight, at rank ``HANDOFF_RANK``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ from lowrank_optim.distributed import (
     choose_strategy,
     gather_refresh_bytes,
     gram_refresh_bytes,
+)
+from lowrank_optim.distributed.factorize import (
+    choose_factorization,
+    gram_factorize_bytes,
+    gram_peak_bytes,
+    sketch_factorize_bytes,
+    sketch_peak_bytes,
+    weight_gather_bytes,
 )
 from lowrank_optim.distributed.refresh import gather_rows
 from lowrank_optim.distributed.sharding import rows_per_rank
@@ -90,6 +104,78 @@ def formulas(shape: tuple[int, int], world: int) -> dict[str, Any]:
         "state_per_rank_8bit": state_bytes(shape, world, RANK, eight_bit=True),
         "adamw_state_per_rank": 2 * 4 * max(rows_per_rank(rows, world)) * cols,
     }
+
+
+HANDOFF_RANK = 128  # a WeLore rank of the heavy-tailed layers it hands off
+
+
+def handoff_formulas(shape: tuple[int, int], world: int, rank: int = HANDOFF_RANK) -> dict:
+    """Bytes and per-rank peak of one sharded hand-off factorization of an fp32 ``shape``."""
+    rows, cols = shape
+    route = choose_factorization(rows, cols, rank, world)
+    if route == "gram":
+        payload, wire = gram_factorize_bytes(cols), 2 * gram_factorize_bytes(cols)
+        peak = gram_peak_bytes(rows, cols, rank, world)
+    else:
+        payload = sketch_factorize_bytes(cols, rank, world, rows=rows)
+        wire = payload + sketch_factorize_bytes(cols, rank, 0, rows=rows)  # all-reduces twice
+        peak = sketch_peak_bytes(rows, cols, rank, world)
+    scale = (world - 1) / world
+    return {
+        "route": route,
+        "payload": payload,
+        "wire_per_rank": round(scale * wire),
+        "peak_per_rank": peak,
+        "gather_wire_per_rank": round(scale * weight_gather_bytes(rows, cols, world)),
+        "gather_peak_per_rank": rows * cols * 4,
+    }
+
+
+def handoff_table() -> str:
+    rows = []
+    for world in WORLDS:
+        for name, (shape, count) in SHAPES.items():
+            f = handoff_formulas(shape, world)
+            rows.append(
+                [
+                    f"{name} {shape[0]}x{shape[1]} (x{count * LAYERS})",
+                    world,
+                    f["route"],
+                    _mb(f["wire_per_rank"]),
+                    _mb(f["gather_wire_per_rank"]),
+                    _mb(f["peak_per_rank"]),
+                    _mb(f["gather_peak_per_rank"]),
+                ]
+            )
+        total = {
+            key: sum(handoff_formulas(s, world)[key] * c * LAYERS for s, c in SHAPES.values())
+            for key in ("wire_per_rank", "gather_wire_per_rank")
+        }
+        rows.append(
+            [
+                "every matrix",
+                world,
+                "",
+                _mb(total["wire_per_rank"]),
+                _mb(total["gather_wire_per_rank"]),
+                "",
+                "",
+            ]
+        )
+    header = [
+        "matrix",
+        "ranks",
+        "route",
+        "hand-off wire/rank",
+        "gather wire/rank",
+        "hand-off peak/rank",
+        "gathered weight",
+    ]
+    return (
+        f"# One WeLore hand-off under FSDP2 (formulas), fp32 LLaMA-1B, rank {HANDOFF_RANK}\n\n"
+        + markdown_table(header, rows)
+        + "\n"
+    )
 
 
 # ---------------------------------------------------------------------------- measurement
@@ -221,7 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         help="matrices to run real optimizer steps on (each refresh is an n x n eigh per rank; "
         "the 5461-wide one takes minutes); the others get formulas and collective timings",
     )
+    parser.add_argument(
+        "--handoff-formulas",
+        action="store_true",
+        help="print the hand-off bytes and peaks from the formulas only (seconds), and stop",
+    )
     args = parser.parse_args(argv)
+    if args.handoff_formulas:
+        print(handoff_table())
+        return 0
     measured = _measure_all(args.step_shapes)
     computed = {
         name: {str(world): formulas(shape, world) for world in WORLDS}

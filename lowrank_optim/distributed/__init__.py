@@ -4,6 +4,8 @@
   parameters (local views, refusals, cross-rank checks);
 * :mod:`.sharding`: row-sharded ``DTensor`` layout and the sharded optimizer state;
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
+* :mod:`.factorize`: WeLore's factorization and spectra of row-sharded weights (Gram all-reduce,
+  randomized sketch with a tall-skinny QR, column panels), never gathering the weight;
 * :mod:`.comm`: counting the bytes of collectives (benchmarks and tests);
 * :mod:`.checkpoint`: ``dcp.load`` that refuses quantized state saved on another number of
   ranks with :class:`~lowrank_optim.errors.CheckpointMismatchError` (:func:`load_sharded_state`).
@@ -13,6 +15,19 @@ Nothing here imports an optimizer class: the optimizer asks the placement, never
 
 from lowrank_optim.distributed.checkpoint import load_sharded_state
 from lowrank_optim.distributed.comm import CollectiveCounter
+from lowrank_optim.distributed.factorize import (
+    ShardedFactors,
+    ShardedSpectrum,
+    choose_factorization,
+    choose_spectrum,
+    factorize_sharded,
+    gram_factorize_bytes,
+    panel_spectrum_bytes,
+    sharded_spectra,
+    sharded_spectrum,
+    sketch_factorize_bytes,
+    weight_gather_bytes,
+)
 from lowrank_optim.distributed.placement import ROW_SHARDED, RowShardedPlacement
 from lowrank_optim.distributed.refresh import (
     FSDP_REFRESH,
@@ -26,8 +41,19 @@ __all__ = [
     "ROW_SHARDED",
     "CollectiveCounter",
     "RowShardedPlacement",
+    "ShardedFactors",
+    "ShardedSpectrum",
+    "choose_factorization",
+    "choose_spectrum",
     "choose_strategy",
+    "factorize_sharded",
     "gather_refresh_bytes",
+    "gram_factorize_bytes",
     "gram_refresh_bytes",
     "load_sharded_state",
+    "panel_spectrum_bytes",
+    "sharded_spectra",
+    "sharded_spectrum",
+    "sketch_factorize_bytes",
+    "weight_gather_bytes",
 ]

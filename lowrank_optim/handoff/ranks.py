@@ -10,6 +10,10 @@ candidates for what is left, which keeps the overall target however many steps i
 The size test (:func:`~lowrank_optim.factorize.worth_factorizing`) is WeLore's LRC rule: a
 layer is handed off only if its own rank reduction exceeds ``min_ratio`` and its factors are
 smaller than it, ``k (m + n) < m n``.
+
+Under FSDP2 the spectra of ``Shard(0)`` weights come from the row shards
+(:mod:`lowrank_optim.distributed.factorize`): every rank computes the same values, so every rank
+chooses the same ranks with no further communication.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from lowrank_optim.factorize import normalized_spectrum, solve_threshold
 from lowrank_optim.handoff.candidates import HandoffCandidate
+from lowrank_optim.handoff.wrappers import dtensor_type
 
 __all__ = ["choose_ranks", "welore_ranks"]
 
@@ -52,6 +57,18 @@ def choose_ranks(
     }
 
 
+def _spectrum(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of a candidate's weight; an FSDP2 ``Shard(0)`` DTensor's come from
+    :func:`lowrank_optim.distributed.factorize.sharded_spectrum` (identical on every rank, never
+    gathering the weight). ``Conv1D`` weights are stored transposed: same singular values."""
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(weight, dtensor):
+        from lowrank_optim.distributed.factorize import sharded_spectrum
+
+        return sharded_spectrum(weight).values.float()
+    return torch.linalg.svdvals(weight.detach().float())
+
+
 def welore_ranks(
     candidates: Sequence[HandoffCandidate],
     committed: Iterable[Mapping[str, Any]],
@@ -62,7 +79,7 @@ def welore_ranks(
     ``committed``: plan entries (``{"rank": k, "shape": [m, n], ...}``) of the layers already
     handed off or being tapered; their removed rank counts toward the target.
     """
-    spectra = {c.name: torch.linalg.svdvals(c.module.weight.detach().float()) for c in candidates}
+    spectra = {c.name: _spectrum(c.module.weight) for c in candidates}
     committed = list(committed)
     planned_full = sum(min(entry["shape"]) for entry in committed)
     removed = sum(min(entry["shape"]) - entry["rank"] for entry in committed)

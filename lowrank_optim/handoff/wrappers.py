@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["HandoffOptimizer", "refuse_sharded_handoff", "rewrap", "unwrap"]
+__all__ = ["HandoffOptimizer", "dtensor_type", "refuse_sharded_handoff", "rewrap", "unwrap"]
 
 
 class HandoffOptimizer(Protocol):
@@ -50,7 +50,8 @@ def rewrap(old: nn.parallel.DistributedDataParallel, module: nn.Module) -> nn.Mo
     )
 
 
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
+    """``DTensor``, or ``None`` when ``torch.distributed.tensor`` was never imported."""
     # A DTensor can exist only once torch.distributed.tensor has been imported, so when it is
     # not in sys.modules no parameter is sharded, and importing it here would only load
     # torch.distributed into every single-process run.
@@ -64,7 +65,7 @@ def refuse_sharded_handoff(optimizer: HandoffOptimizer, step: int) -> None:
     Checked on the optimizer's parameters, not the model's modules: ``fully_shard`` changes a
     ``Linear``'s class, so a module walk would silently find nothing to hand off.
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None:
         return
     for group in optimizer.param_groups:
