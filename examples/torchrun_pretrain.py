@@ -15,12 +15,15 @@ model, optimizer, placement) and logs. With WeLoreAdamW the loop's one extra lin
 hands converged layers off to low-rank factors and re-wraps DDP. Rank 0 writes
 ``OUT/metrics.jsonl``.
 
-``--layerwise`` (one process only) steps every parameter inside backward and frees its gradient
-at once (:class:`lowrank_optim.LayerwiseOptimizer`), accumulating over the micro-batches and
-clipping each parameter's gradient to ``--grad-clip`` (a global norm needs every gradient at
-once, which layer-wise updates never hold):
+``--layerwise`` steps every parameter inside backward and frees its gradient at once
+(:class:`lowrank_optim.LayerwiseOptimizer`), accumulating over the micro-batches (in low-rank
+coordinates where that is smaller) and clipping each parameter's gradient to ``--grad-clip`` (a
+global norm needs every gradient at once, which layer-wise updates never hold). Under torchrun
+each parameter steps in DDP's communication hook once its bucket is all-reduced; not with
+``--fsdp``:
 
     python examples/torchrun_pretrain.py --model 9m --optimizer galore_adamw --layerwise
+    torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --optimizer galore_adamw --layerwise
 
 ``--fsdp`` shards parameters, gradients and optimizer state by rows with FSDP2 instead
 (``examples/fsdp_pretrain.py`` is the same run with ``--fsdp`` implied): every decoder layer
@@ -116,7 +119,7 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     parser.add_argument(
         "--layerwise",
         action="store_true",
-        help="step each parameter inside backward (one process only, not with DDP)",
+        help="step each parameter inside backward (one process or DDP; not with --fsdp)",
     )
     parser.add_argument(
         "--fsdp",
@@ -209,12 +212,6 @@ def main(argv: Sequence[str] | None = None, *, fsdp: bool = False) -> None:
     else:
         device = torch.device("cpu")
     layerwise_flag = getattr(args, "layerwise", False)
-    if layerwise_flag and world_size > 1:
-        raise SystemExit(
-            f"--layerwise with DDP (world size {world_size}) is not supported: a parameter would "
-            "step before DDP has all-reduced its gradient. Run --layerwise in one process, or "
-            "drop --layerwise under torchrun."
-        )
     distributed = fsdp or world_size > 1
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -247,7 +244,7 @@ def main(argv: Sequence[str] | None = None, *, fsdp: bool = False) -> None:
     layerwise = (
         LayerwiseOptimizer(
             optimizer,
-            parallel.unwrap(model),
+            model,  # under DDP the wrapper: its communication hook steps each reduced bucket
             accumulation_steps=accumulation,
             max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
         )

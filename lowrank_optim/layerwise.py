@@ -25,19 +25,29 @@ parameter (so the schedule advances once per parameter) and cannot clip. Here, w
   which is what layer-wise updates avoid, so it is impossible here. For a parameter that
   accumulated ``R = P^T G``, the norm is ``||R||``: the part of ``G`` the update uses.
 
-Not supported, and refused with an error: ``DistributedDataParallel`` or any process group of
-more than one rank (a parameter would step before its bucket is all-reduced), closures, and
-optimizers other than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses (an
-accelerate-wrapped optimizer included). Hugging Face ``Trainer`` calls ``optimizer.step()``
-itself, so there use the optimizer without this wrapper. WeLore hand-offs work through
-:meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the new factors.
+Under ``DistributedDataParallel`` (pass the DDP wrapper as ``model``) a parameter steps once its
+bucket has been all-reduced: the wrapper registers a DDP communication hook
+(:mod:`lowrank_optim.distributed.layerwise_ddp`). Run the first ``k - 1`` backward passes of a
+window under ``model.no_sync()``; their gradients are accumulated locally (in low-rank
+coordinates where that is smaller) and folded into the last backward's all-reduce.
+
+Not supported, and refused with an error: FSDP2 (``fully_shard``: the sharded gradient exists
+only after FSDP's reduce-scatter, and no hook steps it there yet), a process group of more than
+one rank without a DDP wrapper passed as ``model`` (nothing would reduce the gradients), a DDP
+wrapper that already has a communication hook (DDP takes one), closures, and optimizers other
+than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses (an accelerate-wrapped
+optimizer included). Hugging Face ``Trainer`` calls ``optimizer.step()`` itself, so there use
+the optimizer without this wrapper. WeLore hand-offs work through
+:meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the new factors (and onto
+the new DDP wrapper).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,15 +59,22 @@ from lowrank_optim.optim.galore_adamw import GaLoreAdamW
 from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 from lowrank_optim.projection import effective_rank, low_rank_shape, project
 
+if TYPE_CHECKING:
+    from lowrank_optim.distributed.layerwise_ddp import LayerwiseCommHook
+
 __all__ = ["LayerwiseOptimizer"]
 
 _CHECKPOINT_KEY = "layerwise"
-_DDP_MESSAGE = (
-    "Layer-wise updates with DistributedDataParallel (or FSDP, or any process group of more "
-    "than one rank) are not supported: each parameter would step inside backward before its "
-    "gradient is all-reduced, so ranks would diverge. Under DDP use the optimizer itself "
-    "(optimizer.step() after backward, no LayerwiseOptimizer); use layer-wise updates in a "
-    "single process."
+_UNREDUCED_MESSAGE = (
+    "Layer-wise updates in a process group of {world} ranks need the DistributedDataParallel "
+    "wrapper as model= (LayerwiseOptimizer(optimizer, ddp_model)): its communication hook "
+    "steps each parameter after its gradient is all-reduced. Without it each parameter would "
+    "step on its local gradient and the ranks would diverge."
+)
+_FSDP_MESSAGE = (
+    "Layer-wise updates on FSDP2-sharded parameters ({name} is a DTensor) are not supported: "
+    "the gradient shard exists only after FSDP's reduce-scatter, and no hook steps it there "
+    "yet. Call optimizer.step() after backward, or use DistributedDataParallel."
 )
 
 
@@ -113,10 +130,11 @@ class LayerwiseOptimizer:
                 f"Invalid max_grad_norm: {max_grad_norm!r}; must be a positive finite number "
                 "or None"
             )
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError(_DDP_MESSAGE)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(_DDP_MESSAGE)
+        _refuse_sharded(optimizer)
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ddp is None and world > 1:
+            raise ValueError(_UNREDUCED_MESSAGE.format(world=world))
         self.optimizer = optimizer
         self.model = model
         self.accumulation_steps = accumulation_steps
@@ -131,7 +149,24 @@ class LayerwiseOptimizer:
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
         self._locations: dict[torch.Tensor, tuple[int, int]] = {}
         self._queued_for: int | None = None  # graph task that holds our end-of-backward callback
+        self._ddp_hook: LayerwiseCommHook | None = None
+        self._reduced: frozenset[torch.Tensor] = frozenset()  # parameters DDP reduces
         self._sync_hooks()
+        if ddp is not None:
+            self._attach(ddp)
+
+    def _attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        """Step each parameter DDP reduces from the wrapper's communication hook."""
+        from lowrank_optim.distributed.layerwise_ddp import attach
+
+        if self._ddp_hook is not None:
+            self._ddp_hook.detach()
+        self._ddp_hook = attach(ddp, self)
+        # DDP's own list leaves out the parameters it was told to ignore (they are not reduced).
+        managed = getattr(ddp, "_module_parameters", None)
+        if managed is None:
+            managed = [p for p in ddp.module.parameters() if p.requires_grad]
+        self._reduced = frozenset(managed)
 
     # ------------------------------------------------------------------------------- hooks
     def _sync_hooks(self) -> None:
@@ -168,27 +203,71 @@ class LayerwiseOptimizer:
             # Runs once after this whole backward: counts the micro-step, closes the window.
             Variable._execution_engine.queue_callback(self._end_of_backward)
             self._queued_for = task
+        if self._ddp_hook is not None and param in self._reduced:
+            if self._ddp_hook.syncs:
+                return  # DDP's reducer copies .grad into its bucket; the comm hook steps it
+            if self.closes_window():
+                raise RuntimeError(
+                    f"The last backward of an accumulation window ({self.accumulation_steps} "
+                    "backward passes) ran under DistributedDataParallel.no_sync(): its "
+                    "gradients are never all-reduced, so no parameter can step. Run the first "
+                    "accumulation_steps - 1 forward/backward passes under no_sync() and the "
+                    "last outside it."
+                )
         grad = param.grad
         param.grad = None  # freed now: the point of layer-wise updates
         if grad is None:
             return
-        if self.micro_step == self.accumulation_steps - 1:
+        if self.closes_window():
             self._step_parameter(param, grad)
         else:
             self._accumulate(param, grad)
+
+    # ------------------------------------------------- DDP (BucketSink of layerwise_ddp)
+    def closes_window(self) -> bool:
+        """Whether the running backward is the last of its accumulation window."""
+        return self.micro_step == self.accumulation_steps - 1
+
+    def take_full(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Remove ``param``'s full-size sum of the window (DDP adds it to the bucket)."""
+        return self._full.pop(param, None)
+
+    def take_low(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Remove ``param``'s ``sum P^T G_i`` of the window (DDP all-reduces it)."""
+        return self._low.pop(param, None)
+
+    def step_reduced(
+        self, param: torch.Tensor, grad: torch.Tensor, low: torch.Tensor | None
+    ) -> None:
+        """Step on an all-reduced gradient: ``grad`` already holds the window's full sums."""
+        if param not in self._locations:
+            param.grad = grad.clone()  # DDP reduces it, the optimizer does not hold it
+            return
+        if low is not None:
+            self._low[param] = low
+        self._step_parameter(param, grad)
+
+    def accumulate_reduced(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """A backward outside no_sync that does not close the window: keep its mean gradient
+        (a bucket view, so copied if kept whole); the boundary's all-reduce of the sums is then
+        still right, since the mean of a value every rank holds is that value."""
+        if param not in self._locations:
+            param.grad = grad.clone()  # DDP reduces it, the optimizer does not hold it
+            return
+        self._accumulate(param, grad, owned=False)
 
     def _bases(self, param: torch.Tensor) -> dict[str, torch.Tensor] | None:
         group_index, _ = self._locations[param]
         return self.optimizer.next_step_bases(self.optimizer.param_groups[group_index], param)
 
-    def _accumulate(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+    def _accumulate(self, param: torch.Tensor, grad: torch.Tensor, owned: bool = True) -> None:
         if param in self._full:
             self._full[param].add_(grad)
             return
         bases = self._bases(param)
         if bases is None or not self._low_rank_saves_memory(param, grad):
             # The window's first gradient becomes the sum, as autograd's own accumulation does.
-            self._full[param] = grad
+            self._full[param] = grad if owned else grad.clone()
             return
         # Low-rank sums are small, so keep them in fp32: bf16 sums lose the low bits.
         low = project(grad, bases).float()
@@ -238,11 +317,20 @@ class LayerwiseOptimizer:
 
     def _end_of_backward(self) -> None:
         self._queued_for = None
+        if self._ddp_hook is not None:
+            self._ddp_hook.finish()  # the last buckets' updates (or accumulation)
         if self.micro_step < self.accumulation_steps - 1:
             self.micro_step += 1
             return
         # Parameters that got gradients earlier in the window but none in its last backward.
         for param in list(self._low) + list(self._full):
+            if param in self._reduced:
+                name = self.optimizer.param_name(*self._name_of(param))
+                raise RuntimeError(
+                    f"Parameter {name} accumulated gradients in this window but DDP did not "
+                    "reduce it in the window's last backward, so its ranks disagree; use it in "
+                    "every backward, or build DDP with find_unused_parameters=True"
+                )
             self._step_parameter(param, None)
         self._check_unhooked_gradients()
         # No gradient is left, so this updates nothing; it lets a scheduler built on the
@@ -250,6 +338,10 @@ class LayerwiseOptimizer:
         self.optimizer.step()
         self.micro_step = 0
         self.optimizer_steps += 1
+
+    def _name_of(self, param: torch.Tensor) -> tuple[dict[str, Any], int]:
+        group_index, index = self._locations[param]
+        return self.optimizer.param_groups[group_index], index
 
     def _check_unhooked_gradients(self) -> None:
         for group in self.optimizer.param_groups:
@@ -301,9 +393,12 @@ class LayerwiseOptimizer:
                 f"maybe_handoff called after {self.micro_step} of {self.accumulation_steps} "
                 "backward passes; hand off only between optimizer steps"
             )
+        previous = self.model
         model = self.optimizer.maybe_handoff(model if model is not None else self.model)
         self.model = model
         self._sync_hooks()
+        if isinstance(model, nn.parallel.DistributedDataParallel) and model is not previous:
+            self._attach(model)  # a hand-off re-wrapped DDP: the new wrapper needs the hook
         return model
 
     # ------------------------------------------------------------------------ checkpoints
@@ -369,3 +464,14 @@ class LayerwiseOptimizer:
                 f"Checkpoint {kind} gradient has shape {tuple(value.shape)}; the parameter of "
                 f"shape {tuple(param.shape)} needs {expected}"
             )
+
+
+def _refuse_sharded(optimizer: GaLoreAdamW) -> None:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None:
+        return  # without torch.distributed.tensor loaded no parameter is a DTensor
+    for group in optimizer.param_groups:
+        for index, param in enumerate(group["params"]):
+            if isinstance(param, dtensor):
+                name = optimizer.param_name(group, index)
+                raise NotImplementedError(_FSDP_MESSAGE.format(name=name))

@@ -258,13 +258,13 @@ def test_unsupported_combinations_are_refused(tmp_path) -> None:
         wrapper.step()
     wrapper.remove_hooks()
 
+    # One rank: DDP is accepted (the 2-rank runs are test_layerwise_ddp.py's).
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
-        with pytest.raises(ValueError, match="DistributedDataParallel .* not supported"):
-            LayerwiseOptimizer(galore(ddp.module), ddp)
+        LayerwiseOptimizer(galore(ddp.module), ddp).remove_hooks()
     finally:
         dist.destroy_process_group()
 

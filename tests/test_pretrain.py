@@ -114,6 +114,28 @@ def test_cli_pretrain_writes_metrics_plots_and_summary(tiny, tmp_path, capsys) -
         assert (out / name).stat().st_size > 0
 
 
+def test_cli_pretrain_layerwise_matches_regular(tiny, tmp_path) -> None:
+    # One process, accumulation 2 (low-rank sums between refreshes), no global clipping.
+    settings = {**tiny, "steps": 6, "grad_accum": 2, "grad_clip": 0.0}
+    settings.pop("progress")
+    regular = tmp_path / "regular"
+    run_pretraining(
+        PretrainConfig(**settings, optimizer="galore_adamw", out_dir=str(regular), progress=False)
+    )
+    out = tmp_path / "layerwise"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    args = ["pretrain", *flags, "--optimizer=galore_adamw", f"--out-dir={out}", "--no-progress"]
+    assert main([*args, "--layerwise"]) == 0
+    # Every parameter stepped inside backward: the loop's optimizer.step() never ran.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mean_optimizer_step_seconds"] == 0.0
+    expected, ours = final_weights(regular), final_weights(out)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="Invalid optimizer for layerwise: 'adamw'"):
+        PretrainConfig(optimizer="adamw", layerwise=True)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`PretrainConfig` field (``--batch-size`` for ``batch_size``)."""
     defaults = PretrainConfig()
     for item in dataclasses.fields(PretrainConfig):
-        if item.name in ("extra", "resume", "progress"):
+        if item.name in ("extra", "resume", "progress", "layerwise"):
             continue
         flag = "--" + item.name.replace("_", "-")
         value = getattr(defaults, item.name)
@@ -82,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fails if there is no checkpoint, reports a finished run without changing it",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="step each parameter inside backward and free its gradient at once "
+        "(LayerwiseOptimizer; GaLore-family optimizers; --grad-clip clips each parameter)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
 * :mod:`.factorize`: WeLore's factorization and spectra of row-sharded weights (Gram all-reduce,
   randomized sketch with a tall-skinny QR, column panels), never gathering the weight;
+* :mod:`.layerwise_ddp`: layer-wise updates under DDP (a communication hook steps each bucket's
+  parameters once its all-reduce completes);
 * :mod:`.comm`: counting the bytes of collectives (benchmarks and tests);
 * :mod:`.checkpoint`: ``dcp.load`` that refuses quantized state saved on another number of
   ranks with :class:`~lowrank_optim.errors.CheckpointMismatchError` (:func:`load_sharded_state`).

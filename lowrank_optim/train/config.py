@@ -58,6 +58,8 @@ class PretrainConfig:
     stop_after: int | None = None
     resume: bool = False
     progress: bool = True
+    #: step each parameter inside backward (LayerwiseOptimizer); GaLore-family optimizers only
+    layerwise: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,12 @@ def check_pretrain_config(config: PretrainConfig) -> None:
             raise ValueError(f"Invalid {name}: {value!r}; allowed: {', '.join(allowed)}")
 
     choice("optimizer", OPTIMIZER_NAMES)
+    if config.layerwise and config.optimizer in ("adamw", "adamw8bit"):
+        raise ValueError(
+            f"Invalid optimizer for layerwise: {config.optimizer!r}; layer-wise updates need a "
+            "GaLore-family optimizer (galore_adamw, galore_adamw8bit, galore_adamw4bit, "
+            "q_galore_adamw, q_galore_adamw4bit, welore_adamw)"
+        )
     model = config.model
     if not isinstance(model, str | Path) or (
         str(model).strip().lower() not in LLAMA_SIZES and not Path(model).is_file()

@@ -24,6 +24,7 @@ from torch import nn
 
 from lowrank_optim.checkpoint import load_checkpoint, remove_stale_temporaries
 from lowrank_optim.factory import build_optimizer
+from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.memory import current_memory_bytes, optimizer_state_bytes
 from lowrank_optim.reporting import MetricsWriter
 from lowrank_optim.train.checkpoints import (
@@ -232,6 +233,15 @@ def run_pretraining(
         last_step=last_step,
         initial_step=step,
     )
+    layerwise = None
+    if config.layerwise:
+        # Built after restore_run: it hooks the parameters the restored optimizer holds.
+        layerwise = LayerwiseOptimizer(
+            optimizer,
+            model,
+            accumulation_steps=config.grad_accum,
+            max_grad_norm=config.grad_clip if config.grad_clip > 0 else None,
+        )
     started, first_step = time.perf_counter(), step
     model = train_steps(
         model,
@@ -242,6 +252,7 @@ def run_pretraining(
         last_step=last_step,
         accumulation=config.grad_accum,
         grad_clip=config.grad_clip,
+        layerwise=layerwise,
         hooks=recorder,
     )
     step = max(first_step, last_step)
