@@ -72,6 +72,7 @@ from lowrank_optim.distributed.sharding import check_row_sharded, rows_per_rank
 
 __all__ = [
     "FACTORIZE_STRATEGIES",
+    "Ledger",
     "SPECTRUM_STRATEGIES",
     "ShardedFactors",
     "ShardedSpectrum",
@@ -279,7 +280,7 @@ def choose_spectrum(rows: int, cols: int, world_size: int, itemsize: int = 4) ->
 
 
 # --------------------------------------------------------------------------- accounting
-class _Ledger:
+class Ledger:
     """Bytes of the tensors a route created and still holds; ``peak`` is the largest sum."""
 
     def __init__(self) -> None:
@@ -337,7 +338,7 @@ def _local_of(
     return weight.detach(), rows, group
 
 
-def _gram(local: torch.Tensor, ledger: _Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _gram(local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
     """``sum_i W_i^T W_i`` in fp64, formed from row chunks (never all of ``W_i`` in fp64)."""
     cols = local.shape[1]
     gram = torch.zeros(cols, cols, dtype=torch.float64, device=local.device)
@@ -377,7 +378,7 @@ def sharded_spectrum(
     world = dist.get_world_size(group)
     if strategy == "auto":
         strategy = choose_spectrum(rows, cols, world, local.element_size())
-    ledger = _Ledger()
+    ledger = Ledger()
     if strategy == "gram":
         gram = _gram(local, ledger, group)
         eigen = torch.linalg.eigvalsh(gram)
@@ -391,7 +392,7 @@ def sharded_spectrum(
 
 
 def _row_gram(
-    local: torch.Tensor, rows: int, ledger: _Ledger, group: dist.ProcessGroup | None
+    local: torch.Tensor, rows: int, ledger: Ledger, group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """``W W^T`` (``m x m``, fp64) from all-gathered column panels, one panel alive at a time."""
     world = dist.get_world_size(group)
@@ -484,7 +485,7 @@ def factorize_sharded(
 def _gram_factors(
     local: torch.Tensor, rank: int, group: dist.ProcessGroup | None
 ) -> ShardedFactors:
-    ledger = _Ledger()
+    ledger = Ledger()
     cols = local.shape[1]
     gram = _gram(local, ledger, group)
     eigen, vectors = torch.linalg.eigh(gram)
@@ -515,7 +516,7 @@ def _gram_factors(
     return ShardedFactors(up, down, values.float(), "gram", ledger.peak)
 
 
-def _tsqr(local: torch.Tensor, ledger: _Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _tsqr(local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
     """This rank's rows of ``Q`` in ``Y = Q R`` for the row-sharded tall ``Y`` (``m x l``).
 
     Local QR, all-gather of the ``l x l`` ``R`` blocks (a rank with fewer than ``l`` rows pads
@@ -540,7 +541,7 @@ def _tsqr(local: torch.Tensor, ledger: _Ledger, group: dist.ProcessGroup | None)
     return result
 
 
-def _times_right(local: torch.Tensor, right: torch.Tensor, ledger: _Ledger) -> torch.Tensor:
+def _times_right(local: torch.Tensor, right: torch.Tensor, ledger: Ledger) -> torch.Tensor:
     """``W_i @ right`` in ``right``'s dtype, converting ``W_i`` an eighth of its rows at a time."""
     out = right.new_empty(local.shape[0], right.shape[1])
     ledger.hold(out)
@@ -553,7 +554,7 @@ def _times_right(local: torch.Tensor, right: torch.Tensor, ledger: _Ledger) -> t
     return out
 
 
-def _left_times(left: torch.Tensor, local: torch.Tensor, ledger: _Ledger) -> torch.Tensor:
+def _left_times(left: torch.Tensor, local: torch.Tensor, ledger: Ledger) -> torch.Tensor:
     """``left^T @ W_i`` (``l x n``) in ``left``'s dtype, converting ``W_i`` by row chunks."""
     out = left.new_zeros(left.shape[1], local.shape[1])
     ledger.hold(out)
@@ -575,7 +576,7 @@ def _sketch_factors(
     power_iters: int,
     seed: int,
 ) -> ShardedFactors:
-    ledger = _Ledger()
+    ledger = Ledger()
     compute = torch.promote_types(local.dtype, torch.float32)
     cols = local.shape[1]
     width = _sketch_width(rank, oversample, rows, cols)

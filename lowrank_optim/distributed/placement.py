@@ -31,7 +31,8 @@ or else the first step raises :class:`~lowrank_optim.errors.CheckpointMismatchEr
 Refused with an error: placements other than ``(Shard(0),)`` on a 1-D mesh, ``proj_type``
 that projects the sharded side (``left``, ``full``, ``std`` on a wide matrix,
 ``reverse_std`` on a tall one: use ``proj_type="right"``), QGaLoreAdamW's INT8 weights, and
-layer-wise stepping (inside backward). WeLore hand-offs are refused in
+layer-wise stepping (inside backward). WeLore hand-offs of sharded ``nn.Linear`` layers are
+:mod:`lowrank_optim.distributed.handoff`; what it does not do is refused in
 :func:`lowrank_optim.handoff.refuse_sharded_handoff`.
 """
 

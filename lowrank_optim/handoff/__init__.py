@@ -17,7 +17,8 @@ module:
   math, the factor param groups and their re-warm-up).
 * :mod:`.taper`: fade a layer's tail out before it is factorized.
 * :mod:`.resume`: re-apply a checkpoint's hand-offs before loading its state.
-* :mod:`.wrappers`: DDP unwrap/re-wrap, and the refusal on FSDP2-sharded parameters.
+* :mod:`.wrappers`: DDP unwrap/re-wrap, and what is refused on FSDP2-sharded parameters (the
+  FSDP2 hand-off itself is :mod:`lowrank_optim.distributed.handoff`).
 
 The factorization itself (rank selection, ``LowRankLinear``, model surgery) is the library in
 :mod:`lowrank_optim.factorize`.
@@ -49,7 +50,9 @@ from lowrank_optim.handoff.surgery import hand_off_layer, plan_entry_of, swap_in
 from lowrank_optim.handoff.taper import advance_taper_, shrink_tail_, taper_entry, top_subspace
 from lowrank_optim.handoff.wrappers import (
     HandoffOptimizer,
+    is_sharded_weight,
     refuse_sharded_handoff,
+    refuse_sharded_resume,
     rewrap,
     unwrap,
 )
@@ -72,12 +75,14 @@ __all__ = [
     "first_check_step",
     "hand_off_layer",
     "is_check_step",
+    "is_sharded_weight",
     "move_to_factor_group",
     "parse_plan_entry",
     "plan_entry_of",
     "projected_linears",
     "reapply_plan",
     "refuse_sharded_handoff",
+    "refuse_sharded_resume",
     "rewarmup_stages",
     "rewrap",
     "shrink_tail_",

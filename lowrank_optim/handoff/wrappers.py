@@ -1,28 +1,38 @@
-"""Where the model lives around a hand-off: DDP unwrap and re-wrap, FSDP2 refusal.
+"""Where the model lives around a hand-off: DDP unwrap and re-wrap, FSDP2 checks.
 
 A hand-off changes the model's parameters, which ``DistributedDataParallel`` fixes at
 construction (its buckets and hooks): the changed module is wrapped again with the old wrapper's
 options, so gradients of the new factors are reduced. Every rank takes the same decisions,
 because weights and optimizer state agree across ranks.
 
-FSDP2 (``fully_shard``) parameters are ``DTensor`` shards; replacing a sharded ``Linear`` would
-change FSDP's parameter groups, so a hand-off that would touch one is refused with an error
-that says how to hand off between stages instead.
+FSDP2 (``fully_shard``) parameters are ``DTensor`` shards: an ``nn.Linear`` among them is handed
+off in place by :mod:`lowrank_optim.distributed.handoff`; what that does not do (a sharded
+``Conv1D``, tapering, re-applying a checkpoint's hand-offs to a sharded model) is refused before
+anything changes, with an error that says what to do instead.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["HandoffOptimizer", "dtensor_type", "refuse_sharded_handoff", "rewrap", "unwrap"]
+__all__ = [
+    "HandoffOptimizer",
+    "dtensor_type",
+    "is_sharded_weight",
+    "refuse_sharded_handoff",
+    "refuse_sharded_resume",
+    "rewrap",
+    "unwrap",
+]
 
 
 class HandoffOptimizer(Protocol):
-    """What the sharding check asks of an optimizer (``WeLoreAdamW`` has all of it)."""
+    """What the hand-off asks of an optimizer (``WeLoreAdamW`` has all of it)."""
 
     param_groups: list[dict[str, Any]]
 
@@ -59,26 +69,52 @@ def dtensor_type() -> type | None:
     return getattr(module, "DTensor", None) if module is not None else None
 
 
-def refuse_sharded_handoff(optimizer: HandoffOptimizer, step: int) -> None:
-    """Raise if a WeLore hand-off at ``step`` would factorize an FSDP2-sharded weight.
-
-    Checked on the optimizer's parameters, not the model's modules: ``fully_shard`` changes a
-    ``Linear``'s class, so a module walk would silently find nothing to hand off.
-    """
+def is_sharded_weight(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ``DTensor`` (an FSDP2 shard), without importing DTensor."""
     dtensor = dtensor_type()
-    if dtensor is None:
+    return dtensor is not None and isinstance(param, dtensor)
+
+
+def refuse_sharded_handoff(candidates: Iterable[Any], taper_steps: int) -> None:
+    """Raise, before anything changes, if a hand-off of ``candidates`` (``HandoffCandidate`` s
+    about to go) would need what the FSDP2 hand-off does not do.
+
+    FSDP2-sharded ``nn.Linear`` weights are handed off in place
+    (:mod:`lowrank_optim.distributed.handoff`). Refused: a sharded transformers ``Conv1D``
+    (stored ``in x out``, so FSDP2 shards its input side, which the sharded factorization does not
+    take) and tapering (``taper_steps > 0``: the taper shrinks the weight's tail with an SVD of
+    the whole weight).
+    """
+    for candidate in candidates:
+        if not is_sharded_weight(candidate.module.weight):
+            continue
+        if type(candidate.module) is not nn.Linear:
+            raise NotImplementedError(
+                f"WeLore hand-off of {candidate.name} ({type(candidate.module).__name__}) is not "
+                "supported on FSDP2-sharded parameters: only nn.Linear weights (stored out x in) "
+                "are factorized shard by shard. Hand it off in one process, or train without "
+                "fully_shard"
+            )
+        if taper_steps > 0:
+            raise NotImplementedError(
+                f"WeLore hand-off of {candidate.name} with taper_steps={taper_steps} is not "
+                "supported on FSDP2-sharded parameters: the taper shrinks the whole weight's "
+                "tail. Use HandoffConfig(taper_steps=0) under fully_shard"
+            )
+
+
+def refuse_sharded_resume(module: nn.Module, pending: Mapping[str, Any]) -> None:
+    """Raise if a checkpoint's hand-offs would be re-applied to an FSDP2-sharded model.
+
+    Resuming a sharded run after hand-offs (the factorized architecture rebuilt before
+    ``torch.distributed.checkpoint`` loads it) is not built yet; raised before anything changes.
+    """
+    if not pending or not any(is_sharded_weight(p) for p in module.parameters()):
         return
-    for group in optimizer.param_groups:
-        for index, param in enumerate(group["params"]):
-            if not isinstance(param, dtensor) or not optimizer.is_projected(group, param):
-                continue
-            if optimizer.ready_for_handoff(param, step):
-                raise NotImplementedError(
-                    f"WeLore hand-off of {optimizer.param_name(group, index)} (stable, step "
-                    f"{step}) is not supported on FSDP2-sharded parameters (fully_shard "
-                    "DTensors): replacing a sharded Linear changes FSDP's parameter groups. Hand "
-                    "off between stages instead: save with torch.distributed.checkpoint, load the "
-                    "full model and optimizer in one process and call maybe_handoff there, then "
-                    "apply fully_shard again and continue. To train on without hand-offs, set "
-                    "HandoffConfig(start_step=...) beyond the run."
-                )
+    names = ", ".join(list(pending)[:3])
+    raise NotImplementedError(
+        f"This checkpoint was taken after {len(pending)} hand-off(s) ({names}...); re-applying "
+        "hand-offs to an FSDP2-sharded model (fully_shard) is not supported yet. Load it into "
+        "the model and optimizer of one process (the plan is re-applied there), then apply "
+        "fully_shard again and continue"
+    )

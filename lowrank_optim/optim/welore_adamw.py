@@ -45,10 +45,12 @@ from lowrank_optim.handoff import (
     first_check_step,
     hand_off_layer,
     is_check_step,
+    is_sharded_weight,
     parse_plan_entry,
     plan_entry_of,
     reapply_plan,
     refuse_sharded_handoff,
+    refuse_sharded_resume,
     rewarmup_stages,
     rewrap,
     stable_long_enough,
@@ -191,13 +193,13 @@ class WeLoreAdamW(GaLoreAdamW):
     def _select(self, module: nn.Module, step: int) -> bool:
         """Choose the layers that go at this check step: hand them off, or start tapering them."""
         config = self.handoff_config
-        refuse_sharded_handoff(self, step)  # FSDP2-sharded layers cannot be handed off yet
         candidates, refusals = find_candidates(module, self, self.is_projected)
         self._warn_refusals(refusals)
         candidates = [c for c in self._unfrozen(candidates, step) if c.name not in self.tapering]
         ready = self.ready_layers(candidates, step)
         if not ready:
             return False
+        refuse_sharded_handoff(ready, config.taper_steps)  # before anything changes
         ranks = self.layer_ranks(candidates)
         changed = False
         for candidate in ready:
@@ -225,17 +227,26 @@ class WeLoreAdamW(GaLoreAdamW):
         return changed
 
     def hand_off(self, root: nn.Module, candidate: HandoffCandidate, rank: int, step: int) -> None:
-        """Hand ``candidate`` off now at ``rank`` (no readiness or size test), and record it."""
+        """Hand ``candidate`` off now at ``rank`` (no readiness or size test), and record it.
+
+        An FSDP2-sharded weight (``fully_shard``) is factorized shard by shard and its factors
+        join the weight's FSDP2 group (:mod:`lowrank_optim.distributed.handoff`); its record also
+        says the factorization route and this rank's peak allocation (``peak_bytes``).
+        """
         entry = plan_entry_of(candidate, rank)
-        fields = hand_off_layer(
-            root,
-            candidate,
-            rank,
-            param_groups=self.param_groups,
-            state=self.state,
-            storage=self.moment_storage,
-            fresh=self.handoff_config.moments == "fresh",
-        )
+        options = {
+            "param_groups": self.param_groups,
+            "state": self.state,
+            "storage": self.moment_storage,
+            "fresh": self.handoff_config.moments == "fresh",
+        }
+        if is_sharded_weight(candidate.weight):
+            from lowrank_optim.distributed.handoff import hand_off_sharded_layer
+
+            done = hand_off_sharded_layer(root, candidate, rank, **options)
+            fields = {**done.fields, "factorize": done.strategy, "peak_bytes": done.peak_bytes}
+        else:
+            fields = hand_off_layer(root, candidate, rank, **options)
         self.plan[candidate.name] = entry
         self.handoffs.append({"step": step, "layer": candidate.name, **fields})
 
@@ -327,6 +338,7 @@ class WeLoreAdamW(GaLoreAdamW):
                     f"({', '.join(list(pending)[:3])}...); construct WeLoreAdamW(model=...) so "
                     "they can be re-applied before loading"
                 )
+            refuse_sharded_resume(unwrap(self.model), pending)
             self.plan.update(reapply_plan(unwrap(self.model), pending, self, self.is_projected))
         super().load_state_dict(state_dict)
         self.handoffs = [dict(record) for record in saved["handoffs"]]
