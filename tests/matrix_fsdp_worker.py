@@ -187,13 +187,14 @@ def _scenario_refused() -> dict[str, str]:
         train(model, optimizer, batches[:1], rows)
 
     def welore_handoff() -> None:
-        model = _shard(MatrixNet())
+        model = MatrixNet()
+        fully_shard(model)  # one unit: its linears can be handed off, but not tapered
         optimizer = WeLoreAdamW(
             matrix_groups(model),
             lr=LR,
             model=model,
             stability=StabilityConfig(threshold=1e-6, patience=1),
-            handoff=HandoffConfig(start_step=1, check_every=1, target_reduction=0.5),
+            handoff=HandoffConfig(start_step=1, check_every=1, target_reduction=0.5, taper_steps=2),
         )
         for step in range(STEPS):
             train(model, optimizer, batches[step : step + 1], rows)

@@ -8,8 +8,8 @@ One spawn (a module fixture) runs two scenarios on each rank and saves what it s
   the same layers at the same steps and ranks, the same losses (to the tolerance of the FSDP2
   test against one process), the same dense weights and products ``up @ down``; and both ranks
   hold identical (gathered) factors.
-* ``peak``: two larger sharded linears (a tall one on the Gram route, a wide one on the sketch)
-  handed off once; each rank's peak allocation during the hand-off, summed from the sizes of
+* ``peak``: two larger sharded linears (tall, and wide: the Gram would outweigh it) handed off
+  once; each rank's peak allocation during the hand-off, summed from the sizes of
   the tensors it creates, stays below one full weight.
 """
 
@@ -123,12 +123,13 @@ def _scenario_peak(me: int) -> dict[str, Any]:
             layer.weight.copy_(
                 left @ right / cols**0.5 + 1e-3 * torch.randn(rows, cols, generator=generator)
             )
-    model = nn.Sequential(tall, nn.ReLU(), wide)
-    for layer in (tall, wide):
-        fully_shard(layer)
+    # Each linear in its own block (FSDP2 unit), as fully_shard per decoder layer does.
+    model = nn.Sequential(nn.Sequential(tall), nn.ReLU(), nn.Sequential(wide))
+    for block in (model[0], model[2]):
+        fully_shard(block)
     fully_shard(model)
     handoff = HandoffConfig(
-        trigger="step", start_step=2, check_every=1, target_reduction=0.5, min_ratio=0.4
+        trigger="step", start_step=2, check_every=1, target_reduction=0.9, min_ratio=0.4
     )
     groups = [
         {
@@ -149,7 +150,7 @@ def _scenario_peak(me: int) -> dict[str, Any]:
         model = optimizer.maybe_handoff(model)
     return {
         "records": optimizer.handoff_report(),
-        "shapes": {"0": (2048, 256), "2": (512, 2048)},
+        "shapes": {"0.0": (2048, 256), "2.0": (512, 2048)},
     }
 
 
@@ -253,9 +254,10 @@ def test_ranks_hold_identical_sharded_factors(runs: list[dict[str, Any]]) -> Non
 def test_handoff_peak_below_one_weight(runs: list[dict[str, Any]]) -> None:
     for result in _scenario(runs, "peak"):
         records = result["records"]
-        assert {r["factorize"] for r in records} == {"gram", "sketch"}, records
+        assert sorted(r["layer"] for r in records) == ["0.0", "2.0"], records
+        assert all(r["factorize"] in ("gram", "sketch") for r in records), records
         for record in records:
             rows, cols = result["shapes"][record["layer"]]
             weight_bytes = rows * cols * 4
             assert 0 < record["peak_bytes"] < weight_bytes, record
-            assert record["relative_error"] < 1e-2, record
+            assert record["relative_error"] < 5e-2, record  # the noise it drops

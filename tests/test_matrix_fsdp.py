@@ -120,11 +120,11 @@ def test_layerwise_on_fsdp_is_refused(runs: Results, case: OptimizerCase) -> Non
         # fully_shard itself refuses QuantizedLinear's INT8 weight handle (stride 0); the
         # optimizer's own check stays for the day it does not
         ("qgalore_int8", "NotImplementedError", ["FSDP", "non-contiguous"]),
-        ("welore_handoff", "NotImplementedError", ["hand-off", "fully_shard again"]),
+        ("welore_handoff", "NotImplementedError", ["hand-off", "taper_steps=0"]),
     ],
 )
 def test_refused_variants_on_fsdp(runs: Results, name: str, kind: str, words: list[str]) -> None:
-    """QGaLoreAdamW's INT8 weights and WeLoreAdamW's hand-off are refused on FSDP2."""
+    """QGaLoreAdamW's INT8 weights and WeLoreAdamW's tapered hand-off are refused on FSDP2."""
     for errors in _result(runs, "refused"):
         message = errors[name]
         assert message.startswith(f"{kind}:"), message

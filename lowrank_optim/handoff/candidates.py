@@ -130,6 +130,12 @@ def find_candidates(
         elif isinstance(module, QuantizedLinear):
             reason = _QUANTIZED_REASON.format(dtype=module.weight.dtype)
             refusals.append(Refusal(name, type_name, reason))
+        elif isinstance(module, nn.Linear) and type(module).__name__.startswith("FSDP"):
+            reason = (
+                "it is its own fully_shard unit; the FSDP2 hand-off replaces layers inside a "
+                "unit (fully_shard per block, e.g. per decoder layer), not a unit itself"
+            )
+            refusals.append(Refusal(name, type_name, reason))
         elif attribute != "weight" or dense_weight_of(module) is None:
             reason = (
                 f"its parameter {attribute!r} is not the weight of an nn.Linear or a "
