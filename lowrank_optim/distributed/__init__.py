@@ -9,13 +9,21 @@
 * :mod:`.layerwise_ddp`: layer-wise updates under DDP (a communication hook steps each bucket's
   parameters once its all-reduce completes);
 * :mod:`.comm`: counting the bytes of collectives (benchmarks and tests);
-* :mod:`.checkpoint`: ``dcp.load`` that refuses quantized state saved on another number of
-  ranks with :class:`~lowrank_optim.errors.CheckpointMismatchError` (:func:`load_sharded_state`).
+* :mod:`.handoff`: the WeLore hand-off of a sharded layer in place (its factors join the
+  weight's FSDP2 group), and its re-application when a checkpoint is loaded;
+* :mod:`.checkpoint`: DCP checkpoints after hand-offs (:func:`sharded_checkpoint_state` to save,
+  :func:`load_sharded_checkpoint` re-applies the saved plan to a fresh sharded model, then
+  loads), and ``dcp.load`` that refuses quantized state saved on another number of ranks with
+  :class:`~lowrank_optim.errors.CheckpointMismatchError` (:func:`load_sharded_state`).
 
 Nothing here imports an optimizer class: the optimizer asks the placement, never the reverse.
 """
 
-from lowrank_optim.distributed.checkpoint import load_sharded_state
+from lowrank_optim.distributed.checkpoint import (
+    load_sharded_checkpoint,
+    load_sharded_state,
+    sharded_checkpoint_state,
+)
 from lowrank_optim.distributed.comm import CollectiveCounter
 from lowrank_optim.distributed.factorize import (
     ShardedFactors,
@@ -52,8 +60,10 @@ __all__ = [
     "gather_refresh_bytes",
     "gram_factorize_bytes",
     "gram_refresh_bytes",
+    "load_sharded_checkpoint",
     "load_sharded_state",
     "panel_spectrum_bytes",
+    "sharded_checkpoint_state",
     "sharded_spectra",
     "sharded_spectrum",
     "sketch_factorize_bytes",

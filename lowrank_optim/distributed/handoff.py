@@ -30,6 +30,12 @@ lazy initialization has listed all states, and that state would take itself for 
 route here touches FSDP2's group object, not its hooks or streams; it is tested on torch 2.13
 (``tests/test_fsdp_handoff.py``) and checks what it relies on before it changes anything.
 
+Resuming. A checkpoint taken after hand-offs is loaded into a freshly built, ``fully_shard`` -ed
+model once its plan is re-applied: :func:`reapply_sharded_layer` makes the same factorized
+layer, joined to the same FSDP2 group the same way, with uninitialized local rows (the load
+fills them), and no collective. :func:`lowrank_optim.distributed.load_sharded_checkpoint` does
+it all.
+
 Not supported (refused before anything changes, by
 :func:`lowrank_optim.handoff.refuse_sharded_handoff`): transformers ``Conv1D`` (its weight is
 stored ``in x out``, so FSDP2 shards the input side), tapering (``taper_steps > 0``), and a
@@ -73,8 +79,10 @@ from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
 __all__ = [
     "ShardedHandoff",
     "fsdp_group_of",
+    "check_sharded_reapply",
     "hand_off_sharded_layer",
     "handoff_route",
+    "reapply_sharded_layer",
     "sharded_factor_moments",
 ]
 
@@ -355,3 +363,54 @@ def hand_off_sharded_layer(
     }
     peak = max(factors.peak_bytes, ledger.peak)
     return ShardedHandoff(fields, peak, factors.strategy)
+
+
+def check_sharded_reapply(root: nn.Module, candidate: HandoffCandidate) -> None:
+    """Raise, before anything changes, if a checkpoint's hand-off of ``candidate`` cannot be
+    re-applied to this sharded model (what :func:`reapply_sharded_layer` relies on)."""
+    if type(candidate.module) is not nn.Linear:
+        raise NotImplementedError(
+            f"{candidate.name}: the FSDP2 hand-off re-applies nn.Linear layers only, not a "
+            f"{type(candidate.module).__name__}"
+        )
+    check_row_sharded(candidate.weight, candidate.name)
+    fsdp_group_of(root, candidate.weight)
+
+
+def reapply_sharded_layer(
+    root: nn.Module,
+    candidate: HandoffCandidate,
+    rank: int,
+    *,
+    param_groups: Sequence[dict[str, Any]],
+    state: MutableMapping[torch.Tensor, Any],
+) -> None:
+    """Re-apply a recorded hand-off of the sharded ``nn.Linear`` ``candidate`` at ``rank``, with
+    placeholder factors whose values a checkpoint load fills in.
+
+    The layout is that of :func:`hand_off_sharded_layer`: ``up``'s local rows are the weight's,
+    ``down`` (``rank x n``) is split by ``torch.chunk``, both join the weight's FSDP2 group in
+    its place, and move to the factor group of the weight's param group, with no state. The
+    placeholders are created on the weight's device (``meta`` stays ``meta`` until
+    ``to_empty``). Local to each rank: no collective.
+    """
+    check_sharded_reapply(root, candidate)
+    weight = candidate.weight
+    group, old = fsdp_group_of(root, weight)
+    rows, cols = weight.shape
+    mesh = weight.device_mesh
+    local_weight = weight.to_local()
+    options = {"dtype": weight.dtype, "device": local_weight.device}
+    down_rows = rows_per_rank(rank, mesh.size())[mesh.get_local_rank()]
+    placeholders = {
+        "up": torch.empty(local_weight.shape[0], rank, **options),
+        "down": torch.empty(down_rows, cols, **options),
+    }
+    state.pop(weight, None)
+    factored = LowRankLinear(cols, rows, rank, False, "meta", weight.dtype)
+    if candidate.module.bias is not None:
+        factored.bias = candidate.module.bias
+    replace_module(root, candidate.name, factored)
+    _join_group(group, old, factored, placeholders, candidate.name)
+    move_to_factor_group(param_groups, candidate, weight, factored)
+    weight.grad = None

@@ -52,7 +52,6 @@ from lowrank_optim.handoff.wrappers import (
     HandoffOptimizer,
     is_sharded_weight,
     refuse_sharded_handoff,
-    refuse_sharded_resume,
     rewrap,
     unwrap,
 )
@@ -82,7 +81,6 @@ __all__ = [
     "projected_linears",
     "reapply_plan",
     "refuse_sharded_handoff",
-    "refuse_sharded_resume",
     "rewarmup_stages",
     "rewrap",
     "shrink_tail_",

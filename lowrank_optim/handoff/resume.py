@@ -6,6 +6,11 @@ is re-applied first: each recorded layer is replaced by factors of the recorded 
 values come from the model's own state dict, loaded afterwards), so the parameter layout
 matches the checkpoint. Everything is checked before anything changes, and a mismatch raises
 :class:`~lowrank_optim.errors.CheckpointMismatchError` saying why.
+
+An FSDP2-sharded layer (``fully_shard``) is re-applied by
+:func:`lowrank_optim.distributed.handoff.reapply_sharded_layer`: its factors join the weight's
+FSDP2 group as the in-place hand-off puts them, so that ``torch.distributed.checkpoint`` loads
+the sharded factors (:func:`lowrank_optim.distributed.load_sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.factorize import LowRankLinear, dense_weight_of
 from lowrank_optim.handoff.candidates import HandoffCandidate, IsProjected, projected_linears
 from lowrank_optim.handoff.surgery import swap_in_factors
+from lowrank_optim.handoff.wrappers import is_sharded_weight, refuse_sharded_handoff
 
 __all__ = ["check_own_handoffs", "parse_plan_entry", "reapply_plan"]
 
@@ -78,7 +84,8 @@ def reapply_plan(
 
     Returns the plan entries applied (to add to the optimizer's plan). The dense weights' state
     is dropped and the factors join their factor groups with no state, as the checkpoint's
-    state for them is loaded next.
+    state for them is loaded next. FSDP2-sharded ``nn.Linear`` layers get sharded placeholder
+    factors in the weight's FSDP2 group; a sharded ``Conv1D`` is refused (NotImplementedError).
     """
     modules = dict(module.named_modules())
     candidates = {c.name: c for c in projected_linears(module, optimizer, is_projected)}
@@ -87,9 +94,22 @@ def reapply_plan(
         (_pending_candidate(name, entry, modules, candidates, groups), entry)
         for name, entry in pending.items()
     ]
+    sharded = [c for c, _ in checked if is_sharded_weight(c.weight)]
+    if sharded:
+        from lowrank_optim.distributed.handoff import check_sharded_reapply, reapply_sharded_layer
+
+        refuse_sharded_handoff(sharded, 0)
+        for candidate in sharded:
+            check_sharded_reapply(module, candidate)
     applied: dict[str, dict[str, Any]] = {}
     for candidate, entry in checked:
         weight = candidate.weight
+        if is_sharded_weight(weight):
+            reapply_sharded_layer(
+                module, candidate, entry["rank"], param_groups=groups, state=optimizer.state
+            )
+            applied[candidate.name] = dict(entry)
+            continue
         rows, cols = entry["shape"]
         factored = LowRankLinear(cols, rows, entry["rank"], False, weight.device, weight.dtype)
         optimizer.state.pop(weight, None)

@@ -7,14 +7,14 @@ because weights and optimizer state agree across ranks.
 
 FSDP2 (``fully_shard``) parameters are ``DTensor`` shards: an ``nn.Linear`` among them is handed
 off in place by :mod:`lowrank_optim.distributed.handoff`; what that does not do (a sharded
-``Conv1D``, tapering, re-applying a checkpoint's hand-offs to a sharded model) is refused before
-anything changes, with an error that says what to do instead.
+``Conv1D``, tapering) is refused before anything changes, with an error that says what to do
+instead.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -25,7 +25,6 @@ __all__ = [
     "dtensor_type",
     "is_sharded_weight",
     "refuse_sharded_handoff",
-    "refuse_sharded_resume",
     "rewrap",
     "unwrap",
 ]
@@ -101,20 +100,3 @@ def refuse_sharded_handoff(candidates: Iterable[Any], taper_steps: int) -> None:
                 "supported on FSDP2-sharded parameters: the taper shrinks the whole weight's "
                 "tail. Use HandoffConfig(taper_steps=0) under fully_shard"
             )
-
-
-def refuse_sharded_resume(module: nn.Module, pending: Mapping[str, Any]) -> None:
-    """Raise if a checkpoint's hand-offs would be re-applied to an FSDP2-sharded model.
-
-    Resuming a sharded run after hand-offs (the factorized architecture rebuilt before
-    ``torch.distributed.checkpoint`` loads it) is not built yet; raised before anything changes.
-    """
-    if not pending or not any(is_sharded_weight(p) for p in module.parameters()):
-        return
-    names = ", ".join(list(pending)[:3])
-    raise NotImplementedError(
-        f"This checkpoint was taken after {len(pending)} hand-off(s) ({names}...); re-applying "
-        "hand-offs to an FSDP2-sharded model (fully_shard) is not supported yet. Load it into "
-        "the model and optimizer of one process (the plan is re-applied there), then apply "
-        "fully_shard again and continue"
-    )

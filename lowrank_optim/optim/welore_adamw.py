@@ -50,7 +50,6 @@ from lowrank_optim.handoff import (
     plan_entry_of,
     reapply_plan,
     refuse_sharded_handoff,
-    refuse_sharded_resume,
     rewarmup_stages,
     rewrap,
     stable_long_enough,
@@ -307,27 +306,33 @@ class WeLoreAdamW(GaLoreAdamW):
         return [dict(record) for record in self.handoffs]
 
     # --------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state[CHECKPOINT_KEY] = {
+    def handoff_state(self) -> dict[str, Any]:
+        """The plan, hand-off records and tapers: the ``"welore"`` entry of :meth:`state_dict`.
+
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps only ``state`` and
+        ``param_groups``; :func:`lowrank_optim.distributed.sharded_checkpoint_state` saves this
+        entry beside them.
+        """
+        return {
             "plan": {name: dict(entry) for name, entry in self.plan.items()},
             "handoffs": [dict(record) for record in self.handoffs],
             "tapering": {name: dict(entry) for name, entry in self.tapering.items()},
         }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint; hand-offs it records are first re-applied to the attached model.
+    def load_handoff_state(self, saved: Mapping[str, Any]) -> None:
+        """Re-apply the hand-offs of ``saved`` (a :meth:`handoff_state`) to the attached model,
+        and take over its records and tapers; the optimizer state is not touched.
 
-        The re-applied layers get factors of the recorded shapes (values come from the model's
-        own state dict, loaded afterwards), so the parameter layout matches the checkpoint.
-        Raises :class:`CheckpointMismatchError`, before the model or the optimizer changes, when
-        the checkpoint's hand-offs cannot be those of this optimizer and model: a layer this
-        optimizer handed off at another rank, shape or group, or not at all in the checkpoint
-        (a hand-off cannot be undone), or a recorded layer that the model lacks, that is of
-        another type or shape, or whose weight is not in the recorded projected param group.
+        The re-applied layers get factors of the recorded shapes whose values come from the
+        model's state dict, loaded afterwards; on an FSDP2-sharded model (``fully_shard``) they
+        are sharded and join the weight's FSDP2 group as the in-place hand-off does, so the
+        parameter layout matches the checkpoint's. Raises :class:`CheckpointMismatchError`,
+        before the model or the optimizer changes, when the saved hand-offs cannot be those of
+        this optimizer and model: a layer this optimizer handed off at another rank, shape or
+        group, or not at all in the checkpoint (a hand-off cannot be undone), or a recorded
+        layer that the model lacks, that is of another type or shape, or whose weight is not in
+        the recorded projected param group.
         """
-        saved = state_dict.get(CHECKPOINT_KEY, {"plan": {}, "handoffs": []})
         saved_plan = {name: parse_plan_entry(name, entry) for name, entry in saved["plan"].items()}
         check_own_handoffs(self.plan, saved_plan)
         pending = {name: entry for name, entry in saved_plan.items() if name not in self.plan}
@@ -338,11 +343,27 @@ class WeLoreAdamW(GaLoreAdamW):
                     f"({', '.join(list(pending)[:3])}...); construct WeLoreAdamW(model=...) so "
                     "they can be re-applied before loading"
                 )
-            refuse_sharded_resume(unwrap(self.model), pending)
             self.plan.update(reapply_plan(unwrap(self.model), pending, self, self.is_projected))
-        super().load_state_dict(state_dict)
         self.handoffs = [dict(record) for record in saved["handoffs"]]
         self.tapering = {
             name: {**entry, "basis": entry["basis"].clone()}
             for name, entry in saved.get("tapering", {}).items()
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[CHECKPOINT_KEY] = self.handoff_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint; hand-offs it records are first re-applied to the attached model
+        (:meth:`load_handoff_state`, which says what is refused).
+
+        A state dict without the ``"welore"`` entry (what ``torch.distributed.checkpoint``'s
+        ``set_optimizer_state_dict`` passes on) leaves the plan and records as they are: under
+        FSDP2 :func:`lowrank_optim.distributed.load_sharded_checkpoint` restores them first.
+        """
+        saved = state_dict.get(CHECKPOINT_KEY)
+        if saved is not None:
+            self.load_handoff_state(saved)
+        super().load_state_dict(state_dict)
