@@ -33,9 +33,17 @@ per step) with ``refresh="gram_eigh"`` (one all-reduce or all-gather per refresh
 :mod:`lowrank_optim.distributed.refresh`). Gradient accumulation skips the reduce-scatter on all
 but the last micro-batch. ``--checkpoint-dir`` saves model, optimizer, schedule and data
 position with ``torch.distributed.checkpoint`` (at ``--save-at`` or the last step) and, with
-``--resume``, loads them first; the resumed run continues bit for bit. WeLore hand-offs are not
-available on FSDP2 (``welore_adamw`` trains as GaLore unless a layer would be handed off, which
-raises).
+``--resume``, loads them first; the resumed run continues bit for bit. ``welore_adamw`` (the
+default, as under DDP) hands layers off in place on FSDP2 too: each layer is factorized shard by
+shard and its factors join the layer's FSDP2 unit (:mod:`lowrank_optim.distributed.handoff`).
+The checkpoint carries the hand-off plan, and ``--resume`` re-applies it to the freshly sharded
+model before loading (:func:`lowrank_optim.distributed.load_sharded_checkpoint`).
+
+The hand-off window is that of ``lowrank-optim pretrain``: layers whose gradient subspace is
+stable go from ``--handoff-start`` (a fraction of the steps) on, checked every
+``--update-proj-gap`` steps, and whatever qualifies goes at ``--handoff-end``; WeLore's global
+threshold picks the ranks for ``--target-reduction``. Rank 0 prints each hand-off (step, layer,
+rank) and logs it to ``metrics.jsonl``.
 
     torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --fsdp --model 9m
 """
@@ -43,6 +51,7 @@ raises).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -72,12 +81,16 @@ from lowrank_optim.train import (
     train_steps,
     validation_batches,
 )
-from lowrank_optim.train.parallel import dcp_state
+from lowrank_optim.train.config import PretrainConfig
+from lowrank_optim.train.parallel import dcp_state, load_dcp_state
+from lowrank_optim.train.records import json_safe
 
 __all__ = ["FSDP_OPTIMIZERS", "main", "parse_args"]
 
 #: Optimizers that run on FSDP2 (QGaLoreAdamW's INT8 weights cannot be sharded).
 FSDP_OPTIMIZERS = ("galore_adamw", "galore_adamw8bit", "welore_adamw", "adamw")
+#: The hand-off and stability defaults of ``lowrank-optim pretrain``.
+PRETRAIN = {field.name: field.default for field in dataclasses.fields(PretrainConfig)}
 
 
 def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
@@ -85,8 +98,7 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="9m", help=f"{', '.join(LLAMA_SIZES)} or a JSON path")
     optimizers = FSDP_OPTIMIZERS if fsdp else OPTIMIZER_NAMES
-    default = "galore_adamw" if fsdp else "welore_adamw"
-    parser.add_argument("--optimizer", default=default, choices=optimizers)
+    parser.add_argument("--optimizer", default="welore_adamw", choices=optimizers)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="per rank per pass")
@@ -107,6 +119,18 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="runs/fsdp" if fsdp else "runs/torchrun")
+    window = "fraction of --steps"
+    parser.add_argument(
+        "--handoff-start", type=float, default=PRETRAIN["handoff_start"], help=window
+    )
+    parser.add_argument(
+        "--handoff-end",
+        type=float,
+        default=PRETRAIN["handoff_end"],
+        help=f"{window} by which every qualifying layer goes; 1: no deadline",
+    )
+    parser.add_argument("--target-reduction", type=float, default=PRETRAIN["target_reduction"])
+    parser.add_argument("--min-ratio", type=float, default=PRETRAIN["min_ratio"])
     if fsdp:
         parser.add_argument("--checkpoint-dir", default=None, help="DCP directory to save to")
         parser.add_argument(
@@ -114,8 +138,6 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
         )
         parser.add_argument("--resume", action="store_true", help="load --checkpoint-dir first")
         return parser.parse_args(argv)
-    parser.add_argument("--handoff-start", type=float, default=0.4, help="fraction of steps")
-    parser.add_argument("--target-reduction", type=float, default=0.6)
     parser.add_argument(
         "--layerwise",
         action="store_true",
@@ -124,14 +146,17 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     parser.add_argument(
         "--fsdp",
         action="store_true",
-        help="shard with FSDP2 instead of DDP (galore_adamw, galore_adamw8bit, welore_adamw "
-        "without hand-offs; DCP checkpoints: --checkpoint-dir, --save-at, --resume)",
+        help="shard with FSDP2 instead of DDP (galore_adamw, galore_adamw8bit, welore_adamw, "
+        "adamw; DCP checkpoints: --checkpoint-dir, --save-at, --resume)",
     )
     return parser.parse_args(argv)
 
 
 def optimizer_spec(args: argparse.Namespace, fsdp: bool) -> OptimizerSpec:
-    """GaLore settings of the run; FSDP2 projects on the side that keeps its rows local."""
+    """GaLore settings of the run; FSDP2 projects on the side that keeps its rows local.
+
+    The hand-off window and the stability criterion are those of ``lowrank-optim pretrain``.
+    """
     if fsdp:
         projection = ProjectionConfig(
             rank=args.rank,
@@ -140,28 +165,35 @@ def optimizer_spec(args: argparse.Namespace, fsdp: bool) -> OptimizerSpec:
             proj_type="right",  # FSDP2 shards rows: project on the side that keeps them local
             refresh="gram_eigh",
         )
-        handoff = HandoffConfig(start_step=args.steps + 1)  # no hand-offs on FSDP2
     else:
         projection = ProjectionConfig(
             rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.scale
         )
-        handoff = HandoffConfig(
-            start_step=int(args.handoff_start * args.steps),
-            target_reduction=args.target_reduction,
-            check_every=args.update_proj_gap,
-        )
+    handoff = HandoffConfig(
+        start_step=int(args.handoff_start * args.steps),
+        target_reduction=args.target_reduction,
+        min_ratio=args.min_ratio,
+        check_every=args.update_proj_gap,
+        end_step=int(args.handoff_end * args.steps) if args.handoff_end < 1.0 else None,
+    )
+    stability = StabilityConfig(
+        policy=PRETRAIN["stability_policy"],
+        threshold=PRETRAIN["stability_threshold"],
+        patience=PRETRAIN["stability_patience"],
+    )
     return OptimizerSpec(
         name=args.optimizer,
         lr=args.lr,
         weight_decay=args.weight_decay,
         projection=projection,
-        stability=StabilityConfig(policy="fixed", threshold=0.6, patience=2),
+        stability=stability,
         handoff=handoff,
     )
 
 
 class RankZeroLog(LoopHooks):
-    """Rank 0 logs every step's loss and each evaluation; FSDP2 saves its DCP checkpoint."""
+    """Rank 0 logs every step's loss, each evaluation and each hand-off; FSDP2 saves its DCP
+    checkpoint."""
 
     def __init__(
         self, args: argparse.Namespace, parallel: Parallel, val: list[torch.Tensor], run: Any
@@ -170,6 +202,20 @@ class RankZeroLog(LoopHooks):
         self.writer = (
             MetricsWriter(Path(args.out_dir) / "metrics.jsonl") if parallel.is_main else None
         )
+
+    def after_handoff(
+        self, step: int, model: torch.nn.Module, records: list[dict[str, Any]]
+    ) -> None:
+        if self.writer is None:
+            return
+        for record in records:
+            self.writer.write({"kind": "handoff", **json_safe(record)})
+            print(
+                f"step {step}: handed off {record['layer']} at rank {record['rank']} "
+                f"({record['params_before']} -> {record['params_after']} parameters, "
+                f"error {record['relative_error']:.3f})",
+                flush=True,
+            )
 
     def after_step(self, result: StepResult, model: torch.nn.Module) -> None:
         args, step = self.args, result.step
@@ -298,23 +344,14 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: TokenBatches,
 ) -> int:
-    """FSDP2 ``--resume``: load the DCP checkpoint; returns the step it was saved at."""
+    """FSDP2 ``--resume``: load the DCP checkpoint (hand-offs included); returns the step it
+    was saved at."""
     if not args.resume:
         return 0
     if args.checkpoint_dir is None:
         raise ValueError("Invalid --resume without --checkpoint-dir: nothing to load")
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    state = dcp_state(model, optimizer, scheduler, batches)
-    dcp.load(state, checkpoint_id=args.checkpoint_dir)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    scheduler.load_state_dict(state["scheduler"])
-    batches.load_state_dict(state["data"])
+    # Re-applies the checkpoint's hand-offs to the freshly sharded model, then loads.
+    load_dcp_state(model, optimizer, scheduler, batches, args.checkpoint_dir)
     return scheduler.last_epoch
 
 

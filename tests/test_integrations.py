@@ -289,19 +289,34 @@ def test_torchrun_example_layerwise_matches_regular(monkeypatch, example_setup) 
     assert train_losses(folder / "layerwise_ddp") == pytest.approx(regular, rel=1e-5, abs=1e-6)
 
 
-def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> None:
+def test_torchrun_example_fsdp_hands_off_and_resumes(example_setup) -> None:
+    """``--fsdp`` with WeLoreAdamW hands layers off in place (its window: start at 0.4 of the
+    4 steps, every qualifying layer by 0.6: the check at step 2), prints them on rank 0, and
+    its DCP checkpoint taken after them resumes bit for bit in a new torchrun."""
     folder, args = example_setup
-    command = [
+    checkpoint = folder / "fsdp_ckpt"
+    common = [
         sys.executable,
         *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
         "--standalone",  # torchrun binds a free port itself: no pick-then-bind race
         str(EXAMPLE),
         "--fsdp",
         *args,
-        *("--out-dir", str(folder / "fsdp")),
+        *("--optimizer", "welore_adamw", "--checkpoint-dir", str(checkpoint)),
     ]
     env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    straight = [*common, "--save-at", "2", "--out-dir", str(folder / "fsdp")]
+    result = subprocess.run(straight, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = train_losses(folder / "fsdp")
     assert len(losses) == 4 and losses[-1] < losses[0]
+    lines = (folder / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    handoffs = [r for r in map(json.loads, lines) if r["kind"] == "handoff"]
+    assert handoffs and {r["step"] for r in handoffs} == {2}, handoffs
+    printed = [line for line in result.stdout.splitlines() if "handed off" in line]
+    assert len(printed) == len(handoffs) and printed[0].startswith("step 2: handed off model.")
+
+    resume = [*common, "--resume", "--out-dir", str(folder / "fsdp_resumed")]
+    result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_losses(folder / "fsdp_resumed") == losses[2:]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DataParallel", "FullyShardedParallel", "Parallel", "dcp_state"]
+__all__ = ["DataParallel", "FullyShardedParallel", "Parallel", "dcp_state", "load_dcp_state"]
 
 
 class Parallel:
@@ -117,16 +117,29 @@ def dcp_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Any,
 ) -> dict[str, Any]:
-    """What a DCP checkpoint of an FSDP2 run holds: sharded model and optimizer state,
-    the schedule and the data position (``torch.distributed.checkpoint`` saves and loads it)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
+    """What a DCP checkpoint of an FSDP2 run holds: sharded model and optimizer state, the
+    hand-off plan (WeLoreAdamW), the schedule and the data position
+    (:func:`lowrank_optim.distributed.sharded_checkpoint_state`; ``dcp.save`` saves it)."""
+    from lowrank_optim.distributed import sharded_checkpoint_state
+
+    return sharded_checkpoint_state(
+        model, optimizer, scheduler=scheduler.state_dict(), data=batches.state_dict()
     )
 
-    return {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        "scheduler": scheduler.state_dict(),
-        "data": batches.state_dict(),
-    }
+
+def load_dcp_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Any,
+    checkpoint_id: str,
+) -> None:
+    """Load a :func:`dcp_state` checkpoint into a freshly built, sharded run: the saved
+    hand-offs are re-applied to ``model`` first
+    (:func:`lowrank_optim.distributed.load_sharded_checkpoint`), then everything is loaded."""
+    from lowrank_optim.distributed import load_sharded_checkpoint
+
+    extra = {"scheduler": scheduler.state_dict(), "data": batches.state_dict()}
+    state = load_sharded_checkpoint(model, optimizer, checkpoint_id=checkpoint_id, extra=extra)
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["data"])
