@@ -10,9 +10,10 @@ One spawn plays three phases on each rank and saves what it saw:
    way, and a fresh optimizer load the checkpoint with :func:`load_sharded_checkpoint` (the plan
    is re-applied, then model and optimizer state are loaded) and continue. Losses, hand-off
    records and parameters equal the straight run's exactly.
-3. ``reshard``: rank 0 alone, in a 1-rank group, loads the 2-rank checkpoint the same way and
-   continues on the whole batches: the same hand-offs, and losses and parameters equal to the
-   straight run's up to the summation order of the 2-rank run.
+3. ``reshard``: rank 0 alone, in a 1-rank group, builds the model on the meta device
+   (``fully_shard``, then ``to_empty``), loads the 2-rank checkpoint the same way and continues
+   on the whole batches: the same hand-offs, and losses and parameters equal to the straight
+   run's up to the summation order of the 2-rank run.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ HANDOFF = HandoffConfig(start_step=6, target_reduction=0.7, min_ratio=0.4, check
 PROJECTION = ProjectionConfig(rank=8, update_proj_gap=2, scale=1.0, proj_type="right")
 
 
-def _sharded_model(case: str) -> tuple[nn.Module, WeLoreAdamW]:
-    model = build_llama(
-        tiny_llama_config(VOCAB, hidden=48, layers=2, heads=4, intermediate=96), seed=0
-    )
+def _llama(device: str = "cpu") -> nn.Module:
+    config = tiny_llama_config(VOCAB, hidden=48, layers=2, heads=4, intermediate=96)
+    return build_llama(config, seed=0, device=device)
+
+
+def _sharded_model(case: str, meta: bool = False) -> tuple[nn.Module, WeLoreAdamW]:
+    model = _llama("meta" if meta else "cpu")
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    if meta:  # allocate the shards; the checkpoint fills them
+        model.to_empty(device="cpu")
+        with torch.no_grad():  # non-persistent buffers (rotary frequencies) are not saved
+            for mine, built in zip(model.buffers(), _llama().buffers(), strict=True):
+                mine.copy_(built)
     groups = lowrank_param_groups(model, "attn-mlp", PROJECTION)
     stability = StabilityConfig(policy="fixed", threshold=THRESHOLDS[case], patience=1)
     optimizer = WeLoreAdamW(
@@ -103,8 +112,8 @@ def _outcome(model: nn.Module, optimizer: WeLoreAdamW, losses: list[float]) -> d
     return {"losses": losses, "weights": weights, "handoffs": records}
 
 
-def _resume(case: str, checkpoint: str) -> dict[str, Any]:
-    model, optimizer = _sharded_model(case)
+def _resume(case: str, checkpoint: str, meta: bool = False) -> dict[str, Any]:
+    model, optimizer = _sharded_model(case, meta)
     load_sharded_checkpoint(model, optimizer, checkpoint_id=checkpoint)
     model, losses = _train(model, optimizer, range(SAVE_AT + 1, STEPS + 1))
     return _outcome(model, optimizer, losses)
@@ -144,7 +153,7 @@ def _run(rank: int, port: int, directory: str) -> None:
     if rank == 0:  # the 2-rank checkpoint, loaded by one rank alone
         store = f"file://{Path(directory) / 'reshard_store'}"
         dist.init_process_group("gloo", init_method=store, rank=0, world_size=1, timeout=timeout)
-        _play(results, "reshard", lambda: _resume("staged", checkpoint["staged"]))
+        _play(results, "reshard", lambda: _resume("staged", checkpoint["staged"], meta=True))
         dist.destroy_process_group()
     torch.save(results, Path(directory) / f"rank{rank}.pt")
 
