@@ -325,6 +325,19 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
          f"{100 * p['gap']:+.2f}% ± {100 * p['gap_std']:.2f}%", f"{p['wins']}/{p['seeds']}"]
         for p in pairs
     ]
+    longer = collected.get("long")
+    long_rows = []
+    if longer:
+        short = next((r for r in rows if r["method"] == "welore"
+                      and r["target"] == longer["target"]), None)
+        seed = str(longer["seed"])
+        if short is not None and seed in short["deltas"]:
+            long_rows.append([study.steps, f"{100 * short['deltas'][seed]:+.2f}%"])
+        long_rows.append([longer["steps"], f"{100 * longer['vs_dense']:+.2f}%"])
+        curve = [
+            [step, f"{d:.4f}", f"{w:.4f}", f"{100 * (w / d - 1):+.2f}%"]
+            for (step, d), (_, w) in zip(longer["dense_curve"], longer["welore_curve"], strict=True)
+        ]
     _pareto(rows, dense, folder / "handoff_pareto.png")
     _layers_plot(layers, folder / "handoff_layers.png")
     text = "\n\n".join(
@@ -353,6 +366,17 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             markdown_table(
                 ["method", "target", "seeds", "cost minus WeLore's", "WeLore better"],
                 paired_rows,
+            ),
+            *(
+                [
+                    f"## Twice the tokens (seed {longer['seed']}, target {longer['target']:g}, "
+                    f"{100 * longer['removed']:.0f}% removed, hand-offs at steps "
+                    f"{', '.join(map(str, longer['handoff_steps']))})",
+                    markdown_table(["steps", "WeLoreAdamW vs dense"], long_rows),
+                    markdown_table(["step", "dense eval loss", "WeLoreAdamW", "gap"], curve),
+                ]
+                if longer
+                else []
             ),
             "## Every target",
             markdown_table(

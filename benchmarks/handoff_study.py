@@ -103,6 +103,9 @@ class Study:
     # The issue's bar is ">= 60% of projected parameters removed": 0.78 of the rank removes 65%
     # here, the smallest target above the bar; the in-training methods run it at every seed.
     bar_target: float = 0.78
+    # Twice the tokens, seed 0, dense against stability-driven WeLore at ``bar_target``: does
+    # the hand-off's cost shrink with training length? (0: skip.) Cached under ``out/long``.
+    long_steps: int = 1000
     seeds: tuple[int, ...] = (0, 1, 2)
     scratch_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     finetune_fraction: float = 0.1
@@ -148,6 +151,7 @@ QUICK = Study(
     headline=0.8,
     bar_target=0.8,
     rewarmup_trial=5,
+    long_steps=0,
     seeds=(0,),
     scratch_lrs=(3e-3,),
     eval_batches=2,
@@ -179,7 +183,7 @@ def job_folder(study: Study, job: Job) -> Path:
 def _settings(study: Study, method: str) -> dict[str, Any]:
     """What a cached result of ``method`` depends on (not where it is kept)."""
     values = asdict(study)
-    for key in ("out", "targets", "headline", "bar_target", "seeds", "scratch_lrs"):
+    for key in ("out", "targets", "headline", "bar_target", "long_steps", "seeds", "scratch_lrs"):
         del values[key]  # which runs, not how
     if method != "welore-rewarmup":
         del values["rewarmup_trial"]
@@ -450,6 +454,36 @@ def _run_stage(study: Study, jobs: list[Job], parallel: int, settings: str) -> N
                 print(f"{status} {job.name}", flush=True)
 
 
+def long_study(study: Study) -> Study | None:
+    """The same study at ``long_steps`` steps (seed 0 only), cached in ``out/long``."""
+    if not study.long_steps:
+        return None
+    return replace(study, steps=study.long_steps, out=str(Path(study.out) / "long"))
+
+
+def long_jobs(longer: Study) -> list[Job]:
+    return [Job("dense", 0.0, longer.seeds[0]), Job("welore", longer.bar_target, longer.seeds[0])]
+
+
+def collect_long(study: Study) -> dict[str, Any] | None:
+    """Eval curves of the longer pair and the hand-off's cost at its end, if both have run."""
+    longer = long_study(study)
+    if longer is None:
+        return None
+    dense, welore = (cached_result(longer, job) for job in long_jobs(longer))
+    if dense is None or welore is None:
+        return None
+    projected, _ = projected_total(study)
+    return {
+        "steps": longer.steps, "seed": longer.seeds[0], "target": longer.bar_target,
+        "removed": _removed_share(longer, welore, projected),
+        "dense_loss": dense["final_eval_loss"], "welore_loss": welore["final_eval_loss"],
+        "vs_dense": welore["final_eval_loss"] / dense["final_eval_loss"] - 1.0,
+        "dense_curve": dense["eval_curve"], "welore_curve": welore["eval_curve"],
+        "handoff_steps": sorted({h["step"] for h in welore["handoffs"]}),
+    }
+
+
 # -------------------------------------------------------------------------------- report
 def _removed_share(study: Study, result: dict[str, Any], projected: int) -> float:
     removed = sum(h["params_before"] - h["params_after"] for h in result["handoffs"])
@@ -555,9 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         third += [Job("scratch", t, study.seeds[0], best) for t in study.targets
                   if t != study.headline]
         _run_stage(study, third, args.parallel, settings)
+        if (longer := long_study(study)) is not None:
+            _run_stage(longer, long_jobs(longer), args.parallel, json.dumps(asdict(longer)))
     from benchmarks.handoff_report import report
 
     collected = collect(study)
+    collected["long"] = collect_long(study)
     timing_file = Path(study.out) / "step_timing.json"  # cached like the runs: a quiet machine
     if args.timing:
         timing_file.parent.mkdir(parents=True, exist_ok=True)
