@@ -44,20 +44,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from benchmarks.common import RESULTS, markdown_table, write_json
+from benchmarks.fsdp_handoff_bytes import GALORE_RANK, HANDOFF_RANK, handoff_payload
+from benchmarks.fsdp_handoff_bytes import run as run_handoff
 from lowrank_optim import GaLoreAdamW
 from lowrank_optim.distributed import (
     CollectiveCounter,
     choose_strategy,
     gather_refresh_bytes,
     gram_refresh_bytes,
-)
-from lowrank_optim.distributed.factorize import (
-    choose_factorization,
-    gram_factorize_bytes,
-    gram_peak_bytes,
-    sketch_factorize_bytes,
-    sketch_peak_bytes,
-    weight_gather_bytes,
 )
 from lowrank_optim.distributed.refresh import gather_rows
 from lowrank_optim.distributed.sharding import rows_per_rank
@@ -106,36 +100,12 @@ def formulas(shape: tuple[int, int], world: int) -> dict[str, Any]:
     }
 
 
-HANDOFF_RANK = 128  # a WeLore rank of the heavy-tailed layers it hands off
-
-
-def handoff_formulas(shape: tuple[int, int], world: int, rank: int = HANDOFF_RANK) -> dict:
-    """Bytes and per-rank peak of one sharded hand-off factorization of an fp32 ``shape``."""
-    rows, cols = shape
-    route = choose_factorization(rows, cols, rank, world)
-    if route == "gram":
-        payload, wire = gram_factorize_bytes(cols), 2 * gram_factorize_bytes(cols)
-        peak = gram_peak_bytes(rows, cols, rank, world)
-    else:
-        payload = sketch_factorize_bytes(cols, rank, world, rows=rows)
-        wire = payload + sketch_factorize_bytes(cols, rank, 0, rows=rows)  # all-reduces twice
-        peak = sketch_peak_bytes(rows, cols, rank, world)
-    scale = (world - 1) / world
-    return {
-        "route": route,
-        "payload": payload,
-        "wire_per_rank": round(scale * wire),
-        "peak_per_rank": peak,
-        "gather_wire_per_rank": round(scale * weight_gather_bytes(rows, cols, world)),
-        "gather_peak_per_rank": rows * cols * 4,
-    }
-
-
 def handoff_table() -> str:
+    """One hand-off of every 1B matrix at 2, 4 and 8 ranks, from the formulas (seconds)."""
     rows = []
     for world in WORLDS:
         for name, (shape, count) in SHAPES.items():
-            f = handoff_formulas(shape, world)
+            f = handoff_payload(shape, world)
             rows.append(
                 [
                     f"{name} {shape[0]}x{shape[1]} (x{count * LAYERS})",
@@ -148,7 +118,7 @@ def handoff_table() -> str:
                 ]
             )
         total = {
-            key: sum(handoff_formulas(s, world)[key] * c * LAYERS for s, c in SHAPES.values())
+            key: sum(handoff_payload(s, world)[key] * c * LAYERS for s, c in SHAPES.values())
             for key in ("wire_per_rank", "gather_wire_per_rank")
         }
         rows.append(
@@ -172,9 +142,8 @@ def handoff_table() -> str:
         "gathered weight",
     ]
     return (
-        f"# One WeLore hand-off under FSDP2 (formulas), fp32 LLaMA-1B, rank {HANDOFF_RANK}\n\n"
-        + markdown_table(header, rows)
-        + "\n"
+        f"# One WeLore hand-off under FSDP2 (formulas), fp32 LLaMA-1B, rank {HANDOFF_RANK}, "
+        f"moments of GaLore rank {GALORE_RANK} carried\n\n" + markdown_table(header, rows) + "\n"
     )
 
 
@@ -312,10 +281,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the hand-off bytes and peaks from the formulas only (seconds), and stop",
     )
+    parser.add_argument(
+        "--handoff",
+        action="store_true",
+        help="measure the FSDP2 hand-off of one LLaMA-1B layer at 2 ranks (bytes, per-rank "
+        "memory), check it against the formulas, write results/fsdp_comm_handoff.{md,json}",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --handoff: tiny shapes (seconds), written to a temporary folder unless --out",
+    )
+    parser.add_argument("--out", type=Path, help="with --handoff: the results folder")
     args = parser.parse_args(argv)
     if args.handoff_formulas:
         print(handoff_table())
         return 0
+    if args.handoff:
+        out = args.out or (
+            Path(tempfile.mkdtemp(prefix="fsdp_handoff_")) if args.quick else RESULTS
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        run_handoff(args.quick, out)
+        path = out / "fsdp_comm_handoff.md"
+        print(path.read_text())
+        print(f"wrote {path} and fsdp_comm_handoff.json to {out}")
+        return 0
+    if args.quick or args.out:
+        parser.error("--quick and --out go with --handoff")
     measured = _measure_all(args.step_shapes)
     computed = {
         name: {str(world): formulas(shape, world) for world in WORLDS}

@@ -177,3 +177,24 @@ def test_a_benchmark_child_process_imports_the_package_from_any_folder(
     done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "RESULTS.md" in done.stdout
+
+
+def test_fsdp_comm_handoff_quick(tmp_path: Path):
+    """`python -m benchmarks.fsdp_comm --handoff --quick`: 2 gloo ranks hand off a tiny layer
+    under FSDP2; the counted bytes and per-rank memory equal the formulas (the run raises
+    otherwise), and both result files are written where --out says."""
+    from benchmarks import fsdp_comm
+
+    assert fsdp_comm.main(["--handoff", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fsdp_comm_handoff.json").read_text())
+    markdown = (tmp_path / "fsdp_comm_handoff.md").read_text()
+    assert result["quick"] and set(result["whole_model"]) == {"2", "4", "8"}
+    handoffs = result["measured"]["handoffs"]
+    assert len(handoffs) == len(result["layer_shapes"])
+    for name, entry in result["per_matrix"].items():
+        assert entry["measured"]["route"] in ("gram", "sketch"), name
+        assert sum(entry["measured"]["bytes"].values()) == entry["formula"]["payload"], name
+    for world, cases in result["memory"].items():
+        before, *after = cases.values()
+        assert all(case["total"] < before["total"] for case in after), world
+    assert "| 8 | formula |" in markdown and "## Per-rank memory" in markdown
