@@ -74,11 +74,11 @@ LAYER_1B = {
     "mlp.up_proj": (5461, 2048),
     "mlp.down_proj": (2048, 5461),
 }
-QUICK_LAYER = {
-    "self_attn.q_proj": (48, 48),
-    "self_attn.o_proj": (48, 48),
-    "mlp.gate_proj": (130, 48),
-    "mlp.down_proj": (48, 130),
+QUICK_LAYER = {  # both routes: gram for the square one, sketch for the MLP
+    "self_attn.q_proj": (96, 96),
+    "self_attn.o_proj": (96, 96),
+    "mlp.gate_proj": (256, 96),
+    "mlp.down_proj": (96, 256),
 }
 QUICK_RANKS = {"handoff": 6, "galore": 8}
 
@@ -103,7 +103,10 @@ def handoff_payload(
         peak = gram_peak_bytes(rows, cols, rank, world)
     else:
         reduce = (POWER_ITERS + 1) * cols * width * ITEM
-        gather = (2 * POWER_ITERS + 1) * world * width * width * ITEM
+        # one tall-skinny QR of the sketch and one per power iteration, each all-gathering the
+        # R blocks (``sketch_factorize_bytes`` counts 2 q + 1 of them: the other q QRs, of the
+        # replicated n x l, are local)
+        gather = (POWER_ITERS + 1) * world * width * width * ITEM
         peak = sketch_peak_bytes(rows, cols, rank, world, oversample=OVERSAMPLE)
     carry = 2 * rank * _effective(galore_rank, shape) * ITEM  # one k x r block per moment
     reduce += carry + 2 * 8  # + ||W - U D||^2 and ||W||^2 in fp64
@@ -331,8 +334,8 @@ def _model_specs(quick: bool) -> tuple[list[tuple[tuple[int, ...], bool]], str]:
     )
 
     if quick:
-        config = tiny_llama_config(vocab_size=96, hidden=48, layers=2, heads=4, intermediate=130)
-        name = "tiny LLaMA (hidden 48, 2 layers)"
+        config = tiny_llama_config(vocab_size=96, hidden=96, layers=2, heads=4, intermediate=256)
+        name = "tiny LLaMA (hidden 96, 2 layers)"
     else:
         config, name = load_llama_config("1b"), "LLaMA-1B"
     specs = param_specs(build_llama_on_meta(config).float())
@@ -350,6 +353,7 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
     start = time.perf_counter()
     measured = measure(shapes, ranks)
     wall = time.perf_counter() - start
+    write_json("fsdp_comm_handoff", {"quick": quick, "measured": measured}, folder)  # if unequal
 
     # 1. the measured hand-off of every matrix of one layer against the formula at 2 ranks
     per_matrix, rows = {}, []
