@@ -104,8 +104,8 @@ def handoff_payload(
     else:
         reduce = (POWER_ITERS + 1) * cols * width * ITEM
         # one tall-skinny QR of the sketch and one per power iteration, each all-gathering the
-        # R blocks (``sketch_factorize_bytes`` counts 2 q + 1 of them: the other q QRs, of the
-        # replicated n x l, are local)
+        # R blocks, as ``sketch_factorize_bytes`` counts them (the QRs of the replicated n x l
+        # are local)
         gather = (POWER_ITERS + 1) * world * width * width * ITEM
         peak = sketch_peak_bytes(rows, cols, rank, world, oversample=OVERSAMPLE)
     carry = 2 * rank * _effective(galore_rank, shape) * ITEM  # one k x r block per moment

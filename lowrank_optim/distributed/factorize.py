@@ -116,11 +116,12 @@ def sketch_factorize_bytes(
     itemsize: int = 4,
     rows: int | None = None,
 ) -> int:
-    """Payload of the ``sketch`` route: ``2 q + 1`` tall-skinny QRs (an all-gather of ``R``
-    ``l x l`` blocks each) and ``q + 1`` all-reduces of ``n x l`` (``q`` power iterations and the
-    final sketch), in the compute dtype (``itemsize``, fp32 at least). ``rows`` caps ``l``."""
+    """Payload of the ``sketch`` route: ``q + 1`` tall-skinny QRs (one of the sketch, one per
+    power iteration: an all-gather of ``R`` ``l x l`` blocks each) and ``q + 1`` all-reduces of
+    ``n x l`` (``q`` power iterations and the final sketch), in the compute dtype (``itemsize``,
+    fp32 at least). ``rows`` caps ``l``."""
     width = _sketch_width(rank, oversample, rows if rows is not None else cols, cols)
-    qr_count = 2 * power_iters + 1
+    qr_count = power_iters + 1
     return (qr_count * world_size * width * width + (power_iters + 1) * cols * width) * itemsize
 
 
@@ -238,7 +239,7 @@ def choose_factorization(
     weight = rows * cols * itemsize
     width = _sketch_width(rank, oversample, rows, cols)
     sketch_wire = (
-        2 * (power_iters + 1) * cols * width + (2 * power_iters + 1) * world_size * width * width
+        2 * (power_iters + 1) * cols * width + (power_iters + 1) * world_size * width * width
     ) * compute
     gram_wire = 2 * gram_factorize_bytes(cols)
     fits = {
