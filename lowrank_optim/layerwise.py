@@ -101,7 +101,9 @@ class LayerwiseOptimizer:
     Args:
         optimizer: a :class:`GaLoreAdamW` (or subclass: 8-bit, Q-GaLore, WeLore). Build the
             learning-rate scheduler on it, as without layer-wise updates.
-        model: the model, to refuse DDP and for :meth:`maybe_handoff` (optional).
+        model: the model: the DDP wrapper (its communication hook steps), the FSDP2 root
+            module (required there: its outputs count backward passes), and for
+            :meth:`maybe_handoff` (optional in one process).
         accumulation_steps: backward passes per optimizer step; the update happens in the last.
         max_grad_norm: clip each parameter's accumulated gradient to this norm (``None``: off).
 
