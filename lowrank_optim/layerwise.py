@@ -20,10 +20,19 @@ parameter (so the schedule advances once per parameter) and cannot clip. Here, w
 * there is one real optimizer, and at the end of the boundary backward its ``step()`` is called
   once with no gradients left, so one learning-rate scheduler on it (and any step hooks) count
   exactly one step per optimizer step;
-* clipping is per parameter: ``G_l <- G_l * min(1, c / (||G_l|| + 1e-6))`` (torch's
-  ``clip_grad_norm_`` formula on one tensor). Global-norm clipping needs every gradient at once,
-  which is what layer-wise updates avoid, so it is impossible here. For a parameter that
-  accumulated ``R = P^T G``, the norm is ``||R||``: the part of ``G`` the update uses.
+* clipping is per parameter by default (``clip="parameter"``):
+  ``G_l <- G_l * min(1, c / (||G_l|| + 1e-6))`` (torch's ``clip_grad_norm_`` formula on one
+  tensor). For a parameter that accumulated ``R = P^T G``, the norm is ``||R||``: the part of
+  ``G`` the update uses;
+* ``clip="previous_global"`` clips by the global norm, exactly measured, of the *previous*
+  step: ``G_l <- G_l * min(1, c / (N_{t-1} + 1e-6))`` with ``N_t^2 = sum_l ||G_l||^2`` summed
+  as the step's parameters go by (one all-reduce per step under FSDP2; none under DDP, whose
+  gradients are already averaged). The global norm of step ``t`` is known only after its last
+  gradient, when every other parameter has stepped; the alternative, deferring all updates of
+  a window until then, would hold every gradient at once, which is what layer-wise updates
+  avoid. So the norm lags one step and step 1 is not clipped. Where a window accumulated
+  ``R = P^T G``, ``||R||`` enters the sum (with ``accumulation_steps=1``, or on the steps that
+  need ``G``, it is ``||G||``: exactly the norm ``clip_grad_norm_`` would take).
 
 Under ``DistributedDataParallel`` (pass the DDP wrapper as ``model``) a parameter steps once its
 bucket has been all-reduced: the wrapper registers a DDP communication hook
@@ -77,6 +86,7 @@ if TYPE_CHECKING:
 __all__ = ["LayerwiseOptimizer"]
 
 _CHECKPOINT_KEY = "layerwise"
+_CLIP_MODES = ("parameter", "previous_global")
 _UNREDUCED_MESSAGE = (
     "Layer-wise updates in a process group of {world} ranks need the DistributedDataParallel "
     "wrapper as model= (LayerwiseOptimizer(optimizer, ddp_model)): its communication hook "
@@ -105,7 +115,9 @@ class LayerwiseOptimizer:
             module (required there: its outputs count backward passes), and for
             :meth:`maybe_handoff` (optional in one process).
         accumulation_steps: backward passes per optimizer step; the update happens in the last.
-        max_grad_norm: clip each parameter's accumulated gradient to this norm (``None``: off).
+        max_grad_norm: clip to this norm (``None``: off).
+        clip: ``"parameter"`` (each parameter's gradient to ``max_grad_norm``) or
+            ``"previous_global"`` (all of them by the previous step's global norm).
 
     Example:
         >>> optimizer = GaLoreAdamW(groups, lr=1e-2)
@@ -124,6 +136,7 @@ class LayerwiseOptimizer:
         *,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        clip: str = "parameter",
     ) -> None:
         if not isinstance(optimizer, GaLoreAdamW):
             raise TypeError(
@@ -149,6 +162,8 @@ class LayerwiseOptimizer:
                 f"Invalid max_grad_norm: {max_grad_norm!r}; must be a positive finite number "
                 "or None"
             )
+        if clip not in _CLIP_MODES:
+            raise ValueError(f"Invalid clip: {clip!r}; allowed: {', '.join(_CLIP_MODES)}")
         fsdp = _sharded_helpers(optimizer)
         ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -160,6 +175,10 @@ class LayerwiseOptimizer:
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.clip = clip
+        #: the global gradient norm of the last optimizer step (``clip="previous_global"``)
+        self.previous_norm: float | None = None
+        self._square_sum = torch.zeros((), dtype=torch.float32)  # of the step being taken
         #: backward passes finished in the current accumulation window (0 right after a step)
         self.micro_step = 0
         #: optimizer steps taken through this wrapper
@@ -352,9 +371,19 @@ class LayerwiseOptimizer:
             param.grad = None
 
     def _clip_(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """``grad *= min(1, max_norm / (||grad|| + 1e-6))``, torch's clip_grad_norm_ formula
-        (under FSDP2 ``grad`` is this rank's rows and the norm is over all ranks' rows)."""
+        """``grad *= min(1, max_norm / (norm + 1e-6))``, torch's clip_grad_norm_ formula, with
+        ``norm`` this gradient's (under FSDP2 over all ranks' rows) or the previous step's
+        global one, whose square sum this gradient joins."""
         if self.max_grad_norm is None:
+            return
+        if self.clip == "previous_global":
+            rows = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self._square_sum = self._square_sum.to(rows.device) + rows
+            if self.previous_norm is None:
+                return  # step 1: no global norm is known yet
+            coefficient = min(1.0, self.max_grad_norm / (self.previous_norm + 1e-6))
+            if coefficient < 1.0:
+                grad.mul_(coefficient)
             return
         if self._fsdp is not None:
             norm = self._fsdp.square_sum(param, grad).sqrt()
@@ -362,6 +391,16 @@ class LayerwiseOptimizer:
             norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         grad.mul_(coefficient.to(grad.dtype))
+
+    def _close_global_norm(self) -> None:
+        """The step's global norm, for the next step's clip (FSDP2: rows summed over ranks)."""
+        if self.max_grad_norm is None or self.clip != "previous_global":
+            return
+        total = self._square_sum
+        self._square_sum = torch.zeros((), dtype=torch.float32)
+        if self._fsdp is not None:
+            total = self._fsdp.sum_over_ranks(self._flat_params()[0], total)
+        self.previous_norm = float(total.sqrt())
 
     def _end_of_backward(self) -> None:
         self._queued_for = None
@@ -381,6 +420,7 @@ class LayerwiseOptimizer:
                 )
             self._step_parameter(param, None)
         self._check_unhooked_gradients()
+        self._close_global_norm()
         # No gradient is left, so this updates nothing; it lets a scheduler built on the
         # optimizer (and any step hooks) see exactly one step per optimizer step.
         self.optimizer.step()
@@ -466,6 +506,7 @@ class LayerwiseOptimizer:
                 "accumulation_steps": self.accumulation_steps,
                 "micro_step": self.micro_step,
                 "optimizer_steps": self.optimizer_steps,
+                "previous_norm": self.previous_norm,
                 "full": {position[p]: grad for p, grad in self._full.items()},
                 "low_rank": {position[p]: low for p, low in self._low.items()},
             },
@@ -501,6 +542,8 @@ class LayerwiseOptimizer:
             self._low[param] = low.to(device=param.device)
         self.micro_step = int(saved["micro_step"])
         self.optimizer_steps = int(saved["optimizer_steps"])
+        previous = saved.get("previous_norm")  # absent in checkpoints of older versions
+        self.previous_norm = None if previous is None else float(previous)
 
     def _local_shape(self, param: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
         """FSDP2: each rank saves (and loads) its own rows of the window's sums."""

@@ -69,16 +69,24 @@ def schedule(step: int) -> float:
 class Run:
     """A DDP model, its optimizer, schedule and (layer-wise) wrapper."""
 
-    def __init__(self, name: str, layerwise: bool, clip: float | None = None) -> None:
+    def __init__(
+        self, name: str, layerwise: bool, clip: float | None = None, mode: str = "parameter"
+    ) -> None:
         self.module = TinyNet()
         self.optimizer = OPTIMIZERS[name](self.module)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # Buckets of ~100 bytes: several per backward, so updates overlap later all-reduces.
         self.model = DistributedDataParallel(self.module, bucket_cap_mb=1e-4)
         self.clip = clip
+        self.mode = mode
+        self._previous: float | None = None  # the reference's global norm of the last step
         self.wrapper = (
             LayerwiseOptimizer(
-                self.optimizer, self.model, accumulation_steps=ACCUMULATION, max_grad_norm=clip
+                self.optimizer,
+                self.model,
+                accumulation_steps=ACCUMULATION,
+                max_grad_norm=clip,
+                clip=mode,
             )
             if layerwise
             else None
@@ -104,7 +112,9 @@ class Run:
         if not last:
             return
         if self.wrapper is None:
-            if self.clip is not None:
+            if self.clip is not None and self.mode == "previous_global":
+                self._clip_by_previous_norm(self.clip)
+            elif self.clip is not None:
                 for param in self.module.parameters():
                     torch.nn.utils.clip_grad_norm_([param], self.clip)
             self.optimizer.step()
@@ -115,6 +125,16 @@ class Run:
         dist.all_reduce(self._window)
         self.losses.append(float(self._window) / WORLD)
         self._window = torch.zeros(())
+
+    def _clip_by_previous_norm(self, clip: float) -> None:
+        """The reference of ``clip="previous_global"``: scale by the last step's total norm."""
+        grads = [param.grad for param in self.module.parameters()]
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        if self._previous is not None:
+            coefficient = min(1.0, clip / (self._previous + 1e-6))
+            for grad in grads:
+                grad.mul_(coefficient)
+        self._previous = norm
 
     def result(self) -> dict[str, Any]:
         return {
@@ -128,9 +148,11 @@ class Run:
         }
 
 
-def _scenario_train(name: str, layerwise: bool, clip: float | None = None) -> dict[str, Any]:
+def _scenario_train(
+    name: str, layerwise: bool, clip: float | None = None, mode: str = "parameter"
+) -> dict[str, Any]:
     batches = make_batches(STEPS * ACCUMULATION, torch.float32)
-    run = Run(name, layerwise, clip)
+    run = Run(name, layerwise, clip, mode)
     for index in range(len(batches)):
         run.backward(index, batches)
     return run.result()
@@ -271,6 +293,8 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"
         _attempt(results, f"clip/{mode}", partial(_scenario_train, "plain", layerwise, 0.05))
+        scenario = partial(_scenario_train, "plain", layerwise, 0.05, "previous_global")
+        _attempt(results, f"clip_global/{mode}", scenario)
     _attempt(results, "resume", _scenario_resume)
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"

@@ -59,7 +59,12 @@ class Run:
     """
 
     def __init__(
-        self, projected: bool, layerwise: bool, sync: bool = True, clip: float | None = None
+        self,
+        projected: bool,
+        layerwise: bool,
+        sync: bool = True,
+        clip: float | None = None,
+        mode: str = "parameter",
     ) -> None:
         self.module = TinyNet()
         fully_shard(self.module.up)
@@ -68,9 +73,15 @@ class Run:
         self.optimizer = _optimizer(self.module, projected)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.sync, self.clip = sync, clip
+        self.mode = mode
+        self._previous: float | None = None  # the reference's global norm of the last step
         self.wrapper = (
             LayerwiseOptimizer(
-                self.optimizer, self.module, accumulation_steps=ACCUMULATION, max_grad_norm=clip
+                self.optimizer,
+                self.module,
+                accumulation_steps=ACCUMULATION,
+                max_grad_norm=clip,
+                clip=mode,
             )
             if layerwise
             else None
@@ -100,7 +111,9 @@ class Run:
         if not last:
             return
         if self.wrapper is None:
-            if self.clip is not None:
+            if self.clip is not None and self.mode == "previous_global":
+                self._clip_by_previous_norm(self.clip)
+            elif self.clip is not None:
                 for param in self.module.parameters():
                     torch.nn.utils.clip_grad_norm_([param], self.clip)
             self.optimizer.step()
@@ -114,6 +127,16 @@ class Run:
 
     def weights(self) -> list[torch.Tensor]:
         return [p.full_tensor().detach().clone() for p in self.module.parameters()]
+
+    def _clip_by_previous_norm(self, clip: float) -> None:
+        """The reference of ``clip="previous_global"``: scale by the last step's total norm."""
+        grads = [param.grad for param in self.module.parameters()]
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        if self._previous is not None:
+            coefficient = min(1.0, clip / (self._previous + 1e-6))
+            for grad in grads:
+                grad.mul_(coefficient)
+        self._previous = norm
 
     def result(self) -> dict[str, Any]:
         return {
@@ -129,10 +152,14 @@ class Run:
 
 
 def _scenario_train(
-    projected: bool, layerwise: bool, sync: bool = True, clip: float | None = None
+    projected: bool,
+    layerwise: bool,
+    sync: bool = True,
+    clip: float | None = None,
+    mode: str = "parameter",
 ) -> dict[str, Any]:
     batches = make_batches(STEPS * ACCUMULATION, torch.float32)
-    run = Run(projected, layerwise, sync, clip)
+    run = Run(projected, layerwise, sync, clip, mode)
     for index in range(len(batches)):
         run.backward(index, batches)
     return run.result()
@@ -221,6 +248,8 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"
         _attempt(results, f"clip/{mode}", partial(_scenario_train, False, layerwise, True, 0.05))
+        scenario = partial(_scenario_train, False, layerwise, True, 0.05, "previous_global")
+        _attempt(results, f"clip_global/{mode}", scenario)
     _attempt(results, "resume", _scenario_resume)
     _attempt(results, "refused", _scenario_refused)
     dist.barrier()  # no rank tears gloo down while a peer is still in a collective

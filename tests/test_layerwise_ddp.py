@@ -104,3 +104,13 @@ def test_layerwise_ddp_welore_handoff_matches_regular(runs: Results) -> None:
         layerwise[0]["weights"].values(), layerwise[1]["weights"].values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_layerwise_ddp_previous_global_clip(runs: Results) -> None:
+    """``clip="previous_global"``: every gradient scaled by the last step's global norm."""
+    regular = _result(runs, "clip_global/regular")
+    layerwise = _result(runs, "clip_global/layerwise")
+    per_parameter = _result(runs, "clip/layerwise")
+    for theirs, ours, other in zip(regular, layerwise, per_parameter, strict=True):
+        _close(ours["weights"], theirs["weights"])
+        assert not torch.allclose(ours["weights"][0], other["weights"][0])

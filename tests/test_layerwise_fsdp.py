@@ -91,3 +91,13 @@ def test_layerwise_fsdp_refusals_name_their_reason(runs: Results) -> None:
         assert "root module as model=" in errors["without_model"]
         assert errors["last_without_sync"].startswith("RuntimeError:")
         assert "set_requires_gradient_sync(False)" in errors["last_without_sync"]
+
+
+def test_layerwise_fsdp_previous_global_clip(runs: Results) -> None:
+    """``clip="previous_global"``: every gradient scaled by the last step's global norm."""
+    regular = _result(runs, "clip_global/regular")
+    layerwise = _result(runs, "clip_global/layerwise")
+    per_parameter = _result(runs, "clip/layerwise")
+    for theirs, ours, other in zip(regular, layerwise, per_parameter, strict=True):
+        _close(ours["weights"], theirs["weights"])
+        assert not torch.allclose(ours["weights"][0], other["weights"][0])

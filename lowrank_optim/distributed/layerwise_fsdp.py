@@ -54,6 +54,7 @@ __all__ = [
     "local_shape",
     "reduces_gradients",
     "square_sum",
+    "sum_over_ranks",
 ]
 
 
@@ -94,6 +95,13 @@ def square_sum(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     total = torch.linalg.vector_norm(rows, dtype=torch.float32).square()
     if isinstance(param, DTensor):
         dist.all_reduce(total, group=param.device_mesh.get_group())
+    return total
+
+
+def sum_over_ranks(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the ranks of ``param``'s mesh (a sum of this rank's rows)."""
+    total = value.clone()
+    dist.all_reduce(total, group=param.device_mesh.get_group())
     return total
 
 
