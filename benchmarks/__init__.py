@@ -25,6 +25,7 @@ BENCHMARKS = (
     "fsdp_comm",
     "galore_core",
     "handoff_study",
+    "layerwise_memory",
     "memory",
     "pretrain_suite",
     "quality",

@@ -19,11 +19,12 @@ hands converged layers off to low-rank factors and re-wraps DDP. Rank 0 writes
 (:class:`lowrank_optim.LayerwiseOptimizer`), accumulating over the micro-batches (in low-rank
 coordinates where that is smaller) and clipping each parameter's gradient to ``--grad-clip`` (a
 global norm needs every gradient at once, which layer-wise updates never hold). Under torchrun
-each parameter steps in DDP's communication hook once its bucket is all-reduced; not with
-``--fsdp``:
+each parameter steps in DDP's communication hook once its bucket is all-reduced; with
+``--fsdp`` in the hook FSDP2 fires once its reduce-scatter has produced the row shard:
 
     python examples/torchrun_pretrain.py --model 9m --optimizer galore_adamw --layerwise
     torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --optimizer galore_adamw --layerwise
+    torchrun --nproc_per_node 2 examples/torchrun_pretrain.py --fsdp --layerwise
 
 ``--fsdp`` shards parameters, gradients and optimizer state by rows with FSDP2 instead
 (``examples/fsdp_pretrain.py`` is the same run with ``--fsdp`` implied): every decoder layer
@@ -131,6 +132,11 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     )
     parser.add_argument("--target-reduction", type=float, default=PRETRAIN["target_reduction"])
     parser.add_argument("--min-ratio", type=float, default=PRETRAIN["min_ratio"])
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="step each parameter inside backward (one process, DDP or FSDP2)",
+    )
     if fsdp:
         parser.add_argument("--checkpoint-dir", default=None, help="DCP directory to save to")
         parser.add_argument(
@@ -138,11 +144,6 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
         )
         parser.add_argument("--resume", action="store_true", help="load --checkpoint-dir first")
         return parser.parse_args(argv)
-    parser.add_argument(
-        "--layerwise",
-        action="store_true",
-        help="step each parameter inside backward (one process or DDP; not with --fsdp)",
-    )
     parser.add_argument(
         "--fsdp",
         action="store_true",
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None, *, fsdp: bool = False) -> None:
     layerwise = (
         LayerwiseOptimizer(
             optimizer,
-            model,  # under DDP the wrapper: its communication hook steps each reduced bucket
+            model,  # DDP: the wrapper (its comm hook steps); FSDP2: the root (its outputs count)
             accumulation_steps=accumulation,
             max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
         )

@@ -115,12 +115,16 @@ def _in_moment_dtype(grad: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     return grad if grad.dtype == moment.dtype else grad.to(moment.dtype)
 
 
-def _grads(views: Sequence[ParamView]) -> list[torch.Tensor]:
-    """The views' local gradients (present on every full-gradient step)."""
-    grads = [view.grad for view in views]
+def _present(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``grads``, each present (every step has a gradient, full or low-rank, per view)."""
     if any(grad is None for grad in grads):
         raise RuntimeError("a full-gradient step got a parameter without a gradient")
     return grads  # type: ignore[return-value]
+
+
+def _grads(views: Sequence[ParamView]) -> list[torch.Tensor]:
+    """The views' local gradients (present on every full-gradient step)."""
+    return _present([view.grad for view in views])
 
 
 # ------------------------------------------------------------------------------ state setup
@@ -402,7 +406,9 @@ def projected_step(
     current bases (layer-wise accumulation); ``view.grad`` is then not read.
     """
     if placement.checks_before_step:
-        views = drop_non_finite(group, views, placement.finite_flags(views, _grads(views)))
+        # A layer-wise step's gradient may be its low-rank sum (FSDP2: this rank's G_k Q).
+        grads = [low_rank_grads.get(view.index, view.grad) for view in views]
+        views = drop_non_finite(group, views, placement.finite_flags(views, _present(grads)))
     kept: list[ParamView] = []
     lows: list[torch.Tensor] = []
     bases_of: dict[int, dict[str, torch.Tensor]] = {}

@@ -20,10 +20,19 @@ parameter (so the schedule advances once per parameter) and cannot clip. Here, w
 * there is one real optimizer, and at the end of the boundary backward its ``step()`` is called
   once with no gradients left, so one learning-rate scheduler on it (and any step hooks) count
   exactly one step per optimizer step;
-* clipping is per parameter: ``G_l <- G_l * min(1, c / (||G_l|| + 1e-6))`` (torch's
-  ``clip_grad_norm_`` formula on one tensor). Global-norm clipping needs every gradient at once,
-  which is what layer-wise updates avoid, so it is impossible here. For a parameter that
-  accumulated ``R = P^T G``, the norm is ``||R||``: the part of ``G`` the update uses.
+* clipping is per parameter by default (``clip="parameter"``):
+  ``G_l <- G_l * min(1, c / (||G_l|| + 1e-6))`` (torch's ``clip_grad_norm_`` formula on one
+  tensor). For a parameter that accumulated ``R = P^T G``, the norm is ``||R||``: the part of
+  ``G`` the update uses;
+* ``clip="previous_global"`` clips by the global norm, exactly measured, of the *previous*
+  step: ``G_l <- G_l * min(1, c / (N_{t-1} + 1e-6))`` with ``N_t^2 = sum_l ||G_l||^2`` summed
+  as the step's parameters go by (one all-reduce per step under FSDP2; none under DDP, whose
+  gradients are already averaged). The global norm of step ``t`` is known only after its last
+  gradient, when every other parameter has stepped; the alternative, deferring all updates of
+  a window until then, would hold every gradient at once, which is what layer-wise updates
+  avoid. So the norm lags one step and step 1 is not clipped. Where a window accumulated
+  ``R = P^T G``, ``||R||`` enters the sum (with ``accumulation_steps=1``, or on the steps that
+  need ``G``, it is ``||G||``: exactly the norm ``clip_grad_norm_`` would take).
 
 Under ``DistributedDataParallel`` (pass the DDP wrapper as ``model``) a parameter steps once its
 bucket has been all-reduced: the wrapper registers a DDP communication hook
@@ -31,9 +40,18 @@ bucket has been all-reduced: the wrapper registers a DDP communication hook
 window under ``model.no_sync()``; their gradients are accumulated locally (in low-rank
 coordinates where that is smaller) and folded into the last backward's all-reduce.
 
-Not supported, and refused with an error: FSDP2 (``fully_shard``: the sharded gradient exists
-only after FSDP's reduce-scatter, and no hook steps it there yet), a process group of more than
-one rank without a DDP wrapper passed as ``model`` (nothing would reduce the gradients), a DDP
+Under FSDP2 (``fully_shard``; pass the root module as ``model``) a parameter steps once its
+reduce-scatter has produced its row shard: FSDP2 calls the parameter's post-accumulate-grad
+hook itself after assigning the sharded ``.grad`` (:mod:`lowrank_optim.distributed.layerwise_fsdp`).
+Each rank accumulates and steps its own rows (``G_k Q`` for a right-projected weight). Either
+let every backward reduce-scatter, or run the first ``k - 1`` under
+``model.set_requires_gradient_sync(False)`` (FSDP then keeps the unsharded sum until the last).
+
+Not supported, and refused with an error: a process group of more than
+one rank with neither a DDP wrapper nor FSDP2 parameters (nothing would reduce the gradients),
+FSDP2 without its root module as ``model`` (a backward FSDP does not reduce fires no hook, so
+only the module's outputs tell that it ran), the last backward of a window without gradient
+sync (DDP ``no_sync`` or FSDP2 ``set_requires_gradient_sync(False)``), a DDP
 wrapper that already has a communication hook (DDP takes one), closures, and optimizers other
 than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses (an accelerate-wrapped
 optimizer included). Hugging Face ``Trainer`` calls ``optimizer.step()`` itself, so there use
@@ -60,21 +78,30 @@ from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 from lowrank_optim.projection import effective_rank, low_rank_shape, project
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from lowrank_optim.distributed.layerwise_ddp import LayerwiseCommHook
+    from lowrank_optim.distributed.layerwise_fsdp import BackwardFollower
 
 __all__ = ["LayerwiseOptimizer"]
 
 _CHECKPOINT_KEY = "layerwise"
+_CLIP_MODES = ("parameter", "previous_global")
 _UNREDUCED_MESSAGE = (
     "Layer-wise updates in a process group of {world} ranks need the DistributedDataParallel "
     "wrapper as model= (LayerwiseOptimizer(optimizer, ddp_model)): its communication hook "
     "steps each parameter after its gradient is all-reduced. Without it each parameter would "
     "step on its local gradient and the ranks would diverge."
 )
-_FSDP_MESSAGE = (
-    "Layer-wise updates on FSDP2-sharded parameters ({name} is a DTensor) are not supported: "
-    "the gradient shard exists only after FSDP's reduce-scatter, and no hook steps it there "
-    "yet. Call optimizer.step() after backward, or use DistributedDataParallel."
+_FSDP_MODEL_MESSAGE = (
+    "Layer-wise updates on FSDP2-sharded parameters need the fully_shard-ed root module as "
+    "model= (LayerwiseOptimizer(optimizer, model)): a backward under "
+    "set_requires_gradient_sync(False) fires no parameter hook, so only the model's outputs "
+    "tell that it ran and closed a micro-step."
+)
+_FSDP_MIXED_MESSAGE = (
+    "Layer-wise updates on FSDP2 need every parameter of the optimizer sharded by fully_shard; "
+    "{name} is a plain tensor, whose gradient no rank would reduce"
 )
 
 
@@ -84,9 +111,13 @@ class LayerwiseOptimizer:
     Args:
         optimizer: a :class:`GaLoreAdamW` (or subclass: 8-bit, Q-GaLore, WeLore). Build the
             learning-rate scheduler on it, as without layer-wise updates.
-        model: the model, to refuse DDP and for :meth:`maybe_handoff` (optional).
+        model: the model: the DDP wrapper (its communication hook steps), the FSDP2 root
+            module (required there: its outputs count backward passes), and for
+            :meth:`maybe_handoff` (optional in one process).
         accumulation_steps: backward passes per optimizer step; the update happens in the last.
-        max_grad_norm: clip each parameter's accumulated gradient to this norm (``None``: off).
+        max_grad_norm: clip to this norm (``None``: off).
+        clip: ``"parameter"`` (each parameter's gradient to ``max_grad_norm``) or
+            ``"previous_global"`` (all of them by the previous step's global norm).
 
     Example:
         >>> optimizer = GaLoreAdamW(groups, lr=1e-2)
@@ -105,6 +136,7 @@ class LayerwiseOptimizer:
         *,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
+        clip: str = "parameter",
     ) -> None:
         if not isinstance(optimizer, GaLoreAdamW):
             raise TypeError(
@@ -130,15 +162,23 @@ class LayerwiseOptimizer:
                 f"Invalid max_grad_norm: {max_grad_norm!r}; must be a positive finite number "
                 "or None"
             )
-        _refuse_sharded(optimizer)
+        if clip not in _CLIP_MODES:
+            raise ValueError(f"Invalid clip: {clip!r}; allowed: {', '.join(_CLIP_MODES)}")
+        fsdp = _sharded_helpers(optimizer)
         ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if ddp is None and world > 1:
+        if ddp is None and fsdp is None and world > 1:
             raise ValueError(_UNREDUCED_MESSAGE.format(world=world))
+        if fsdp is not None and model is None:
+            raise ValueError(_FSDP_MODEL_MESSAGE)
         self.optimizer = optimizer
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.clip = clip
+        #: the global gradient norm of the last optimizer step (``clip="previous_global"``)
+        self.previous_norm: float | None = None
+        self._square_sum = torch.zeros((), dtype=torch.float32)  # of the step being taken
         #: backward passes finished in the current accumulation window (0 right after a step)
         self.micro_step = 0
         #: optimizer steps taken through this wrapper
@@ -151,9 +191,14 @@ class LayerwiseOptimizer:
         self._queued_for: int | None = None  # graph task that holds our end-of-backward callback
         self._ddp_hook: LayerwiseCommHook | None = None
         self._reduced: frozenset[torch.Tensor] = frozenset()  # parameters DDP reduces
+        # FSDP2: the helpers of lowrank_optim.distributed.layerwise_fsdp (None without DTensors).
+        self._fsdp: ModuleType | None = fsdp
+        self._follower: BackwardFollower | None = None
         self._sync_hooks()
         if ddp is not None:
             self._attach(ddp)
+        if fsdp is not None:
+            self._follower = fsdp.BackwardFollower(model, self._on_backward)
 
     def _attach(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         """Step each parameter DDP reduces from the wrapper's communication hook."""
@@ -197,12 +242,26 @@ class LayerwiseOptimizer:
             handle.remove()
         self._hooks.clear()
 
-    def _on_grad(self, param: torch.Tensor) -> None:
+    def _queue_end_of_backward(self) -> None:
         task = torch._C._current_graph_task_id()
         if self._queued_for != task:
             # Runs once after this whole backward: counts the micro-step, closes the window.
             Variable._execution_engine.queue_callback(self._end_of_backward)
             self._queued_for = task
+
+    def _on_backward(self) -> None:
+        """FSDP2: a backward through the model's outputs starts (before any reduce-scatter)."""
+        self._queue_end_of_backward()
+        if self.closes_window() and not self._fsdp.reduces_gradients(self.model):  # type: ignore[union-attr]
+            raise RuntimeError(
+                f"The last backward of an accumulation window ({self.accumulation_steps} "
+                "backward passes) runs under set_requires_gradient_sync(False): FSDP2 does not "
+                "reduce-scatter its gradients, so no parameter can step. Disable gradient sync "
+                "only for the first accumulation_steps - 1 backward passes."
+            )
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        self._queue_end_of_backward()
         if self._ddp_hook is not None and param in self._reduced:
             if self._ddp_hook.syncs:
                 return  # DDP's reducer copies .grad into its bucket; the comm hook steps it
@@ -218,6 +277,8 @@ class LayerwiseOptimizer:
         param.grad = None  # freed now: the point of layer-wise updates
         if grad is None:
             return
+        if self._fsdp is not None:
+            grad = self._fsdp.local_rows(grad)  # FSDP2: this rank's rows, already averaged
         if self.closes_window():
             self._step_parameter(param, grad)
         else:
@@ -265,7 +326,7 @@ class LayerwiseOptimizer:
             self._full[param].add_(grad)
             return
         bases = self._bases(param)
-        if bases is None or not self._low_rank_saves_memory(param, grad):
+        if bases is None or not self._low_rank_saves_memory(param):
             # The window's first gradient becomes the sum, as autograd's own accumulation does.
             self._full[param] = grad if owned else grad.clone()
             return
@@ -276,12 +337,14 @@ class LayerwiseOptimizer:
         else:
             self._low[param] = low
 
-    def _low_rank_saves_memory(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
-        """Whether an fp32 ``P^T G`` sum is smaller than the full sum (not if r ~ min(m, n))."""
+    def _low_rank_saves_memory(self, param: torch.Tensor) -> bool:
+        """Whether an fp32 ``P^T G`` sum is smaller than the full sum (not if r ~ min(m, n)).
+
+        Decided on the global shape, so that every FSDP2 rank decides alike."""
         group = self.optimizer.param_groups[self._locations[param][0]]
         rank = effective_rank(group["rank"], param.shape)
         low_numel = math.prod(low_rank_shape(group["proj_type"], param.shape, rank))
-        return low_numel * 4 < grad.numel() * grad.element_size()
+        return low_numel * 4 < param.numel() * param.dtype.itemsize
 
     def _step_parameter(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
         group_index, index = self._locations[param]
@@ -290,7 +353,7 @@ class LayerwiseOptimizer:
             bases = self._bases(param)
             if grad is not None and bases is not None:  # bases are fixed inside a window
                 low.add_(project(grad, bases).float())
-            self._clip_(low)
+            self._clip_(param, low)
             self.optimizer.step_parameters(group_index, [index], {index: low})
             return
         total = self._full.pop(param, None)
@@ -300,20 +363,44 @@ class LayerwiseOptimizer:
             total.add_(grad)
         if total is None:
             return
-        self._clip_(total)
-        param.grad = total
+        self._clip_(param, total)
+        param.grad = total if self._fsdp is None else self._fsdp.as_sharded_grad(param, total)
         try:
             self.optimizer.step_parameters(group_index, [index])
         finally:
             param.grad = None
 
-    def _clip_(self, grad: torch.Tensor) -> None:
-        """``grad *= min(1, max_norm / (||grad|| + 1e-6))``, torch's clip_grad_norm_ formula."""
+    def _clip_(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """``grad *= min(1, max_norm / (norm + 1e-6))``, torch's clip_grad_norm_ formula, with
+        ``norm`` this gradient's (under FSDP2 over all ranks' rows) or the previous step's
+        global one, whose square sum this gradient joins."""
         if self.max_grad_norm is None:
             return
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        if self.clip == "previous_global":
+            rows = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self._square_sum = self._square_sum.to(rows.device) + rows
+            if self.previous_norm is None:
+                return  # step 1: no global norm is known yet
+            coefficient = min(1.0, self.max_grad_norm / (self.previous_norm + 1e-6))
+            if coefficient < 1.0:
+                grad.mul_(coefficient)
+            return
+        if self._fsdp is not None:
+            norm = self._fsdp.square_sum(param, grad).sqrt()
+        else:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         grad.mul_(coefficient.to(grad.dtype))
+
+    def _close_global_norm(self) -> None:
+        """The step's global norm, for the next step's clip (FSDP2: rows summed over ranks)."""
+        if self.max_grad_norm is None or self.clip != "previous_global":
+            return
+        total = self._square_sum
+        self._square_sum = torch.zeros((), dtype=torch.float32)
+        if self._fsdp is not None:
+            total = self._fsdp.sum_over_ranks(self._flat_params()[0], total)
+        self.previous_norm = float(total.sqrt())
 
     def _end_of_backward(self) -> None:
         self._queued_for = None
@@ -333,6 +420,7 @@ class LayerwiseOptimizer:
                 )
             self._step_parameter(param, None)
         self._check_unhooked_gradients()
+        self._close_global_norm()
         # No gradient is left, so this updates nothing; it lets a scheduler built on the
         # optimizer (and any step hooks) see exactly one step per optimizer step.
         self.optimizer.step()
@@ -383,6 +471,14 @@ class LayerwiseOptimizer:
 
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
         """``WeLoreAdamW.maybe_handoff``, then hooks moved from handed-off weights to factors."""
+        if self._fsdp is not None:
+            # The FSDP2 hand-off re-registers the factors in FSDP's parameter groups; moving the
+            # post-reduce-scatter hooks and the window's sharded sums onto them is not built.
+            raise NotImplementedError(
+                "WeLore hand-offs with layer-wise updates on FSDP2-sharded parameters are not "
+                "supported yet; hand off with regular stepping (without LayerwiseOptimizer) on "
+                "FSDP2, or use layer-wise updates with hand-offs in one process or on DDP"
+            )
         if not isinstance(self.optimizer, WeLoreAdamW):
             raise TypeError(
                 f"maybe_handoff needs a WeLoreAdamW; this LayerwiseOptimizer drives a "
@@ -418,6 +514,7 @@ class LayerwiseOptimizer:
                 "accumulation_steps": self.accumulation_steps,
                 "micro_step": self.micro_step,
                 "optimizer_steps": self.optimizer_steps,
+                "previous_norm": self.previous_norm,
                 "full": {position[p]: grad for p, grad in self._full.items()},
                 "low_rank": {position[p]: low for p, low in self._low.items()},
             },
@@ -437,7 +534,7 @@ class LayerwiseOptimizer:
         self._full, self._low = {}, {}
         for position, grad in saved["full"].items():
             param = params[int(position)]
-            self._check_shape("full", param, grad, tuple(param.shape))
+            self._check_shape("full", param, grad, self._local_shape(param, tuple(param.shape)))
             self._full[param] = grad.to(device=param.device, dtype=param.dtype)
         for position, low in saved["low_rank"].items():
             param = params[int(position)]
@@ -448,12 +545,17 @@ class LayerwiseOptimizer:
                     "step needs the full gradient; the optimizer state does not match it"
                 )
             rank = effective_rank(group["rank"], param.shape)
-            self._check_shape(
-                "low-rank", param, low, low_rank_shape(group["proj_type"], param.shape, rank)
-            )
+            expected = low_rank_shape(group["proj_type"], param.shape, rank)
+            self._check_shape("low-rank", param, low, self._local_shape(param, expected))
             self._low[param] = low.to(device=param.device)
         self.micro_step = int(saved["micro_step"])
         self.optimizer_steps = int(saved["optimizer_steps"])
+        previous = saved.get("previous_norm")  # absent in checkpoints of older versions
+        self.previous_norm = None if previous is None else float(previous)
+
+    def _local_shape(self, param: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """FSDP2: each rank saves (and loads) its own rows of the window's sums."""
+        return shape if self._fsdp is None else self._fsdp.local_shape(param, shape)
 
     @staticmethod
     def _check_shape(
@@ -466,12 +568,21 @@ class LayerwiseOptimizer:
             )
 
 
-def _refuse_sharded(optimizer: GaLoreAdamW) -> None:
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None:
-        return  # without torch.distributed.tensor loaded no parameter is a DTensor
-    for group in optimizer.param_groups:
-        for index, param in enumerate(group["params"]):
-            if isinstance(param, dtensor):
-                name = optimizer.param_name(group, index)
-                raise NotImplementedError(_FSDP_MESSAGE.format(name=name))
+def _sharded_helpers(optimizer: GaLoreAdamW) -> ModuleType | None:
+    """:mod:`lowrank_optim.distributed.layerwise_fsdp` if the parameters are FSDP2 DTensors
+    (all of them, or refused), else ``None``; loads nothing distributed otherwise."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return None  # without torch.distributed.tensor loaded no parameter is a DTensor
+    from lowrank_optim.distributed import layerwise_fsdp
+
+    where = [
+        (group, index, layerwise_fsdp.is_sharded(param))
+        for group in optimizer.param_groups
+        for index, param in enumerate(group["params"])
+    ]
+    if not any(sharded for _, _, sharded in where):
+        return None
+    for group, index, sharded in where:
+        if not sharded:
+            raise ValueError(_FSDP_MIXED_MESSAGE.format(name=optimizer.param_name(group, index)))
+    return layerwise_fsdp

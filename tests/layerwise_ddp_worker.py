@@ -27,7 +27,17 @@ from helpers import TinyNet, make_batches, roundtrip, split_groups
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lowrank_optim import GaLoreAdamW, LayerwiseOptimizer
+from lowrank_optim import (
+    GaLoreAdamW,
+    HandoffConfig,
+    LayerwiseOptimizer,
+    ProjectionConfig,
+    StabilityConfig,
+    WeLoreAdamW,
+)
+from lowrank_optim.factorize import LowRankLinear
+from lowrank_optim.factory import lowrank_param_groups
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 __all__ = ["ACCUMULATION", "SPLIT", "STEPS", "WORLD", "spawn"]
 
@@ -59,16 +69,24 @@ def schedule(step: int) -> float:
 class Run:
     """A DDP model, its optimizer, schedule and (layer-wise) wrapper."""
 
-    def __init__(self, name: str, layerwise: bool, clip: float | None = None) -> None:
+    def __init__(
+        self, name: str, layerwise: bool, clip: float | None = None, mode: str = "parameter"
+    ) -> None:
         self.module = TinyNet()
         self.optimizer = OPTIMIZERS[name](self.module)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # Buckets of ~100 bytes: several per backward, so updates overlap later all-reduces.
         self.model = DistributedDataParallel(self.module, bucket_cap_mb=1e-4)
         self.clip = clip
+        self.mode = mode
+        self._previous: float | None = None  # the reference's global norm of the last step
         self.wrapper = (
             LayerwiseOptimizer(
-                self.optimizer, self.model, accumulation_steps=ACCUMULATION, max_grad_norm=clip
+                self.optimizer,
+                self.model,
+                accumulation_steps=ACCUMULATION,
+                max_grad_norm=clip,
+                clip=mode,
             )
             if layerwise
             else None
@@ -94,7 +112,9 @@ class Run:
         if not last:
             return
         if self.wrapper is None:
-            if self.clip is not None:
+            if self.clip is not None and self.mode == "previous_global":
+                self._clip_by_previous_norm(self.clip)
+            elif self.clip is not None:
                 for param in self.module.parameters():
                     torch.nn.utils.clip_grad_norm_([param], self.clip)
             self.optimizer.step()
@@ -105,6 +125,16 @@ class Run:
         dist.all_reduce(self._window)
         self.losses.append(float(self._window) / WORLD)
         self._window = torch.zeros(())
+
+    def _clip_by_previous_norm(self, clip: float) -> None:
+        """The reference of ``clip="previous_global"``: scale by the last step's total norm."""
+        grads = [param.grad for param in self.module.parameters()]
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        if self._previous is not None:
+            coefficient = min(1.0, clip / (self._previous + 1e-6))
+            for grad in grads:
+                grad.mul_(coefficient)
+        self._previous = norm
 
     def result(self) -> dict[str, Any]:
         return {
@@ -118,9 +148,11 @@ class Run:
         }
 
 
-def _scenario_train(name: str, layerwise: bool, clip: float | None = None) -> dict[str, Any]:
+def _scenario_train(
+    name: str, layerwise: bool, clip: float | None = None, mode: str = "parameter"
+) -> dict[str, Any]:
     batches = make_batches(STEPS * ACCUMULATION, torch.float32)
-    run = Run(name, layerwise, clip)
+    run = Run(name, layerwise, clip, mode)
     for index in range(len(batches)):
         run.backward(index, batches)
     return run.result()
@@ -153,6 +185,51 @@ def _scenario_resume() -> dict[str, Any]:
         "straight": [p.detach().clone() for p in straight.module.parameters()],
         "resumed": [p.detach().clone() for p in resumed.module.parameters()],
         "optimizer_steps": resumed.wrapper.optimizer_steps,
+    }
+
+
+def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
+    """WeLore hand-offs on DDP: factors replace converged weights and DDP is re-wrapped; the
+    layer-wise wrapper moves its hooks to the factors and its comm hook to the new wrapper."""
+    vocab, window = 64, 2
+    config = tiny_llama_config(vocab, hidden=32, layers=1, heads=4, intermediate=64)
+    module = build_llama(config, seed=0)
+    groups = lowrank_param_groups(
+        module, "attn-mlp", ProjectionConfig(rank=4, update_proj_gap=2, scale=1.0)
+    )
+    optimizer = WeLoreAdamW(
+        groups,
+        lr=3e-3,
+        model=module,
+        stability=StabilityConfig(policy="fixed", threshold=0.01, patience=1),
+        handoff=HandoffConfig(start_step=4, target_reduction=0.7, min_ratio=0.4, check_every=2),
+    )
+    model: nn.Module = DistributedDataParallel(module, bucket_cap_mb=1e-3)
+    wrapper = LayerwiseOptimizer(optimizer, model, accumulation_steps=window) if layerwise else None
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, vocab, (4, 8), generator=generator) for _ in range(16)]
+    rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+    wrappers = {id(model)}
+    for index, ids in enumerate(data):
+        last = index % window == window - 1
+        with nullcontext() if last else model.no_sync():  # type: ignore[operator]
+            (model(input_ids=ids[rows], labels=ids[rows]).loss / window).backward()
+        if not last:
+            continue
+        if wrapper is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model = optimizer.maybe_handoff(model)
+        else:
+            model = wrapper.maybe_handoff(model)
+        wrappers.add(id(model))
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return {
+        "layers": [report["layer"] for report in optimizer.handoff_report()],
+        "factored": sum(isinstance(m, LowRankLinear) for m in inner.modules()),
+        "rewrapped": len(wrappers) > 1 and isinstance(model, DistributedDataParallel),
+        "weights": {name: p.detach().clone() for name, p in inner.named_parameters()},
+        "freed": all(p.grad is None for p in inner.parameters()) if layerwise else True,
     }
 
 
@@ -216,7 +293,12 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"
         _attempt(results, f"clip/{mode}", partial(_scenario_train, "plain", layerwise, 0.05))
+        scenario = partial(_scenario_train, "plain", layerwise, 0.05, "previous_global")
+        _attempt(results, f"clip_global/{mode}", scenario)
     _attempt(results, "resume", _scenario_resume)
+    for layerwise in (False, True):
+        mode = "layerwise" if layerwise else "regular"
+        _attempt(results, f"handoff/{mode}", partial(_scenario_handoff, layerwise))
     _attempt(results, "refused", _scenario_refused)
     dist.barrier()  # no rank tears gloo down while a peer is still in a collective
     dist.destroy_process_group()

@@ -320,3 +320,28 @@ def test_torchrun_example_fsdp_hands_off_and_resumes(example_setup) -> None:
     result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_losses(folder / "fsdp_resumed") == losses[2:]
+
+
+def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> None:
+    """FSDP2 on 2 ranks, regular and ``--layerwise`` (each parameter steps in the hook FSDP2
+    fires after its reduce-scatter): the same curve."""
+    folder, args = example_setup
+    env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
+    curves = {}
+    for name, extra in (("fsdp", []), ("fsdp_layerwise", ["--layerwise"])):
+        command = [
+            sys.executable,
+            *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            "--standalone",  # torchrun binds a free port itself: no pick-then-bind race
+            str(EXAMPLE),
+            "--fsdp",
+            *args,
+            *("--grad-clip", "0", "--optimizer", "galore_adamw", *extra),
+            *("--out-dir", str(folder / name)),
+        ]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[name] = train_losses(folder / name)
+    losses = curves["fsdp"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert curves["fsdp_layerwise"] == pytest.approx(losses, rel=1e-5, abs=1e-6)

@@ -51,6 +51,7 @@ def train(
     accumulation: int = ACCUMULATION,
     max_grad_norm: float | None = None,
     steps: int = STEPS,
+    clip: str = "parameter",
 ) -> tuple[TinyNet, GaLoreAdamW, torch.optim.lr_scheduler.LRScheduler, list[dict[str, int]]]:
     """``steps`` optimizer steps of ``accumulation`` micro-batches each, with a schedule."""
     model = TinyNet()
@@ -58,13 +59,18 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     wrapper = (
         LayerwiseOptimizer(
-            optimizer, model, accumulation_steps=accumulation, max_grad_norm=max_grad_norm
+            optimizer,
+            model,
+            accumulation_steps=accumulation,
+            max_grad_norm=max_grad_norm,
+            clip=clip,
         )
         if layerwise
         else None
     )
     batches = make_batches(steps * accumulation, torch.float32)
     held = []
+    previous: float | None = None  # the reference's global norm of the last step
     for step in range(steps):
         for micro in range(accumulation):
             inputs, targets = batches[step * accumulation + micro]
@@ -74,7 +80,14 @@ def train(
                 assert all(param.grad is None for param in model.parameters())
                 held.append(wrapper.accumulator_numel())
         if wrapper is None:
-            if max_grad_norm is not None:
+            if max_grad_norm is not None and clip == "previous_global":
+                grads = [param.grad for param in model.parameters()]
+                norm = float(torch.nn.utils.get_total_norm(grads))
+                if previous is not None:
+                    coefficient = min(1.0, max_grad_norm / (previous + 1e-6))
+                    torch._foreach_mul_(grads, coefficient)
+                previous = norm
+            elif max_grad_norm is not None:
                 for param in model.parameters():
                     torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
             optimizer.step()
@@ -126,6 +139,36 @@ def test_per_parameter_clipping_matches_clipping_each_gradient(make_optimizer, a
     model, *_ = train(make_optimizer, True, accumulation, max_grad_norm=0.05)
     assert_same_weights(reference, model)
     assert not torch.allclose(unclipped.down.weight, model.down.weight)
+
+
+@pytest.mark.parametrize(
+    ("make_optimizer", "accumulation"),
+    [(plain, ACCUMULATION), (galore, 1)],
+    ids=["plain", "galore"],
+)
+def test_previous_global_clip_matches_clipping_by_the_last_steps_norm(
+    make_optimizer, accumulation
+) -> None:
+    """``clip="previous_global"``: every gradient of step t scaled by min(1, c / N_{t-1})."""
+    reference, *_ = train(make_optimizer, False, accumulation, 0.05, clip="previous_global")
+    model, *_ = train(make_optimizer, True, accumulation, 0.05, clip="previous_global")
+    assert_same_weights(reference, model)
+    per_parameter, *_ = train(make_optimizer, True, accumulation, 0.05)
+    assert not torch.allclose(per_parameter.up.weight, model.up.weight)
+
+
+def test_previous_global_norm_is_checkpointed() -> None:
+    model = TinyNet()
+    wrapper = LayerwiseOptimizer(plain(model), model, max_grad_norm=1.0, clip="previous_global")
+    inputs, targets = make_batches(1, torch.float32)[0]
+    (model(inputs) - targets).square().mean().backward()
+    assert wrapper.previous_norm is not None and wrapper.previous_norm > 0
+    other = TinyNet()
+    resumed = LayerwiseOptimizer(plain(other), other, max_grad_norm=1.0, clip="previous_global")
+    resumed.load_state_dict(roundtrip(wrapper.state_dict()))
+    assert resumed.previous_norm == wrapper.previous_norm
+    with pytest.raises(ValueError, match=r"Invalid clip: 'global'; allowed: parameter"):
+        LayerwiseOptimizer(plain(other), other, clip="global")
 
 
 def test_low_rank_gradients_are_clipped_by_their_own_norm() -> None:

@@ -86,3 +86,31 @@ def test_layerwise_ddp_refusals_name_their_reason(runs: Results) -> None:
         assert "DistributedDataParallel wrapper as model=" in errors["unwrapped"]
         assert errors["last_under_no_sync"].startswith("RuntimeError:")
         assert "no_sync()" in errors["last_under_no_sync"]
+
+
+def test_layerwise_ddp_welore_handoff_matches_regular(runs: Results) -> None:
+    """Hand-offs re-wrap DDP mid-run; layer-wise updates follow onto the factors."""
+    regular = _result(runs, "handoff/regular")
+    layerwise = _result(runs, "handoff/layerwise")
+    for theirs, ours in zip(regular, layerwise, strict=True):
+        assert theirs["layers"], "no hand-off: the test would not exercise it"
+        assert ours["layers"] == theirs["layers"]
+        assert ours["factored"] == theirs["factored"] > 0
+        assert ours["rewrapped"] and theirs["rewrapped"]
+        assert ours["freed"]
+        assert list(ours["weights"]) == list(theirs["weights"])
+        _close(list(ours["weights"].values()), list(theirs["weights"].values()))
+    for a, b in zip(
+        layerwise[0]["weights"].values(), layerwise[1]["weights"].values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_layerwise_ddp_previous_global_clip(runs: Results) -> None:
+    """``clip="previous_global"``: every gradient scaled by the last step's global norm."""
+    regular = _result(runs, "clip_global/regular")
+    layerwise = _result(runs, "clip_global/layerwise")
+    per_parameter = _result(runs, "clip/layerwise")
+    for theirs, ours, other in zip(regular, layerwise, per_parameter, strict=True):
+        _close(ours["weights"], theirs["weights"])
+        assert not torch.allclose(ours["weights"][0], other["weights"][0])

@@ -100,20 +100,20 @@ def test_fsdp_checkpoint_on_another_rank_count(runs: Results, case: OptimizerCas
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-# ------------------------------------------------------------ combinations refused on purpose
+# ---------------------------------------------------------------------------- layer-wise
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_layerwise_on_fsdp_is_refused(runs: Results, case: OptimizerCase) -> None:
-    """Layer-wise stepping needs a gradient before FSDP2's reduce-scatter: refused twice."""
-    for errors in _result(runs, f"layerwise/{case.id}"):
-        wrapper = errors["wrapper"]
-        assert wrapper.startswith("NotImplementedError:"), wrapper
-        assert "FSDP2-sharded parameters" in wrapper and "reduce-scatter" in wrapper
-        assert "optimizer.step() after backward" in wrapper
-        step = errors["step_parameters"]
-        assert step.startswith("NotImplementedError:"), step
-        assert "Layer-wise" in step and "optimizer.step()" in step
+def test_layerwise_on_fsdp_matches_regular_stepping(runs: Results, case: OptimizerCase) -> None:
+    """Layer-wise (in FSDP2's post-reduce-scatter hook) against ``optimizer.step()``, both on
+    FSDP2, to the tolerance of ``test_matrix_layerwise.py``."""
+    for ours, theirs in zip(
+        _result(runs, f"layerwise/{case.id}"), _result(runs, f"train/{case.id}"), strict=True
+    ):
+        assert ours["freed"]
+        for got, want in zip(ours["weights"], theirs["weights"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------ combinations refused on purpose
 @pytest.mark.parametrize(
     ("name", "kind", "words"),
     [

@@ -2,8 +2,9 @@
 inside backward (``LayerwiseOptimizer``) on ``MatrixNet``, against regular stepping.
 
 Tolerance as in ``test_layerwise.py`` (1e-5 relative, 1e-6 absolute): layer-wise accumulation
-sums ``P^T G_i`` instead of projecting ``sum G_i``, equal up to rounding. Layer-wise on FSDP2 is
-refused (``test_matrix_fsdp.py`` asserts it); on DDP see ``test_layerwise_ddp.py``.
+sums ``P^T G_i`` instead of projecting ``sum G_i``, equal up to rounding. Layer-wise on FSDP2:
+``test_matrix_fsdp.py`` (every case) and ``test_layerwise_fsdp.py``; on DDP see
+``test_layerwise_ddp.py``.
 """
 
 from __future__ import annotations

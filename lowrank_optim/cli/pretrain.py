@@ -60,6 +60,8 @@ HELP = {
     "seed": "random seed of the model, batches and projections",
     "dtype": "model dtype: float32 or bfloat16",
     "out_dir": "folder for metrics.jsonl, checkpoint.pt, summary.json and the plots",
+    "layerwise_clip": "with --layerwise, how --grad-clip clips: parameter (each parameter's "
+    "norm) or previous_global (the previous step's global norm)",
     "stop_after": "stop after this many steps (of --steps; the schedule still spans --steps)",
 }
 
@@ -86,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layerwise",
         action="store_true",
         help="step each parameter inside backward and free its gradient at once "
-        "(LayerwiseOptimizer; GaLore-family optimizers; --grad-clip clips each parameter)",
+        "(LayerwiseOptimizer; GaLore-family optimizers; --grad-clip as --layerwise-clip says)",
     )
 
 

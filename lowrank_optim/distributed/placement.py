@@ -30,10 +30,10 @@ or else the first step raises :class:`~lowrank_optim.errors.CheckpointMismatchEr
 
 Refused with an error: placements other than ``(Shard(0),)`` on a 1-D mesh, ``proj_type``
 that projects the sharded side (``left``, ``full``, ``std`` on a wide matrix,
-``reverse_std`` on a tall one: use ``proj_type="right"``), QGaLoreAdamW's INT8 weights, and
-layer-wise stepping (inside backward). WeLore hand-offs of sharded ``nn.Linear`` layers are
-:mod:`lowrank_optim.distributed.handoff`; what it does not do is refused in
-:func:`lowrank_optim.handoff.refuse_sharded_handoff`.
+``reverse_std`` on a tall one: use ``proj_type="right"``) and QGaLoreAdamW's INT8 weights.
+Layer-wise steps run here too, one parameter at a time inside backward. WeLore hand-offs of
+sharded ``nn.Linear`` layers are :mod:`lowrank_optim.distributed.handoff`; what it does not do
+is refused in :func:`lowrank_optim.handoff.refuse_sharded_handoff`.
 """
 
 from __future__ import annotations
@@ -73,17 +73,12 @@ class RowShardedPlacement(Placement):
         projected: bool,
         context: StepContext,
     ) -> None:
-        """Refuse layer-wise steps, other layouts, INT8 weights, left projections, and
-        quantized state saved on another number of ranks; record the number of ranks."""
+        """Refuse other layouts, INT8 weights, left projections, and quantized state saved on
+        another number of ranks; record the number of ranks. Layer-wise steps (inside
+        backward, after FSDP2's reduce-scatter, :mod:`lowrank_optim.distributed.layerwise_fsdp`)
+        are allowed: their gradient is this rank's reduced shard, or ``G_k Q`` of it."""
         if not isinstance(param, DTensor):
             raise TypeError(f"{name} is not a DTensor; the FSDP2 placement steps DTensors only")
-        if context.layerwise or param.grad is None:
-            raise NotImplementedError(
-                f"Layer-wise stepping of {name} (an optimizer step inside backward, or a "
-                "low-rank gradient in place of .grad) is not supported on FSDP2-sharded "
-                "parameters: the gradient shard exists only after FSDP's reduce-scatter. Call "
-                "optimizer.step() after backward."
-            )
         check_row_sharded(param, name)
         if context.int8_weight:
             raise NotImplementedError(

@@ -60,6 +60,8 @@ class PretrainConfig:
     progress: bool = True
     #: step each parameter inside backward (LayerwiseOptimizer); GaLore-family optimizers only
     layerwise: bool = False
+    #: with layerwise: clip each parameter ("parameter") or by the last step's global norm
+    layerwise_clip: str = "parameter"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -164,6 +166,7 @@ def check_pretrain_config(config: PretrainConfig) -> None:
             raise ValueError(f"Invalid {name}: {value!r}; allowed: {', '.join(allowed)}")
 
     choice("optimizer", OPTIMIZER_NAMES)
+    choice("layerwise_clip", ("parameter", "previous_global"))
     if config.layerwise and config.optimizer in ("adamw", "adamw8bit"):
         raise ValueError(
             f"Invalid optimizer for layerwise: {config.optimizer!r}; layer-wise updates need a "

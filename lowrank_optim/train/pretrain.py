@@ -241,6 +241,7 @@ def run_pretraining(
             model,
             accumulation_steps=config.grad_accum,
             max_grad_norm=config.grad_clip if config.grad_clip > 0 else None,
+            clip=config.layerwise_clip,
         )
     started, first_step = time.perf_counter(), step
     model = train_steps(
