@@ -328,7 +328,7 @@ def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> No
     folder, args = example_setup
     env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
     curves = {}
-    for name, extra in (("fsdp", []), ("fsdp_layerwise", ["--layerwise"])):
+    for name, extra in (("fsdp_regular", []), ("fsdp_layerwise", ["--layerwise"])):
         command = [
             sys.executable,
             *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
@@ -342,6 +342,6 @@ def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> No
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         curves[name] = train_losses(folder / name)
-    losses = curves["fsdp"]
+    losses = curves["fsdp_regular"]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert curves["fsdp_layerwise"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
