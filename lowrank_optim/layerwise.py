@@ -57,7 +57,8 @@ than :class:`~lowrank_optim.optim.GaLoreAdamW` and its subclasses (an accelerate
 optimizer included). Hugging Face ``Trainer`` calls ``optimizer.step()`` itself, so there use
 the optimizer without this wrapper. WeLore hand-offs work through
 :meth:`LayerwiseOptimizer.maybe_handoff`, which moves the hooks onto the new factors (and onto
-the new DDP wrapper).
+the new DDP wrapper; under FSDP2 onto the sharded factors, which FSDP2 hooks after their
+reduce-scatter like the weights they replace).
 """
 
 from __future__ import annotations
@@ -470,15 +471,15 @@ class LayerwiseOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
-        """``WeLoreAdamW.maybe_handoff``, then hooks moved from handed-off weights to factors."""
-        if self._fsdp is not None:
-            # The FSDP2 hand-off re-registers the factors in FSDP's parameter groups; moving the
-            # post-reduce-scatter hooks and the window's sharded sums onto them is not built.
-            raise NotImplementedError(
-                "WeLore hand-offs with layer-wise updates on FSDP2-sharded parameters are not "
-                "supported yet; hand off with regular stepping (without LayerwiseOptimizer) on "
-                "FSDP2, or use layer-wise updates with hand-offs in one process or on DDP"
-            )
+        """``WeLoreAdamW.maybe_handoff``, then hooks moved from handed-off weights to factors.
+
+        Only between optimizer steps (``micro_step == 0``): no window sum is pending, so nothing
+        accumulated for a removed weight is lost. On DDP a re-wrapped model gets the
+        communication hook. On FSDP2 the hand-off is in place: the factors join the weight's
+        FSDP2 parameter group as sharded ``DTensor`` parameters (the same objects the optimizer
+        now holds), so FSDP2 fires their post-accumulate-grad hooks after its reduce-scatter,
+        and the root module, whose outputs :class:`BackwardFollower` hooks, stays the same.
+        """
         if not isinstance(self.optimizer, WeLoreAdamW):
             raise TypeError(
                 f"maybe_handoff needs a WeLoreAdamW; this LayerwiseOptimizer drives a "
@@ -493,6 +494,15 @@ class LayerwiseOptimizer:
         model = self.optimizer.maybe_handoff(model if model is not None else self.model)
         self.model = model
         self._sync_hooks()
+        # Bookkeeping keyed by parameter: drop whatever belonged to a removed weight (empty
+        # between steps; kept in step with the parameters the optimizer holds).
+        for sums in (self._full, self._low):
+            for param in [p for p in sums if p not in self._locations]:
+                del sums[param]
+        if self._follower is not None and model is not previous:
+            # FSDP2: a hand-off returns the same root; one that did not would need its outputs.
+            self._follower.detach()
+            self._follower = self._fsdp.BackwardFollower(model, self._on_backward)  # type: ignore[union-attr]
         if isinstance(model, nn.parallel.DistributedDataParallel) and model is not previous:
             self._attach(model)  # a hand-off re-wrapped DDP: the new wrapper needs the hook
         return model

@@ -25,8 +25,19 @@ import torch.multiprocessing as mp
 from helpers import TinyNet, make_batches, roundtrip, split_groups
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
-from lowrank_optim import GaLoreAdamW, LayerwiseOptimizer
+from lowrank_optim import (
+    GaLoreAdamW,
+    HandoffConfig,
+    LayerwiseOptimizer,
+    ProjectionConfig,
+    StabilityConfig,
+    WeLoreAdamW,
+)
+from lowrank_optim.factorize import LowRankLinear
+from lowrank_optim.factory import lowrank_param_groups
+from lowrank_optim.train.models import build_llama, tiny_llama_config
 
 __all__ = ["ACCUMULATION", "STEPS", "WORLD", "spawn"]
 
@@ -197,6 +208,65 @@ def _scenario_resume() -> dict[str, Any]:
     }
 
 
+def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
+    """WeLore hand-offs on FSDP2, in place: the factors join the weight's FSDP2 group as
+    sharded DTensors; the layer-wise wrapper moves its post-accumulate-grad hooks onto them."""
+    vocab, window, steps = 64, 2, 8
+    config = tiny_llama_config(vocab, hidden=32, layers=1, heads=4, intermediate=64)
+    model: nn.Module = build_llama(config, seed=0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    groups = lowrank_param_groups(
+        model, "attn-mlp", ProjectionConfig(rank=4, update_proj_gap=2, scale=1.0, proj_type="right")
+    )
+    optimizer = WeLoreAdamW(
+        groups,
+        lr=3e-3,
+        model=model,
+        stability=StabilityConfig(policy="fixed", threshold=0.01, patience=1),
+        handoff=HandoffConfig(start_step=4, target_reduction=0.7, min_ratio=0.4, check_every=2),
+    )
+    wrapper = LayerwiseOptimizer(optimizer, model, accumulation_steps=window) if layerwise else None
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, vocab, (4, 8), generator=generator) for _ in range(steps * window)]
+    rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+    roots, losses, freed, hooked = {id(model)}, [], True, True
+    total = torch.zeros(())
+    for index, ids in enumerate(data):
+        loss = model(input_ids=ids[rows], labels=ids[rows]).loss / window
+        loss.backward()
+        total += loss.detach()
+        if wrapper is not None:
+            freed &= all(p.grad is None for p in model.parameters())
+        if index % window != window - 1:
+            continue
+        if wrapper is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model = optimizer.maybe_handoff(model)
+        else:
+            model = wrapper.maybe_handoff(model)
+            # Hooks on exactly the parameters the optimizer (and FSDP2) now hold.
+            held = {p for group in optimizer.param_groups for p in group["params"]}
+            hooked &= set(wrapper._hooks) == held == set(model.parameters())
+        roots.add(id(model))
+        dist.all_reduce(total)
+        losses.append(float(total) / WORLD)
+        total = torch.zeros(())
+    return {
+        "records": [(r["step"], r["layer"], r["rank"]) for r in optimizer.handoff_report()],
+        "factored": sum(isinstance(m, LowRankLinear) for m in model.modules()),
+        "in_place": len(roots) == 1,
+        "losses": losses,
+        "weights": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+        "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+        "freed": freed,
+        "hooked": hooked,
+        "optimizer_steps": None if wrapper is None else wrapper.optimizer_steps,
+    }
+
+
 def error_of(action: Callable[[], object]) -> str:
     """``"Type: message"`` of what ``action`` raises, or ``"no error"``."""
     try:
@@ -221,14 +291,9 @@ def _scenario_refused() -> dict[str, str]:
         finally:
             run.module.set_requires_gradient_sync(True)
 
-    def handoff() -> None:
-        run = Run(projected=True, layerwise=False)
-        LayerwiseOptimizer(run.optimizer, run.module).maybe_handoff(run.module)
-
     return {
         "without_model": error_of(without_model),
         "last_without_sync": error_of(last_without_sync),
-        "handoff": error_of(handoff),
     }
 
 
@@ -257,6 +322,9 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
         _attempt(results, f"clip_global/{mode}", scenario)
     _attempt(results, "resume", _scenario_resume)
     _attempt(results, "refused", _scenario_refused)
+    for layerwise in (False, True):
+        mode = "layerwise" if layerwise else "regular"
+        _attempt(results, f"handoff/{mode}", partial(_scenario_handoff, layerwise))
     dist.barrier()  # no rank tears gloo down while a peer is still in a collective
     dist.destroy_process_group()
     torch.save(results, Path(directory) / f"rank{rank}.pt")
