@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,3 +199,31 @@ def run_stream(
         weight.grad = grad.clone()
         optimizer.step()
     return weight, optimizer
+
+
+def spawn_ranks(
+    run: Callable[..., None], world: int, directory: Path, timeout_s: float, *, with_world: bool
+) -> list[dict[str, Any]]:
+    """Run ``run(rank, [world,] port, directory)`` on ``world`` spawned processes (gloo on a free
+    local port) and return what each rank saved as ``directory / f"rank{r}.pt"``.
+
+    Killed, with a ``TimeoutError``, after ``timeout_s`` seconds: a rank stuck in a collective
+    would otherwise hang the whole suite.
+    """
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (world, port, str(directory)) if with_world else (port, str(directory))
+    context = mp.spawn(run, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the {world}-rank run did not finish in {timeout_s} s")
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]

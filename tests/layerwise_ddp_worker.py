@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,8 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import TinyNet, make_batches, roundtrip, split_groups
+from helpers import TinyNet, make_batches, roundtrip, spawn_ranks, split_groups
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -307,14 +304,4 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
 
 def spawn(directory: Path) -> list[dict[str, Any]]:
     """Run every scenario on ``WORLD`` processes; each rank's results, by scenario name."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_run, args=(WORLD, port, str(directory)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"the {WORLD}-rank run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_run, WORLD, directory, SPAWN_TIMEOUT_S, with_world=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from optimizer_cases import FULL, INT4, INT8, OptimizerCase, find_case
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -282,17 +280,7 @@ def _reshard(case: str, directory: Path) -> dict[str, Any]:
 
 
 def _spawn(world: int, directory: Path) -> list[dict[str, Any]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_run, args=(world, port, str(directory)), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world}-rank run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_ranks(_run, world, directory, SPAWN_TIMEOUT_S, with_world=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -174,17 +172,7 @@ def _run(rank: int, port: int, directory: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     directory = tmp_path_factory.mktemp("fsdp_handoff")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_run, args=(port, str(directory)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"the {WORLD}-rank run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_run, WORLD, directory, SPAWN_TIMEOUT_S, with_world=False)
 
 
 def _scenario(runs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
