@@ -1,11 +1,14 @@
 """Counting what the optimizer's collectives move: calls and payload bytes, per operation.
 
-The sharded optimizer calls ``torch.distributed.all_reduce`` and ``all_gather_single``
-through the module attribute at call time, so a context that wraps those two attributes sees
-every optimizer collective (and nothing of FSDP2's own, which go through its internal paths).
-The payload is the tensor handed to the collective: the all-reduced tensor, or the all-gather's
-output (``R`` blocks). Wire traffic per rank follows from the algorithm (ring all-reduce about
-``2 (R - 1) / R`` times its payload, all-gather ``(R - 1) / R``).
+The sharded optimizer calls ``torch.distributed.all_reduce``, ``all_gather_single``,
+``gather`` and ``broadcast`` through the module attribute at call time, so a context that wraps
+those attributes sees every optimizer collective (and nothing of FSDP2's own, which go through
+its internal paths). The payload is the tensor handed to the collective on this rank: the
+all-reduced or broadcast tensor, the all-gather's output (``R`` blocks), and for a gather the
+block this rank sends, or on the destination the ``R`` blocks it gathers. Wire traffic per rank
+follows from the algorithm (ring all-reduce about ``2 (R - 1) / R`` times its payload,
+all-gather ``(R - 1) / R``; a gather: each other rank sends its block, the destination receives
+``(R - 1) / R`` of its payload; a broadcast: each rank receives it once).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.distributed as dist
 
 __all__ = ["CollectiveCounter"]
 
-_WRAPPED = ("all_reduce", "all_gather_single")
+_WRAPPED = ("all_reduce", "all_gather_single", "gather", "broadcast")
 
 
 class CollectiveCounter:
@@ -34,7 +37,11 @@ class CollectiveCounter:
 
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.calls[name] += 1
-            self.bytes[name] += tensor.numel() * tensor.element_size()
+            handed = [tensor]
+            if name == "gather":
+                gathered = args[0] if args else kwargs.get("gather_list")
+                handed = list(gathered) if gathered else handed  # the destination's R blocks
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in handed)
             return original(tensor, *args, **kwargs)
 
         return counted

@@ -66,9 +66,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from lowrank_optim.distributed.sharding import check_row_sharded, rows_per_rank
+from lowrank_optim.distributed.sharding import local_rows_of, rows_per_rank
 
 __all__ = [
     "FACTORIZE_STRATEGIES",
@@ -81,6 +80,7 @@ __all__ = [
     "factorize_sharded",
     "gram_factorize_bytes",
     "gram_peak_bytes",
+    "noise_floor",
     "panel_spectrum_bytes",
     "panel_spectrum_peak_bytes",
     "sharded_spectra",
@@ -297,6 +297,10 @@ class Ledger:
         for tensor in tensors:
             self.live.pop(id(tensor), None)
 
+    def transient(self, nbytes: int) -> None:
+        """A temporary of ``nbytes`` alive on top of what is held (LAPACK's copy of its input)."""
+        self.peak = max(self.peak, sum(self.live.values()) + nbytes)
+
 
 @dataclass
 class ShardedFactors:
@@ -320,25 +324,7 @@ class ShardedSpectrum:
     peak_bytes: int
 
 
-# --------------------------------------------------------------------------- inputs
-def _local_of(
-    weight: torch.Tensor, rows: int | None, group: dist.ProcessGroup | None
-) -> tuple[torch.Tensor, int, dist.ProcessGroup | None]:
-    """``(local rows, global rows, process group)`` from a ``Shard(0)`` DTensor or local rows."""
-    if isinstance(weight, DTensor):
-        check_row_sharded(weight, "the weight")
-        return weight.to_local().detach(), int(weight.shape[0]), weight.device_mesh.get_group()
-    if rows is None:
-        raise ValueError("Invalid rows: None; give the global row count with local rows")
-    expected = rows_per_rank(rows, dist.get_world_size(group))[dist.get_rank(group)]
-    if weight.dim() != 2 or weight.shape[0] != expected:
-        raise ValueError(
-            f"Invalid local rows: shape {tuple(weight.shape)}; torch.chunk sharding of {rows} rows "
-            f"over {dist.get_world_size(group)} ranks gives {expected} rows here"
-        )
-    return weight.detach(), rows, group
-
-
+# --------------------------------------------------------------------------- helpers
 def _gram(local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
     """``sum_i W_i^T W_i`` in fp64, formed from row chunks (never all of ``W_i`` in fp64)."""
     cols = local.shape[1]
@@ -354,7 +340,7 @@ def _gram(local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None) 
     return gram
 
 
-def _noise_floor(values: torch.Tensor, cols: int) -> float:
+def noise_floor(values: torch.Tensor, cols: int) -> float:
     """Singular values at or below this carry no direction (fp64 Gram resolution)."""
     top = float(values.max()) if values.numel() else 0.0
     return math.sqrt(cols * torch.finfo(torch.float64).eps) * top
@@ -374,7 +360,7 @@ def sharded_spectrum(
     process ``group``. ``strategy``: ``auto`` (:func:`choose_spectrum`), ``gram`` or ``panels``.
     """
     _check(strategy, SPECTRUM_STRATEGIES, "spectrum strategy")
-    local, rows, group = _local_of(weight, rows, group)
+    local, rows, group = local_rows_of(weight, rows, group)
     cols = local.shape[1]
     world = dist.get_world_size(group)
     if strategy == "auto":
@@ -459,7 +445,7 @@ def factorize_sharded(
     ``seed`` (the same on every rank) tune the sketch.
     """
     _check(strategy, FACTORIZE_STRATEGIES, "factorize strategy")
-    local, rows, group = _local_of(weight, rows, group)
+    local, rows, group = local_rows_of(weight, rows, group)
     cols = local.shape[1]
     if not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
         raise ValueError(f"Invalid rank: {rank!r}; must be an integer in [1, {min(rows, cols)}]")
@@ -496,7 +482,7 @@ def _gram_factors(
     order = torch.arange(cols - 1, -1, -1, device=local.device)
     values = eigen[order].clamp_min(0.0).sqrt()  # descending
     top = values[:rank]
-    keep = top > _noise_floor(values, cols)
+    keep = top > noise_floor(values, cols)
     root = top.sqrt()
     inverse_root = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
     basis = vectors[:, order[:rank]]  # V_k, n x k

@@ -27,6 +27,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -36,6 +37,7 @@ from lowrank_optim.moment_storage import MomentStorage
 __all__ = [
     "check_row_sharded",
     "is_sharded",
+    "local_rows_of",
     "local_view",
     "rows_per_rank",
     "sharded_keys",
@@ -71,6 +73,24 @@ def check_row_sharded(param: DTensor, name: str) -> None:
             f"sharding of {param.shape[0]} rows over {param.device_mesh.size()} ranks gives "
             f"{expected} here"
         )
+
+
+def local_rows_of(
+    weight: torch.Tensor, rows: int | None, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, int, dist.ProcessGroup | None]:
+    """``(local rows, global rows, process group)`` from a ``Shard(0)`` DTensor or local rows."""
+    if isinstance(weight, DTensor):
+        check_row_sharded(weight, "the weight")
+        return weight.to_local().detach(), int(weight.shape[0]), weight.device_mesh.get_group()
+    if rows is None:
+        raise ValueError("Invalid rows: None; give the global row count with local rows")
+    expected = rows_per_rank(rows, dist.get_world_size(group))[dist.get_rank(group)]
+    if weight.dim() != 2 or weight.shape[0] != expected:
+        raise ValueError(
+            f"Invalid local rows: shape {tuple(weight.shape)}; torch.chunk sharding of {rows} rows "
+            f"over {dist.get_world_size(group)} ranks gives {expected} rows here"
+        )
+    return weight.detach(), rows, group
 
 
 def rows_per_rank(rows: int, world_size: int) -> list[int]:
