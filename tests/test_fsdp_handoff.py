@@ -9,8 +9,9 @@ One spawn (a module fixture) runs two scenarios on each rank and saves what it s
   test against one process), the same dense weights and products ``up @ down``; and both ranks
   hold identical (gathered) factors.
 * ``peak``: two larger sharded linears (tall, and wide: the Gram would outweigh it) handed off
-  once; each rank's peak allocation during the hand-off, summed from the sizes of
-  the tensors it creates, stays below one full weight.
+  once, with the factors from the check step's spectra (route ``shared``); each rank's peak
+  allocation during the hand-off, summed from the sizes of the tensors it creates, stays below
+  one full weight.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _scenario_llama(me: int) -> dict[str, Any]:
     return {
         "losses": losses,
         "handoffs": _records(optimizer),
+        "routes": [record["factorize"] for record in optimizer.handoff_report()],
         "weights": _full(model),
         "factor_states": factor_states,
         "placements": {name: str(param.placements) for name, param in model.named_parameters()},
@@ -205,6 +207,8 @@ def test_same_handoffs_as_one_process(runs: list[dict[str, Any]], single: dict[s
     assert single["handoffs"], "the reference run handed nothing off"
     for result in per_rank:
         assert result["handoffs"] == single["handoffs"]
+        # every hand-off took its factors from its check step's spectra
+        assert result["routes"] == ["shared"] * len(single["handoffs"]), result["routes"]
 
 
 def test_losses_and_weights_match_one_process(
@@ -243,7 +247,8 @@ def test_handoff_peak_below_one_weight(runs: list[dict[str, Any]]) -> None:
     for result in _scenario(runs, "peak"):
         records = result["records"]
         assert sorted(r["layer"] for r in records) == ["0.0", "2.0"], records
-        assert all(r["factorize"] in ("gram", "sketch") for r in records), records
+        # both went at the check step whose spectra kept their vectors: no second pass
+        assert all(r["factorize"] == "shared" for r in records), records
         for record in records:
             rows, cols = result["shapes"][record["layer"]]
             weight_bytes = rows * cols * 4

@@ -4,9 +4,13 @@ Under ``fully_shard`` a projected ``nn.Linear`` weight ``W`` (``m x n``) is a ``
 DTensor: rank ``i`` holds the rows ``W_i``. :func:`hand_off_sharded_layer` replaces the layer by
 :class:`~lowrank_optim.factorize.LowRankLinear` factors without gathering ``W``:
 
-1. **Factorize.** :func:`~lowrank_optim.distributed.factorize.factorize_sharded` gives this rank's
-   rows ``up_i = U_i S_k^1/2`` and the replicated ``down = S_k^1/2 V_k^T`` (a Gram all-reduce or a
-   randomized sketch, whichever moves fewer bytes with a peak below one weight).
+1. **Factorize.** This rank's rows ``up_i = U_i S_k^1/2`` and the replicated
+   ``down = S_k^1/2 V_k^T``: from the decomposition the check step's WeLore spectra made
+   (:func:`~lowrank_optim.distributed.spectra.shared_factors`: the owner broadcasts its top
+   ``k`` singular vectors, no second pass over the weight), or, without one (a hand-off not
+   chosen by the spectra), by :func:`~lowrank_optim.distributed.factorize.factorize_sharded`
+   (a Gram all-reduce or a randomized sketch, whichever moves fewer bytes with a peak below one
+   weight).
 2. **Carry the state.** The FSDP2 placement projects on the right only, so the layer's moments
    are ``M_i`` (``m_i x r``, this rank's rows) with the replicated basis ``Q`` (``n x r``). The
    single-process carry (:mod:`lowrank_optim.handoff.carry`), ``m_U = M Q^T D^T`` and
@@ -69,6 +73,7 @@ from lowrank_optim.distributed.sharding import (
     rows_per_rank,
     store_sharded,
 )
+from lowrank_optim.distributed.spectra import OwnedSpectra, shared_factors
 from lowrank_optim.factorize import LowRankLinear, replace_module
 from lowrank_optim.handoff.candidates import HandoffCandidate
 from lowrank_optim.handoff.carry import HANDOFF_STEP, move_to_factor_group
@@ -268,14 +273,18 @@ def hand_off_sharded_layer(
     state: MutableMapping[torch.Tensor, Any],
     storage: MomentStorage,
     fresh: bool,
+    spectra: OwnedSpectra | None = None,
 ) -> ShardedHandoff:
     """Hand off the FSDP2-sharded ``nn.Linear`` ``candidate`` at ``rank`` inside ``root``.
 
     The sharded counterpart of :func:`lowrank_optim.handoff.hand_off_layer` (same arguments, same
     report fields): factorize without gathering, carry the moments shard by shard, and put the
-    factors in the weight's FSDP2 group. Every rank must call it for the same layers in the same
-    order (the collectives line up). Returns the report fields, this rank's peak allocation
-    (the live tensors the hand-off created, the model's existing shards not counted) and the
+    factors in the weight's FSDP2 group. ``spectra``: this check step's
+    :func:`~lowrank_optim.distributed.spectra.owner_spectra` of the unchanged weight; when it
+    kept at least ``rank`` vectors of the layer, the factors come from it (route ``shared``).
+    Every rank must call it for the same layers in the same order, with the same ``spectra``
+    (the collectives line up). Returns the report fields, this rank's peak allocation (the live
+    tensors the hand-off created, the model's existing shards not counted) and the
     factorization route.
     """
     if type(candidate.module) is not nn.Linear:
@@ -293,8 +302,11 @@ def hand_off_sharded_layer(
     world, me = mesh.size(), mesh.get_local_rank()
     local_weight = weight.to_local().detach()
 
-    route = handoff_route(rows, cols, rank, world, local_weight.element_size())
-    factors = factorize_sharded(weight, rank, strategy=route)
+    if spectra is not None and rank <= spectra.kept.get(candidate.name, 0):
+        factors = shared_factors(spectra, candidate.name, weight, rank)
+    else:
+        route = handoff_route(rows, cols, rank, world, local_weight.element_size())
+        factors = factorize_sharded(weight, rank, strategy=route)
     ledger = Ledger()
     ledger.hold(factors.up, factors.down)
     down_counts = rows_per_rank(rank, world)

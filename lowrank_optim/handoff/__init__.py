@@ -44,7 +44,12 @@ from lowrank_optim.handoff.carry import (
     move_to_factor_group,
     rewarmup_stages,
 )
-from lowrank_optim.handoff.ranks import choose_ranks, welore_ranks
+from lowrank_optim.handoff.ranks import (
+    candidate_spectra,
+    choose_ranks,
+    largest_handoff_rank,
+    welore_ranks,
+)
 from lowrank_optim.handoff.resume import check_own_handoffs, parse_plan_entry, reapply_plan
 from lowrank_optim.handoff.surgery import hand_off_layer, plan_entry_of, swap_in_factors
 from lowrank_optim.handoff.taper import advance_taper_, shrink_tail_, taper_entry, top_subspace
@@ -64,6 +69,7 @@ __all__ = [
     "IsProjected",
     "Refusal",
     "advance_taper_",
+    "candidate_spectra",
     "check_own_handoffs",
     "choose_ranks",
     "factor_group",
@@ -75,6 +81,7 @@ __all__ = [
     "hand_off_layer",
     "is_check_step",
     "is_sharded_weight",
+    "largest_handoff_rank",
     "move_to_factor_group",
     "parse_plan_entry",
     "plan_entry_of",

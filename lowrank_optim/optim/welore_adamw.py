@@ -46,6 +46,7 @@ from lowrank_optim.handoff import (
     hand_off_layer,
     is_check_step,
     is_sharded_weight,
+    largest_handoff_rank,
     parse_plan_entry,
     plan_entry_of,
     reapply_plan,
@@ -113,6 +114,10 @@ class WeLoreAdamW(GaLoreAdamW):
         #: layer name -> plan entry plus "start", "last", "basis", "left": layers being tapered
         self.tapering: dict[str, dict[str, Any]] = {}
         self._warned: set[tuple[str, str]] = set()  # (layer, why): each warning only once
+        # Within one check step only (cleared after it): the layers that may go now -> the most
+        # singular vectors their hand-off can use, and the FSDP2 spectra's decompositions.
+        self._keep_vectors: dict[str, int] = {}
+        self._decompositions: dict[str, Any] = {}
         if model is not None:
             self._warn_refusals(find_candidates(unwrap(model), self, self.is_projected)[1])
         ratio = self.handoff_config.factor_lr_scale
@@ -162,7 +167,13 @@ class WeLoreAdamW(GaLoreAdamW):
         """Ranks for the dense projected layers under WeLore's global threshold (the target
         counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
         committed = [*self.plan.values(), *self.tapering.values()]
-        return welore_ranks(candidates, committed, self.handoff_config.target_reduction)
+        return welore_ranks(
+            candidates,
+            committed,
+            self.handoff_config.target_reduction,
+            keep=self._keep_vectors,
+            decompositions=self._decompositions,
+        )
 
     # ------------------------------------------------------------------------- hand-off
     def maybe_handoff(self, model: nn.Module | None = None) -> nn.Module:
@@ -199,18 +210,28 @@ class WeLoreAdamW(GaLoreAdamW):
         if not ready:
             return False
         refuse_sharded_handoff(ready, config.taper_steps)  # before anything changes
-        ranks = self.layer_ranks(candidates)
-        changed = False
-        for candidate in ready:
-            rows, cols = candidate.module.weight.shape
-            rank = ranks[candidate.name]
-            if not worth_factorizing(rank, rows, cols, config.min_ratio):
-                continue
-            if config.taper_steps > 0:
-                self.tapering[candidate.name] = taper_entry(candidate, rank, step)
-            else:
-                self.hand_off(module, candidate, rank, step)
-                changed = True
+        # The FSDP2 spectra keep the top vectors of the sharded layers that may go now, so that
+        # their hand-off takes its factors from the same decomposition (no second pass).
+        self._keep_vectors = {
+            c.name: largest_handoff_rank(*c.module.weight.shape, config.min_ratio)
+            for c in ready
+            if is_sharded_weight(c.weight)
+        }
+        try:
+            ranks = self.layer_ranks(candidates)
+            changed = False
+            for candidate in ready:
+                rows, cols = candidate.module.weight.shape
+                rank = ranks[candidate.name]
+                if not worth_factorizing(rank, rows, cols, config.min_ratio):
+                    continue
+                if config.taper_steps > 0:
+                    self.tapering[candidate.name] = taper_entry(candidate, rank, step)
+                else:
+                    self.hand_off(module, candidate, rank, step)
+                    changed = True
+        finally:
+            self._keep_vectors, self._decompositions = {}, {}  # the kept vectors are freed
         return changed
 
     def _advance_tapers(self, module: nn.Module, step: int) -> bool:
@@ -229,8 +250,10 @@ class WeLoreAdamW(GaLoreAdamW):
         """Hand ``candidate`` off now at ``rank`` (no readiness or size test), and record it.
 
         An FSDP2-sharded weight (``fully_shard``) is factorized shard by shard and its factors
-        join the weight's FSDP2 group (:mod:`lowrank_optim.distributed.handoff`); its record also
-        says the factorization route and this rank's peak allocation (``peak_bytes``).
+        join the weight's FSDP2 group (:mod:`lowrank_optim.distributed.handoff`), from the
+        decomposition this check step's spectra kept when there is one (route ``shared``); its
+        record also says the factorization route and this rank's peak allocation
+        (``peak_bytes``).
         """
         entry = plan_entry_of(candidate, rank)
         options = {
@@ -242,7 +265,8 @@ class WeLoreAdamW(GaLoreAdamW):
         if is_sharded_weight(candidate.weight):
             from lowrank_optim.distributed.handoff import hand_off_sharded_layer
 
-            done = hand_off_sharded_layer(root, candidate, rank, **options)
+            spectra = self._decompositions.pop(candidate.name, None)
+            done = hand_off_sharded_layer(root, candidate, rank, spectra=spectra, **options)
             fields = {**done.fields, "factorize": done.strategy, "peak_bytes": done.peak_bytes}
         else:
             fields = hand_off_layer(root, candidate, rank, **options)
