@@ -9,10 +9,13 @@ Measured at 2 ranks (gloo, CPU, one thread per rank): one LLaMA-1B decoder layer
 model)`` with ``trigger="step"``: the real FSDP2 path (:func:`lowrank_optim.distributed.handoff.
 hand_off_sharded_layer`: sharded factorization, moment carry, error sums, FSDP2 group surgery).
 The only change to the optimizer is the rank: WeLore's global threshold runs (its spectra are
-taken and counted) but every matrix is then handed off at the fixed :data:`HANDOFF_RANK`, so the
-bytes are those of a known rank (random weights have no meaningful WeLore ranks).
+taken and counted: :func:`lowrank_optim.distributed.spectra.owner_spectra`, each matrix's by its
+owner rank, keeping the top vectors of the layers that may go) but every matrix is then handed
+off at the fixed :data:`HANDOFF_RANK`, from those vectors (route ``shared``), so the bytes are
+those of a known rank (random weights have no meaningful WeLore ranks).
 :class:`lowrank_optim.distributed.CollectiveCounter` wraps the spectra and each hand-off; the
-counts must equal :func:`handoff_payload` and :func:`spectrum_payload`, which give 4 and 8 ranks.
+counts must equal :func:`handoff_payload` and :func:`spectra_payload`, which give 4 and 8 ranks
+(:func:`every_rank_spectrum_payload`: the route the spectra took before, for comparison).
 Each rank's local weight, gradient and optimizer-state bytes before and after are counted too
 and must equal :func:`rank_memory`, which gives the whole model at 2, 4 and 8 ranks.
 """
@@ -46,14 +49,22 @@ from lowrank_optim.distributed.factorize import (
 )
 from lowrank_optim.distributed.handoff import handoff_route
 from lowrank_optim.distributed.sharding import rows_per_rank
+from lowrank_optim.distributed.spectra import (
+    owner_spectra_bytes,
+    owner_spectra_peak_bytes,
+    shared_factors_bytes,
+    shared_factors_peak_bytes,
+)
+from lowrank_optim.handoff import largest_handoff_rank
 
 __all__ = [
     "GALORE_RANK",
     "HANDOFF_RANK",
+    "every_rank_spectrum_payload",
     "handoff_payload",
     "rank_memory",
     "run",
-    "spectrum_payload",
+    "spectra_payload",
 ]
 
 HANDOFF_RANK = 128  # the hand-off rank k of the byte tables (as --handoff-formulas)
@@ -89,19 +100,32 @@ def _effective(rank: int, shape: tuple[int, int]) -> int:
 
 
 def handoff_payload(
-    shape: tuple[int, int], world: int, rank: int = HANDOFF_RANK, galore_rank: int = GALORE_RANK
+    shape: tuple[int, int],
+    world: int,
+    rank: int = HANDOFF_RANK,
+    galore_rank: int = GALORE_RANK,
+    route: str = "shared",
 ) -> dict[str, Any]:
-    """Payload bytes, by collective, of one sharded hand-off of an fp32 ``shape`` (factorize on
-    the route :func:`handoff_route` takes, carry of the right-projected moments, error sums),
-    its wire bytes per rank (ring: all-reduce ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the
-    payload), the factorization's per-rank peak, and the same for gathering the weight."""
+    """Payload bytes, by collective, of one sharded hand-off of an fp32 ``shape`` (factorize,
+    carry of the right-projected moments, error sums), its wire bytes per rank (ring: all-reduce
+    ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the payload; a broadcast: received once), the
+    factorization's per-rank peak, and the same for gathering the weight. ``route``: ``shared``
+    (the factors from the check step's spectra: the owner's top-k vectors broadcast, and for a
+    wide matrix a k x n fp64 all-reduce), or ``auto``, the second pass taken without them
+    (:func:`handoff_route`: gram or sketch)."""
     rows, cols = shape
-    route = handoff_route(rows, cols, rank, world)
     width = max(1, min(rank + OVERSAMPLE, rows, cols))
+    broadcast = 0
+    if route == "shared":
+        shared = shared_factors_bytes(rows, cols, rank)
+        reduce, gather, broadcast = shared["all_reduce"], 0, shared["broadcast"]
+        peak = shared_factors_peak_bytes(rows, cols, rank, world)
+    else:
+        route = handoff_route(rows, cols, rank, world)
     if route == "gram":
         reduce, gather = 8 * cols * cols, 0
         peak = gram_peak_bytes(rows, cols, rank, world)
-    else:
+    elif route == "sketch":
         reduce = (POWER_ITERS + 1) * cols * width * ITEM
         # one tall-skinny QR of the sketch and one per power iteration, each all-gathering the
         # R blocks, as ``sketch_factorize_bytes`` counts them (the QRs of the replicated n x l
@@ -116,9 +140,10 @@ def handoff_payload(
         "route": route,
         "all_reduce": reduce,
         "all_gather_single": gather,
-        "payload": reduce + gather,
+        "broadcast": broadcast,
+        "payload": reduce + gather + broadcast,
         "carry": carry,
-        "wire_per_rank": round(scale * (2 * reduce + gather)),
+        "wire_per_rank": round(scale * (2 * reduce + gather)) + broadcast,
         "peak_per_rank": peak,
         "gather_payload": gathered,
         "gather_wire_per_rank": round(scale * gathered),
@@ -126,8 +151,9 @@ def handoff_payload(
     }
 
 
-def spectrum_payload(shape: tuple[int, int], world: int) -> dict[str, Any]:
-    """Payload and wire bytes of WeLore's spectrum of one matrix at a check step
+def every_rank_spectrum_payload(shape: tuple[int, int], world: int) -> dict[str, Any]:
+    """Payload and wire bytes of one matrix's spectrum computed on every rank, the route the
+    check step took before the owner-computed spectra
     (:func:`lowrank_optim.distributed.factorize.sharded_spectrum`, route ``auto``)."""
     rows, cols = shape
     route = choose_spectrum(rows, cols, world)
@@ -138,6 +164,26 @@ def spectrum_payload(shape: tuple[int, int], world: int) -> dict[str, Any]:
         payload = weight_gather_bytes(rows, cols, world)
         wire = round(scale * payload)
     return {"route": route, "payload": payload, "wire_per_rank": wire}
+
+
+def spectra_payload(
+    shapes: list[tuple[int, int]], world: int, min_ratio: float | None = None
+) -> dict[str, Any]:
+    """WeLore's spectra of the matrices ``shapes`` (in candidate order) at one check step, owner
+    by owner (:func:`lowrank_optim.distributed.spectra.owner_spectra_bytes`): every rank's
+    counted bytes and wire, the busiest rank's, and the per-rank peak when the top vectors of
+    every matrix are kept for its hand-off (``min_ratio``: :class:`HandoffConfig`'s)."""
+    ratio = HandoffConfig().min_ratio if min_ratio is None else min_ratio
+    per_rank = owner_spectra_bytes(shapes, world)
+    keep = [largest_handoff_rank(m, n, ratio) for m, n in shapes]
+    peaks = owner_spectra_peak_bytes(shapes, world, keep)
+    return {
+        "per_rank": per_rank,
+        "wire_per_rank": max(entry["wire"] for entry in per_rank),
+        "peak_per_rank": max(peaks),
+        "peaks": peaks,
+        "keep": keep,
+    }
 
 
 def _shard(shape: tuple[int, ...], world: int) -> int:
@@ -192,11 +238,13 @@ class _FixedRankWeLore(WeLoreAdamW):
         start = time.perf_counter()
         with CollectiveCounter() as counter:
             chosen = super().layer_ranks(candidates)  # the spectra, as maybe_handoff takes them
+        owned = {id(s): s for s in self._decompositions.values()}  # this check step's spectra
         self.measured["spectra"] = {
             "bytes": dict(counter.bytes),
             "calls": dict(counter.calls),
             "seconds": time.perf_counter() - start,
             "welore_ranks": chosen,
+            "peak_bytes": max((s.peak_bytes for s in owned.values()), default=0),
         }
         return {candidate.name: self.fixed_rank for candidate in candidates}
 
@@ -360,7 +408,7 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
     for name, shape in shapes.items():
         got = measured["handoffs"][f"0.{name}"]
         want = handoff_payload(shape, MEASURED_WORLD, k, r)
-        for op in ("all_reduce", "all_gather_single"):
+        for op in ("all_reduce", "all_gather_single", "broadcast"):
             _check(got["bytes"].get(op, 0) == want[op], f"{name} {op}")
         _check(got["route"] == want["route"], f"{name} route")
         per_matrix[name] = {"measured": got, "formula": want}
@@ -369,7 +417,7 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
                 f"{name} {shape[0]}x{shape[1]}",
                 got["route"],
                 _mib(got["bytes"].get("all_reduce", 0)),
-                _mib(got["bytes"].get("all_gather_single", 0)),
+                _mib(got["bytes"].get("broadcast", 0)),
                 _mib(want["payload"]),
                 _mib(want["wire_per_rank"]),
                 _mib(want["gather_wire_per_rank"]),
@@ -379,16 +427,21 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
                 f"{got['seconds']:.1f}",
             ]
         )
-    spectra_want = sum(spectrum_payload(s, MEASURED_WORLD)["payload"] for s in shapes.values())
+    layer_spectra = spectra_payload(list(shapes.values()), MEASURED_WORLD)
+    spectra_want = layer_spectra["per_rank"][0]  # rank 0's counts
     spectra_got = sum(measured["spectra"]["bytes"].values())
-    _check(spectra_got == spectra_want, "spectra")
+    for op in ("gather", "all_gather_single"):
+        _check(measured["spectra"]["bytes"].get(op, 0) == spectra_want[op], f"spectra {op}")
+    _check(spectra_got == sum(measured["spectra"]["bytes"].values()), "spectra ops")
+    _check(measured["spectra"]["peak_bytes"] <= layer_spectra["peaks"][0], "spectra peak")
+    _check(not set(measured["spectra"]["bytes"]) - {"gather", "all_gather_single"}, "spectra ops")
     _check(
         sum(measured["total_bytes"].values())
         == spectra_got
         + sum(
             m["measured"]["bytes"].get(op, 0)
             for m in per_matrix.values()
-            for op in ("all_reduce", "all_gather_single")
+            for op in ("all_reduce", "all_gather_single", "broadcast")
         ),
         "maybe_handoff total",
     )
@@ -407,12 +460,18 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
     totals, total_rows = {}, []
     for world in WORLDS:
         f = {s: handoff_payload(s, world, k, r) for s in counts}
-        sp = {s: spectrum_payload(s, world) for s in counts}
+        before = {s: every_rank_spectrum_payload(s, world) for s in counts}
+        spectra = spectra_payload(list(shapes.values()) * layers, world)
         entry = {
             key: sum(f[s][key] * c for s, c in counts.items())
             for key in ("payload", "wire_per_rank", "gather_payload", "gather_wire_per_rank")
         }
-        entry["spectra_wire_per_rank"] = sum(sp[s]["wire_per_rank"] * c for s, c in counts.items())
+        entry["spectra_wire_per_rank"] = spectra["wire_per_rank"]
+        entry["spectra_peak_per_rank"] = spectra["peak_per_rank"]
+        entry["spectra_per_rank"] = spectra["per_rank"]
+        entry["every_rank_spectra_wire_per_rank"] = sum(
+            before[s]["wire_per_rank"] * c for s, c in counts.items()
+        )
         entry["largest_peak_per_rank"] = max(f[s]["peak_per_rank"] for s in counts)
         entry["weight_bytes"] = sum(s[0] * s[1] * ITEM * c for s, c in counts.items())
         totals[str(world)] = entry
@@ -425,6 +484,8 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
                 _mib(entry["gather_wire_per_rank"]),
                 f"{entry['wire_per_rank'] / entry['gather_wire_per_rank']:.2f}",
                 _mib(entry["spectra_wire_per_rank"]),
+                _mib(entry["every_rank_spectra_wire_per_rank"]),
+                _mib(entry["spectra_peak_per_rank"]),
                 _mib(entry["largest_peak_per_rank"]),
             ]
         )
@@ -481,8 +542,11 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
         f"counted) but every matrix goes at the fixed rank k = {k}. Bytes are counted by "
         "`CollectiveCounter` around each hand-off (factorization, moment carry: one all-reduce "
         "of 2 k x r, error sums: 16 B) on rank 0, and equal the formulas byte for byte (the run "
-        "raises otherwise). Wire/rank: ring all-reduce 2 (R-1)/R, all-gather (R-1)/R of the "
-        "payload. Gather: all-gathering the weight instead (what the sharded factorization "
+        "raises otherwise). Route `shared`: the factors come from the check step's spectra (the "
+        "owner broadcasts its top-k singular vectors; a wide matrix adds one k x n fp64 "
+        "all-reduce), no second pass over the weight. Wire/rank: ring all-reduce 2 (R-1)/R, "
+        "all-gather (R-1)/R of the payload, broadcast received once. Gather: all-gathering "
+        "the weight instead (what the sharded factorization "
         "avoids), which holds the whole m x n weight on every rank.",
         "",
         f"## One hand-off of each matrix of one layer, {MEASURED_WORLD} ranks (measured)",
@@ -492,7 +556,7 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
                 "matrix",
                 "route",
                 "all-reduce (measured)",
-                "all-gather (measured)",
+                "broadcast (measured)",
                 "payload (formula)",
                 "wire/rank",
                 "gather wire/rank",
@@ -519,17 +583,29 @@ def run(quick: bool, folder: Path) -> dict[str, Any]:
                 "gather wire/rank",
                 "ratio",
                 "spectra wire/rank (per check)",
-                "largest peak/rank",
+                "before: every-rank spectra",
+                "spectra peak/rank",
+                "largest hand-off peak/rank",
             ],
             total_rows,
         ),
         "",
-        f"The {MEASURED_WORLD}-rank row is one measured layer times {layers} (every layer has "
-        "the same shapes). Spectra: WeLore's singular values of every candidate, taken at each "
-        "check step (`sharded_spectrum`: the fp64 Gram where it fits below one weight, else the "
-        "weight's column panels, which move the weight's bytes; "
-        f"measured {_mib(spectra_got)} {unit} payload for one layer at {MEASURED_WORLD} ranks, "
-        "equal to the formula).",
+        f"The {MEASURED_WORLD}-rank hand-off columns are one measured layer times {layers} "
+        "(every layer has the same shapes). Spectra: WeLore's singular values of every "
+        "candidate at one check step (`owner_spectra`), all of the model's matrices at once, "
+        "for the busiest rank: each matrix has one owner rank (eigensolves balanced), the other "
+        "ranks send it their rows in blocks (a gather to the owner alone), the owner builds the "
+        "fp64 Gram (W^T W, or W W^T for a wide matrix) and decomposes it, then one all-gather "
+        "of the fp64 singular values gives every rank every spectrum. Wire/rank: the larger of "
+        "what the rank sends and receives (the formula `owner_spectra_bytes`, checked on the "
+        f"measured layer: rank 0 counted {_mib(spectra_got)} {unit} of gather and all-gather "
+        f"payload at {MEASURED_WORLD} ranks, equal to it). Before: the same spectra computed on "
+        "every rank (`sharded_spectrum`: an fp64 Gram all-reduce, or the weight's column panels "
+        "all-gathered). Spectra peak: the owner's fp64 Gram and eigenvectors (2 d^2 + d values) "
+        "plus the top singular vectors it keeps, for the hand-off, of every matrix it owns that "
+        "may go now (here: all; up to the largest rank `min_ratio` allows, d/2 at the default "
+        f"0.5, fp32; measured {_mib(measured['spectra']['peak_bytes'])} {unit} on rank 0 for "
+        "the one layer, within the formula).",
         "",
         f"## Per-rank memory before and after the hand-offs, {model_name}",
         "",

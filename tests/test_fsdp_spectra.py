@@ -33,6 +33,7 @@ from lowrank_optim.distributed.spectra import (
     owner_spectra_peak_bytes,
     shared_factors,
     shared_factors_bytes,
+    shared_factors_peak_bytes,
     spectrum_side,
 )
 
@@ -92,6 +93,7 @@ def _scenario(me: int) -> dict[str, Any]:
             "down": shared.down,
             "strategy": shared.strategy,
             "bytes": dict(counter.bytes),
+            "peak": shared.peak_bytes,
             "old_up": old.up,
             "old_down": old.down,
         }
@@ -212,7 +214,9 @@ def test_shared_factors_equal_truncated_svd_and_old_route(runs: list[dict], name
         assert torch.equal(other["down"], down)  # replicated: the same bits on every rank
     rows, cols = weight.shape
     want = shared_factors_bytes(rows, cols, rank)
+    bound = shared_factors_peak_bytes(rows, cols, rank, WORLD)
     for f in per_rank:
+        assert 0 < f["peak"] <= bound, (f["peak"], bound)
         got = f["bytes"]
         assert got.get("broadcast", 0) == want["broadcast"]
         assert got.get("all_reduce", 0) == want["all_reduce"]

@@ -70,6 +70,7 @@ __all__ = [
     "owner_spectra_peak_bytes",
     "shared_factors",
     "shared_factors_bytes",
+    "shared_factors_peak_bytes",
     "spectrum_side",
 ]
 
@@ -222,6 +223,25 @@ def shared_factors_bytes(rows: int, cols: int, rank: int, itemsize: int = 4) -> 
     if spectrum_side(rows, cols) == "right":
         return {"broadcast": cols * rank * compute, "all_reduce": 0}
     return {"broadcast": rows * rank * compute, "all_reduce": rank * cols * _F64}
+
+
+def shared_factors_peak_bytes(
+    rows: int, cols: int, rank: int, world_size: int, itemsize: int = 4
+) -> int:
+    """Largest sum of live tensors :func:`shared_factors` allocates on the busiest rank: the
+    broadcast vectors, their fp64 copy and scaled copy (``right``) or this rank's rows of them
+    and the ``k x n`` fp64 product (``left``), an fp64 row chunk of ``W_i`` and the factors."""
+    local = max(rows_per_rank(rows, world_size))
+    compute = max(itemsize, 4)
+    factors = (local * rank + rank * cols) * itemsize
+    if spectrum_side(rows, cols) == "right":
+        chunk = max(1, min(local, cols))
+        vectors = cols * rank * (compute + 2 * _F64)
+        loop = cols * rank * _F64 + chunk * (cols + rank) * _F64
+        return max(vectors, loop) + factors
+    chunk = max(1, min(local, rank))
+    fixed = rows * rank * compute + local * rank * (itemsize + _F64) + rank * cols * _F64
+    return fixed + max(chunk * cols * _F64, rank * cols * itemsize)
 
 
 # ------------------------------------------------------------------------------ spectra
