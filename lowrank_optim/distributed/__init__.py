@@ -6,6 +6,9 @@
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
 * :mod:`.factorize`: WeLore's factorization and spectra of row-sharded weights (Gram all-reduce,
   randomized sketch with a tall-skinny QR, column panels), never gathering the weight;
+* :mod:`.spectra`: WeLore's spectra of all candidates at a check step, each computed by one
+  owner rank (rows gathered to it alone, one all-gather of the singular values), and the
+  hand-off factors from the same decomposition;
 * :mod:`.layerwise_ddp`: layer-wise updates under DDP (a communication hook steps each bucket's
   parameters once its all-reduce completes);
 * :mod:`.comm`: counting the bytes of collectives (benchmarks and tests);
@@ -45,11 +48,18 @@ from lowrank_optim.distributed.refresh import (
     gather_refresh_bytes,
     gram_refresh_bytes,
 )
+from lowrank_optim.distributed.spectra import (
+    OwnedSpectra,
+    owner_spectra,
+    owner_spectra_bytes,
+    shared_factors,
+)
 
 __all__ = [
     "FSDP_REFRESH",
     "ROW_SHARDED",
     "CollectiveCounter",
+    "OwnedSpectra",
     "RowShardedPlacement",
     "ShardedFactors",
     "ShardedSpectrum",
@@ -62,10 +72,13 @@ __all__ = [
     "gram_refresh_bytes",
     "load_sharded_checkpoint",
     "load_sharded_state",
+    "owner_spectra",
+    "owner_spectra_bytes",
     "panel_spectrum_bytes",
     "sharded_checkpoint_state",
     "sharded_spectra",
     "sharded_spectrum",
+    "shared_factors",
     "sketch_factorize_bytes",
     "weight_gather_bytes",
 ]

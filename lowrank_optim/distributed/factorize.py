@@ -54,8 +54,10 @@ the collectives must line up. Under ``Shard(0)`` every rank holds rows of every 
 all-reduced Gram (or panel-gathered row Gram, or sketch) is bit-identical on every rank, as is
 the deterministic LAPACK call on it, so the singular values, ``down`` and the WeLore ranks chosen
 from them are identical everywhere without any further all-gather (the tests check it by
-gathering them). Only a layout where ranks own *different* matrices would need one all-gather of
-the (small) singular-value vectors.
+gathering them). That costs every rank a Gram all-reduce (or the weight's panels) per matrix:
+for all of WeLoreAdamW's candidates at a check step, :mod:`lowrank_optim.distributed.spectra`
+gives each matrix one owner rank instead, and one all-gather of the (small) singular-value
+vectors.
 """
 
 from __future__ import annotations

@@ -123,6 +123,12 @@ def _blocks(rows: int, cols: int, world: int) -> list[tuple[int, int]]:
     return [(start, min(total, start + step)) for start in range(0, total, step)]
 
 
+def _factor_chunk(local_rows: int, rank: int) -> int:
+    """Rows of ``W_i`` converted to fp64 at a time when forming the factors: ``k`` (32 at
+    least), so the fp64 block stays the size of ``down`` in fp64."""
+    return max(1, min(local_rows, max(rank, 32)))
+
+
 # ------------------------------------------------------------------------------ formulas
 def owner_spectra_bytes(
     shapes: Sequence[tuple[int, int]], world_size: int, itemsize: int = 4
@@ -234,12 +240,11 @@ def shared_factors_peak_bytes(
     local = max(rows_per_rank(rows, world_size))
     compute = max(itemsize, 4)
     factors = (local * rank + rank * cols) * itemsize
+    chunk = _factor_chunk(local, rank)
     if spectrum_side(rows, cols) == "right":
-        chunk = max(1, min(local, cols))
         vectors = cols * rank * (compute + 2 * _F64)
         loop = cols * rank * _F64 + chunk * (cols + rank) * _F64
         return max(vectors, loop) + factors
-    chunk = max(1, min(local, rank))
     fixed = rows * rank * compute + local * rank * (itemsize + _F64) + rank * cols * _F64
     return fixed + max(chunk * cols * _F64, rank * cols * itemsize)
 
@@ -470,7 +475,7 @@ def shared_factors(
         ledger.hold(down, scaled)
         ledger.drop(wide, basis)
         del wide, basis
-        chunk = max(1, min(local.shape[0], cols))
+        chunk = _factor_chunk(local.shape[0], rank)
         for start in range(0, local.shape[0], chunk):
             block = local[start : start + chunk].double()
             product = block @ scaled
@@ -485,7 +490,7 @@ def shared_factors(
     up.copy_((mine * root_kept).to(local.dtype))
     product = torch.zeros(rank, cols, dtype=torch.float64, device=local.device)
     ledger.hold(product)
-    chunk = max(1, min(local.shape[0], rank))
+    chunk = _factor_chunk(local.shape[0], rank)
     for start in range(0, local.shape[0], chunk):
         block = local[start : start + chunk].double()
         ledger.hold(block)
