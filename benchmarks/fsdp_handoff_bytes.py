@@ -238,7 +238,7 @@ class _FixedRankWeLore(WeLoreAdamW):
         start = time.perf_counter()
         with CollectiveCounter() as counter:
             chosen = super().layer_ranks(candidates)  # the spectra, as maybe_handoff takes them
-        owned = {id(s): s for s in self._decompositions.values()}  # this check step's spectra
+        owned = {id(s): s for s in self.check_step_decompositions.values()}  # this check step
         self.measured["spectra"] = {
             "bytes": dict(counter.bytes),
             "calls": dict(counter.calls),

@@ -163,6 +163,12 @@ class WeLoreAdamW(GaLoreAdamW):
         """
         return is_check_step(self.handoff_config, self.current_step() if step is None else step)
 
+    @property
+    def check_step_decompositions(self) -> dict[str, Any]:
+        """The FSDP2 spectra taken at the current check step, by layer name (empty between
+        check steps and in one process): read-only, for measurements and diagnostics."""
+        return dict(self._decompositions)
+
     def layer_ranks(self, candidates: list[HandoffCandidate]) -> dict[str, int]:
         """Ranks for the dense projected layers under WeLore's global threshold (the target
         counts the rank that earlier hand-offs removed); subclasses may allocate otherwise."""
