@@ -42,7 +42,6 @@ from benchmarks.common import markdown_table, write_json
 from lowrank_optim import HandoffConfig, WeLoreAdamW
 from lowrank_optim.distributed import CollectiveCounter
 from lowrank_optim.distributed.factorize import (
-    choose_spectrum,
     gram_peak_bytes,
     sketch_peak_bytes,
     weight_gather_bytes,
@@ -55,6 +54,7 @@ from lowrank_optim.distributed.spectra import (
     shared_factors_bytes,
     shared_factors_peak_bytes,
 )
+from lowrank_optim.distributed.spectrum_routes import choose_spectrum
 from lowrank_optim.handoff import largest_handoff_rank
 
 __all__ = [
@@ -154,7 +154,7 @@ def handoff_payload(
 def every_rank_spectrum_payload(shape: tuple[int, int], world: int) -> dict[str, Any]:
     """Payload and wire bytes of one matrix's spectrum computed on every rank, the route the
     check step took before the owner-computed spectra
-    (:func:`lowrank_optim.distributed.factorize.sharded_spectrum`, route ``auto``)."""
+    (:func:`lowrank_optim.distributed.spectrum_routes.sharded_spectrum`, route ``auto``)."""
     rows, cols = shape
     route = choose_spectrum(rows, cols, world)
     scale = (world - 1) / world

@@ -3,15 +3,12 @@
 One spawn plays every scenario and saves what each rank saw; ``test_layerwise_ddp.py`` compares
 layer-wise DDP with regular DDP stepping (``optimizer.step()`` after the window's last backward,
 ``no_sync`` on the others), checks that the ranks agree, and that a mid-window resume is bit for
-bit. A scenario that raises is recorded with its traceback, so one broken cell fails only its
-test.
+bit. The driver (:class:`Run`, DDP's ``no_sync()`` passed in) and the scenario runner are in
+``layerwise_worker_common.py``, shared with the FSDP2 worker.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -21,6 +18,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from helpers import TinyNet, make_batches, roundtrip, spawn_ranks, split_groups
+from layerwise_worker_common import (
+    ACCUMULATION,
+    SPAWN_TIMEOUT_S,
+    SPLIT,
+    STEPS,
+    WORLD,
+    LayerwiseRun,
+    error_of,
+    play_scenarios,
+    schedule,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,16 +44,11 @@ from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.train.models import build_llama, tiny_llama_config
 
-__all__ = ["ACCUMULATION", "SPLIT", "STEPS", "WORLD", "spawn"]
+__all__ = ["ACCUMULATION", "SPLIT", "STEPS", "WORLD", "schedule", "spawn"]
 
-WORLD = 2
-STEPS, ACCUMULATION = 7, 4
 # Gap 3 (as test_layerwise.py): refreshes at steps 1, 4, 7 (full sums), captured energy at 2
 # and 5 (full), low-rank accumulation in the windows of steps 3 and 6.
 PROJECTED = {"rank": 4, "update_proj_gap": 3, "scale": 0.5, "proj_type": "std"}
-SPLIT = 2 * ACCUMULATION + 2  # resume two backward passes into step 3's (low-rank) window
-TIMEOUT_S = 120
-SPAWN_TIMEOUT_S = 600
 
 
 def galore(model: nn.Module) -> GaLoreAdamW:
@@ -59,90 +62,25 @@ def plain(model: nn.Module) -> GaLoreAdamW:
 OPTIMIZERS: dict[str, Callable[[nn.Module], GaLoreAdamW]] = {"projected": galore, "plain": plain}
 
 
-def schedule(step: int) -> float:
-    return 1.0 / (1.0 + step)
-
-
-class Run:
-    """A DDP model, its optimizer, schedule and (layer-wise) wrapper."""
+class Run(LayerwiseRun):
+    """A DDP TinyNet; micro-batches other than a window's last run under ``no_sync()``."""
 
     def __init__(
         self, name: str, layerwise: bool, clip: float | None = None, mode: str = "parameter"
     ) -> None:
-        self.module = TinyNet()
-        self.optimizer = OPTIMIZERS[name](self.module)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        module = TinyNet()
+        optimizer = OPTIMIZERS[name](module)
         # Buckets of ~100 bytes: several per backward, so updates overlap later all-reduces.
-        self.model = DistributedDataParallel(self.module, bucket_cap_mb=1e-4)
-        self.clip = clip
-        self.mode = mode
-        self._previous: float | None = None  # the reference's global norm of the last step
-        self.wrapper = (
-            LayerwiseOptimizer(
-                self.optimizer,
-                self.model,
-                accumulation_steps=ACCUMULATION,
-                max_grad_norm=clip,
-                clip=mode,
-            )
-            if layerwise
-            else None
+        model = DistributedDataParallel(module, bucket_cap_mb=1e-4)
+        super().__init__(
+            module,
+            model,
+            optimizer,
+            lambda last: nullcontext() if last else model.no_sync(),
+            layerwise=layerwise,
+            clip=clip,
+            mode=mode,
         )
-        self.losses: list[float] = []
-        self.held: list[dict[str, int]] = []
-        self.freed = True
-        self._window = torch.zeros(())
-
-    def backward(self, index: int, batches: list[tuple[torch.Tensor, ...]]) -> None:
-        """Micro-batch ``index``: this rank's rows, ``no_sync`` except on a window's last."""
-        rank = dist.get_rank()
-        inputs, targets = batches[index]
-        rows = slice(rank * len(inputs) // WORLD, (rank + 1) * len(inputs) // WORLD)
-        last = index % ACCUMULATION == ACCUMULATION - 1
-        with nullcontext() if last else self.model.no_sync():
-            loss = (self.model(inputs[rows]) - targets[rows]).square().mean() / ACCUMULATION
-            loss.backward()
-        self._window += loss.detach()
-        if self.wrapper is not None:
-            self.freed &= all(p.grad is None for p in self.module.parameters())
-            self.held.append(self.wrapper.accumulator_numel())
-        if not last:
-            return
-        if self.wrapper is None:
-            if self.clip is not None and self.mode == "previous_global":
-                self._clip_by_previous_norm(self.clip)
-            elif self.clip is not None:
-                for param in self.module.parameters():
-                    torch.nn.utils.clip_grad_norm_([param], self.clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.wrapper.step()
-        self.scheduler.step()
-        dist.all_reduce(self._window)
-        self.losses.append(float(self._window) / WORLD)
-        self._window = torch.zeros(())
-
-    def _clip_by_previous_norm(self, clip: float) -> None:
-        """The reference of ``clip="previous_global"``: scale by the last step's total norm."""
-        grads = [param.grad for param in self.module.parameters()]
-        norm = float(torch.nn.utils.get_total_norm(grads))
-        if self._previous is not None:
-            coefficient = min(1.0, clip / (self._previous + 1e-6))
-            for grad in grads:
-                grad.mul_(coefficient)
-        self._previous = norm
-
-    def result(self) -> dict[str, Any]:
-        return {
-            "losses": self.losses,
-            "weights": [p.detach().clone() for p in self.module.parameters()],
-            "held": self.held,
-            "freed": self.freed,
-            "last_epoch": self.scheduler.last_epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "steps": sorted({int(s["step"]) for s in self.optimizer.state.values()}),
-        }
 
 
 def _scenario_train(
@@ -179,8 +117,8 @@ def _scenario_resume() -> dict[str, Any]:
         resumed.backward(index, batches)
     return {
         "low_rank_saved": bool(saved["optimizer"]["layerwise"]["low_rank"]),
-        "straight": [p.detach().clone() for p in straight.module.parameters()],
-        "resumed": [p.detach().clone() for p in resumed.module.parameters()],
+        "straight": straight.weights(),
+        "resumed": resumed.weights(),
         "optimizer_steps": resumed.wrapper.optimizer_steps,
     }
 
@@ -230,15 +168,6 @@ def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
     }
 
 
-def error_of(action: Callable[[], object]) -> str:
-    """``"Type: message"`` of what ``action`` raises, or ``"no error"``."""
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test reads it
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
 def _scenario_refused() -> dict[str, str]:
     def second_hook() -> None:
         model = DistributedDataParallel(TinyNet())
@@ -269,37 +198,28 @@ def _noop(bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     return future
 
 
-def _attempt(results: dict[str, Any], name: str, scenario: Callable[[], Any]) -> None:
-    try:
-        results[name] = scenario()
-    except Exception:  # noqa: BLE001 - recorded for the test to report
-        results[name] = {"failure": traceback.format_exc()}
-
-
-def _run(rank: int, world: int, port: int, directory: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-    results: dict[str, Any] = {}
+def _scenarios() -> dict[str, Callable[[], Any]]:
+    scenarios: dict[str, Callable[[], Any]] = {}
     for name in OPTIMIZERS:
         for layerwise in (False, True):
             mode = "layerwise" if layerwise else "regular"
-            scenario = partial(_scenario_train, name, layerwise)
-            _attempt(results, f"train/{name}/{mode}", scenario)
+            scenarios[f"train/{name}/{mode}"] = partial(_scenario_train, name, layerwise)
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"
-        _attempt(results, f"clip/{mode}", partial(_scenario_train, "plain", layerwise, 0.05))
-        scenario = partial(_scenario_train, "plain", layerwise, 0.05, "previous_global")
-        _attempt(results, f"clip_global/{mode}", scenario)
-    _attempt(results, "resume", _scenario_resume)
+        scenarios[f"clip/{mode}"] = partial(_scenario_train, "plain", layerwise, 0.05)
+        scenarios[f"clip_global/{mode}"] = partial(
+            _scenario_train, "plain", layerwise, 0.05, "previous_global"
+        )
+    scenarios["resume"] = _scenario_resume
     for layerwise in (False, True):
         mode = "layerwise" if layerwise else "regular"
-        _attempt(results, f"handoff/{mode}", partial(_scenario_handoff, layerwise))
-    _attempt(results, "refused", _scenario_refused)
-    dist.barrier()  # no rank tears gloo down while a peer is still in a collective
-    dist.destroy_process_group()
-    torch.save(results, Path(directory) / f"rank{rank}.pt")
+        scenarios[f"handoff/{mode}"] = partial(_scenario_handoff, layerwise)
+    scenarios["refused"] = _scenario_refused
+    return scenarios
+
+
+def _run(rank: int, world: int, port: int, directory: str) -> None:
+    play_scenarios(rank, world, port, directory, _scenarios())
 
 
 def spawn(directory: Path) -> list[dict[str, Any]]:

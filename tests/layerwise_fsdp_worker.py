@@ -3,16 +3,15 @@
 One spawn plays every scenario and saves what each rank saw; ``test_layerwise_fsdp.py``
 compares layer-wise FSDP2 (each parameter steps in the hook FSDP2 fires after its
 reduce-scatter) with regular FSDP2 stepping (``optimizer.step()`` after the window's last
-backward), checks that the ranks agree and that a mid-window resume is bit for bit. A scenario
-that raises is recorded with its traceback, so one broken cell fails only its test.
+backward), checks that the ranks agree and that a mid-window resume is bit for bit. The driver
+(:class:`Run`, FSDP2's ``set_requires_gradient_sync`` passed in) and the scenario runner are in
+``layerwise_worker_common.py``, shared with the DDP worker.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from helpers import TinyNet, make_batches, roundtrip, spawn_ranks, split_groups
+from layerwise_worker_common import (
+    ACCUMULATION,
+    SPAWN_TIMEOUT_S,
+    SPLIT,
+    STEPS,
+    WORLD,
+    LayerwiseRun,
+    error_of,
+    play_scenarios,
+    schedule,
+)
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -36,21 +46,12 @@ from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.train.models import build_llama, tiny_llama_config
 
-__all__ = ["ACCUMULATION", "STEPS", "WORLD", "spawn"]
+__all__ = ["ACCUMULATION", "STEPS", "WORLD", "schedule", "spawn"]
 
-WORLD = 2
-STEPS, ACCUMULATION = 7, 4
 # Gap 3: refreshes at steps 1, 4, 7 (full sums), captured energy at 2 and 5 (full), low-rank
 # (G_k Q, this rank's rows) accumulation in the windows of steps 3 and 6. ``right`` keeps the
 # sharded rows local, the only side FSDP2 accepts.
 PROJECTED = {"rank": 4, "update_proj_gap": 3, "scale": 0.5, "proj_type": "right"}
-SPLIT = 2 * ACCUMULATION + 2  # resume two backward passes into step 3's (low-rank) window
-TIMEOUT_S = 120
-SPAWN_TIMEOUT_S = 600
-
-
-def schedule(step: int) -> float:
-    return 1.0 / (1.0 + step)
 
 
 def _optimizer(module: nn.Module, projected: bool) -> GaLoreAdamW:
@@ -59,8 +60,8 @@ def _optimizer(module: nn.Module, projected: bool) -> GaLoreAdamW:
     return GaLoreAdamW(module.parameters(), lr=2e-2, weight_decay=0.1)
 
 
-class Run:
-    """A fully_shard-ed TinyNet, its optimizer, schedule and (layer-wise) wrapper.
+class Run(LayerwiseRun):
+    """A fully_shard-ed TinyNet (its own root unit, the norm, and ``up`` and ``down``).
 
     ``sync``: reduce-scatter every micro-batch (FSDP2's default) or only the window's last
     (``set_requires_gradient_sync(False)`` on the others).
@@ -74,89 +75,38 @@ class Run:
         clip: float | None = None,
         mode: str = "parameter",
     ) -> None:
-        self.module = TinyNet()
-        fully_shard(self.module.up)
-        fully_shard(self.module.down)
-        fully_shard(self.module)  # the root holds the norm
-        self.optimizer = _optimizer(self.module, projected)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.sync, self.clip = sync, clip
-        self.mode = mode
-        self._previous: float | None = None  # the reference's global norm of the last step
-        self.wrapper = (
-            LayerwiseOptimizer(
-                self.optimizer,
-                self.module,
-                accumulation_steps=ACCUMULATION,
-                max_grad_norm=clip,
-                clip=mode,
-            )
-            if layerwise
-            else None
+        module = TinyNet()
+        fully_shard(module.up)
+        fully_shard(module.down)
+        fully_shard(module)  # the root holds the norm
+        self.sync = sync
+        super().__init__(
+            module,
+            module,
+            _optimizer(module, projected),
+            self._gradient_sync,
+            layerwise=layerwise,
+            clip=clip,
+            mode=mode,
         )
         # The order in which FSDP2 fired the parameters' hooks (after each reduce-scatter): the
         # steps inside them communicate, so every rank must see the same order.
         self.order: list[str] = []
         for name, param in self.module.named_parameters():
             param.register_post_accumulate_grad_hook(lambda _, name=name: self.order.append(name))
-        self.losses: list[float] = []
-        self.held: list[dict[str, int]] = []
-        self.freed = True
-        self._window = torch.zeros(())
 
-    def backward(self, index: int, batches: list[tuple[torch.Tensor, ...]]) -> None:
-        rank = dist.get_rank()
-        inputs, targets = batches[index]
-        rows = slice(rank * len(inputs) // WORLD, (rank + 1) * len(inputs) // WORLD)
-        last = index % ACCUMULATION == ACCUMULATION - 1
+    @contextmanager
+    def _gradient_sync(self, last: bool) -> Iterator[None]:
+        """FSDP2 reduce-scatters this micro-batch if ``sync`` or it is the window's last (the
+        setting stays until the next micro-batch sets it)."""
         self.module.set_requires_gradient_sync(self.sync or last)
-        loss = (self.module(inputs[rows]) - targets[rows]).square().mean() / ACCUMULATION
-        loss.backward()
-        self._window += loss.detach()
-        if self.wrapper is not None:
-            self.freed &= all(p.grad is None for p in self.module.parameters())
-            self.held.append(self.wrapper.accumulator_numel())
-        if not last:
-            return
-        if self.wrapper is None:
-            if self.clip is not None and self.mode == "previous_global":
-                self._clip_by_previous_norm(self.clip)
-            elif self.clip is not None:
-                for param in self.module.parameters():
-                    torch.nn.utils.clip_grad_norm_([param], self.clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.wrapper.step()
-        self.scheduler.step()
-        dist.all_reduce(self._window)
-        self.losses.append(float(self._window) / WORLD)
-        self._window = torch.zeros(())
+        yield
 
     def weights(self) -> list[torch.Tensor]:
         return [p.full_tensor().detach().clone() for p in self.module.parameters()]
 
-    def _clip_by_previous_norm(self, clip: float) -> None:
-        """The reference of ``clip="previous_global"``: scale by the last step's total norm."""
-        grads = [param.grad for param in self.module.parameters()]
-        norm = float(torch.nn.utils.get_total_norm(grads))
-        if self._previous is not None:
-            coefficient = min(1.0, clip / (self._previous + 1e-6))
-            for grad in grads:
-                grad.mul_(coefficient)
-        self._previous = norm
-
     def result(self) -> dict[str, Any]:
-        return {
-            "losses": self.losses,
-            "weights": self.weights(),
-            "held": self.held,
-            "order": self.order,
-            "freed": self.freed,
-            "last_epoch": self.scheduler.last_epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "steps": sorted({int(s["step"]) for s in self.optimizer.state.values()}),
-        }
+        return {**super().result(), "order": self.order}
 
 
 def _scenario_train(
@@ -264,15 +214,6 @@ def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
     }
 
 
-def error_of(action: Callable[[], object]) -> str:
-    """``"Type: message"`` of what ``action`` raises, or ``"no error"``."""
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test reads it
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
 def _scenario_refused() -> dict[str, str]:
     def without_model() -> None:
         run = Run(projected=True, layerwise=False)
@@ -294,37 +235,29 @@ def _scenario_refused() -> dict[str, str]:
     }
 
 
-def _attempt(results: dict[str, Any], name: str, scenario: Callable[[], Any]) -> None:
-    try:
-        results[name] = scenario()
-    except Exception:  # noqa: BLE001 - recorded for the test to report
-        results[name] = {"failure": traceback.format_exc()}
+def _scenarios() -> dict[str, Callable[[], Any]]:
+    scenarios: dict[str, Callable[[], Any]] = {}
+    for projected in (True, False):
+        name = "projected" if projected else "plain"
+        scenarios[f"train/{name}/regular"] = partial(_scenario_train, projected, False)
+        scenarios[f"train/{name}/layerwise"] = partial(_scenario_train, projected, True)
+    scenarios["train/projected/nosync"] = partial(_scenario_train, True, True, False)
+    for layerwise in (False, True):
+        mode = "layerwise" if layerwise else "regular"
+        scenarios[f"clip/{mode}"] = partial(_scenario_train, False, layerwise, True, 0.05)
+        scenarios[f"clip_global/{mode}"] = partial(
+            _scenario_train, False, layerwise, True, 0.05, "previous_global"
+        )
+    scenarios["resume"] = _scenario_resume
+    scenarios["refused"] = _scenario_refused
+    for layerwise in (False, True):
+        mode = "layerwise" if layerwise else "regular"
+        scenarios[f"handoff/{mode}"] = partial(_scenario_handoff, layerwise)
+    return scenarios
 
 
 def _run(rank: int, world: int, port: int, directory: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-    results: dict[str, Any] = {}
-    for projected in (True, False):
-        name = "projected" if projected else "plain"
-        _attempt(results, f"train/{name}/regular", partial(_scenario_train, projected, False))
-        _attempt(results, f"train/{name}/layerwise", partial(_scenario_train, projected, True))
-    _attempt(results, "train/projected/nosync", partial(_scenario_train, True, True, False))
-    for layerwise in (False, True):
-        mode = "layerwise" if layerwise else "regular"
-        _attempt(results, f"clip/{mode}", partial(_scenario_train, False, layerwise, True, 0.05))
-        scenario = partial(_scenario_train, False, layerwise, True, 0.05, "previous_global")
-        _attempt(results, f"clip_global/{mode}", scenario)
-    _attempt(results, "resume", _scenario_resume)
-    _attempt(results, "refused", _scenario_refused)
-    for layerwise in (False, True):
-        mode = "layerwise" if layerwise else "regular"
-        _attempt(results, f"handoff/{mode}", partial(_scenario_handoff, layerwise))
-    dist.barrier()  # no rank tears gloo down while a peer is still in a collective
-    dist.destroy_process_group()
-    torch.save(results, Path(directory) / f"rank{rank}.pt")
+    play_scenarios(rank, world, port, directory, _scenarios())
 
 
 def spawn(directory: Path) -> list[dict[str, Any]]:

@@ -25,17 +25,19 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from lowrank_optim.distributed.factorize import (
     choose_factorization,
-    choose_spectrum,
     factorize_sharded,
     gram_factorize_bytes,
     gram_peak_bytes,
-    panel_spectrum_peak_bytes,
-    sharded_spectra,
-    sharded_spectrum,
     sketch_factorize_bytes,
     sketch_peak_bytes,
 )
 from lowrank_optim.distributed.sharding import rows_per_rank
+from lowrank_optim.distributed.spectrum_routes import (
+    choose_spectrum,
+    panel_spectrum_peak_bytes,
+    sharded_spectra,
+    sharded_spectrum,
+)
 from lowrank_optim.factorize import plan_ranks
 from lowrank_optim.handoff import HandoffCandidate, welore_ranks
 

@@ -4,8 +4,10 @@
   parameters (local views, refusals, cross-rank checks);
 * :mod:`.sharding`: row-sharded ``DTensor`` layout and the sharded optimizer state;
 * :mod:`.refresh`: basis refresh from a row-sharded gradient (Gram all-reduce or all-gather);
-* :mod:`.factorize`: WeLore's factorization and spectra of row-sharded weights (Gram all-reduce,
-  randomized sketch with a tall-skinny QR, column panels), never gathering the weight;
+* :mod:`.factorize`: WeLore's factorization of row-sharded weights (Gram all-reduce, randomized
+  sketch with a tall-skinny QR), never gathering the weight;
+* :mod:`.spectrum_routes`: WeLore's spectrum of one row-sharded weight, computed on every rank
+  (Gram all-reduce, or column panels), never gathering the weight;
 * :mod:`.spectra`: WeLore's spectra of all candidates at a check step, each computed by one
   owner rank (rows gathered to it alone, one all-gather of the singular values), and the
   hand-off factors from the same decomposition;
@@ -30,14 +32,9 @@ from lowrank_optim.distributed.checkpoint import (
 from lowrank_optim.distributed.comm import CollectiveCounter
 from lowrank_optim.distributed.factorize import (
     ShardedFactors,
-    ShardedSpectrum,
     choose_factorization,
-    choose_spectrum,
     factorize_sharded,
     gram_factorize_bytes,
-    panel_spectrum_bytes,
-    sharded_spectra,
-    sharded_spectrum,
     sketch_factorize_bytes,
     weight_gather_bytes,
 )
@@ -53,6 +50,13 @@ from lowrank_optim.distributed.spectra import (
     owner_spectra,
     owner_spectra_bytes,
     shared_factors,
+)
+from lowrank_optim.distributed.spectrum_routes import (
+    ShardedSpectrum,
+    choose_spectrum,
+    panel_spectrum_bytes,
+    sharded_spectra,
+    sharded_spectrum,
 )
 
 __all__ = [

@@ -2,11 +2,11 @@
 
 Under FSDP2 (``fully_shard``) a weight ``W`` (``m x n``) is ``Shard(0)``: rank ``i`` of ``R``
 holds the rows ``W_i`` (``torch.chunk`` layout, trailing ranks may hold fewer or none). This
-module computes, on every rank, the singular values of ``W`` and the factors of its truncated
-SVD ``W ~ U_k S_k V_k^T`` in WeLore's form (:class:`~lowrank_optim.factorize.LowRankLinear`):
-``up = U_k S_k^1/2`` (row-sharded like ``W``: rank ``i`` gets ``up_i``, the same rows) and
-``down = S_k^1/2 V_k^T`` (``k x n``, replicated: identical bits on every rank). No rank ever
-holds ``W`` whole. Three routes, each a handful of collectives:
+module computes, on every rank, the factors of its truncated SVD ``W ~ U_k S_k V_k^T`` in
+WeLore's form (:class:`~lowrank_optim.factorize.LowRankLinear`): ``up = U_k S_k^1/2``
+(row-sharded like ``W``: rank ``i`` gets ``up_i``, the same rows) and ``down = S_k^1/2 V_k^T``
+(``k x n``, replicated: identical bits on every rank). No rank ever holds ``W`` whole. Two
+routes, each a handful of collectives:
 
 ``gram`` (narrow ``n``): ``W^T W = sum_i W_i^T W_i``. One all-reduce of the ``n x n`` Gram
     matrix, in fp64: the Gram squares the condition number, so fp32 (relative error ~1e-7 on
@@ -27,43 +27,36 @@ holds ``W`` whole. Three routes, each a handful of collectives:
     to ``(sigma_{l+1} / sigma_k)^{2q+1}``. Then the ``l x n`` sketch ``B = Q^T W =
     sum_i Q_i^T W_i`` is all-reduced and its small SVD ``B = U~ S V^T`` gives
     ``up_i = Q_i U~_k S_k^1/2`` and ``down = S_k^1/2 V_k^T``.
-``panels`` (the full spectrum of a wide matrix, for WeLore's threshold): the sketch only sees the
-    top ``l`` values, and the ``n x n`` Gram outweighs the weight, so the ``m x m`` row Gram
-    ``W W^T`` is accumulated from column panels ``W[:, J]`` (all-gathered, ``m x c`` each, never
-    more than one at a time); ``eigvalsh`` gives every singular value exactly. It moves the
-    weight's bytes once, in pieces, but no rank holds more than one panel of it.
+
+The full spectrum of a sharded weight, for WeLore's threshold, is
+:mod:`lowrank_optim.distributed.spectrum_routes` (every rank: the same fp64 Gram, or the row Gram
+from column panels) or :mod:`lowrank_optim.distributed.spectra` (one owner rank per matrix); both
+build on the helpers here (:func:`all_reduced_gram`, :class:`Ledger`, :func:`noise_floor`).
 
 :func:`choose_factorization` picks ``gram`` or ``sketch`` by bytes moved among the routes whose
 per-rank peak stays below one full weight (:func:`gram_factorize_bytes`,
-:func:`sketch_factorize_bytes` and the ``*_peak_bytes`` formulas are public);
-:func:`choose_spectrum` picks ``gram`` or ``panels`` the same way. Every function reports the
-peak of what it allocated (``peak_bytes``: the sum of the live tensors it created, the caller's
-local rows not counted), so tests assert the memory bound from tensor sizes, not timings.
+:func:`sketch_factorize_bytes` and the ``*_peak_bytes`` formulas are public). Every function
+reports the peak of what it allocated (``peak_bytes``: the sum of the live tensors it created,
+the caller's local rows not counted), so tests assert the memory bound from tensor sizes, not
+timings.
 
 Limits, stated by the formulas: the sketch holds a few ``n x l`` blocks (the all-reduced
 ``W^T Q``, its orthonormal copy, the sketch's right singular vectors), so it stays below one
 weight while ``l`` is below about ``m / 8`` (LLaMA-1B in fp32 at ``k = 128``: 0.4-0.6 of a
 weight; at ``k = 512``: 1.2-2.2); all-reducing those blocks in column panels would remove that
-term. An exact full spectrum needs a dense ``min(m, n)``-square eigensolve, which for square
-matrices is weight-sized whatever the route; :func:`choose_spectrum` says so. The sketch is exact
-to ``(sigma_{l+1} / sigma_k)^(2q+1)``: good for the heavy-tailed layers WeLore hands off, poor for
-a flat spectrum, where ``strategy="gram"`` is the exact choice.
+term. The sketch is exact to ``(sigma_{l+1} / sigma_k)^(2q+1)``: good for the heavy-tailed
+layers WeLore hands off, poor for a flat spectrum, where ``strategy="gram"`` is the exact choice.
 
 Every rank calls every function with the same arguments (the same matrices in the same order):
 the collectives must line up. Under ``Shard(0)`` every rank holds rows of every matrix, and the
-all-reduced Gram (or panel-gathered row Gram, or sketch) is bit-identical on every rank, as is
-the deterministic LAPACK call on it, so the singular values, ``down`` and the WeLore ranks chosen
-from them are identical everywhere without any further all-gather (the tests check it by
-gathering them). That costs every rank a Gram all-reduce (or the weight's panels) per matrix:
-for all of WeLoreAdamW's candidates at a check step, :mod:`lowrank_optim.distributed.spectra`
-gives each matrix one owner rank instead, and one all-gather of the (small) singular-value
-vectors.
+all-reduced Gram (or sketch) is bit-identical on every rank, as is the deterministic LAPACK call
+on it, so ``down`` is identical everywhere without any further all-gather (the tests check it by
+gathering it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,26 +67,22 @@ from lowrank_optim.distributed.sharding import local_rows_of, rows_per_rank
 __all__ = [
     "FACTORIZE_STRATEGIES",
     "Ledger",
-    "SPECTRUM_STRATEGIES",
     "ShardedFactors",
-    "ShardedSpectrum",
+    "all_reduced_gram",
+    "check_strategy",
     "choose_factorization",
-    "choose_spectrum",
     "factorize_sharded",
     "gram_factorize_bytes",
     "gram_peak_bytes",
+    "gram_row_chunk",
     "noise_floor",
-    "panel_spectrum_bytes",
-    "panel_spectrum_peak_bytes",
-    "sharded_spectra",
-    "sharded_spectrum",
+    "panel_cols",
     "sketch_factorize_bytes",
     "sketch_peak_bytes",
     "weight_gather_bytes",
 ]
 
 FACTORIZE_STRATEGIES = ("auto", "gram", "sketch")
-SPECTRUM_STRATEGIES = ("auto", "gram", "panels")
 _F64 = 8  # bytes of an fp64 element
 
 
@@ -127,19 +116,13 @@ def sketch_factorize_bytes(
     return (qr_count * world_size * width * width + (power_iters + 1) * cols * width) * itemsize
 
 
-def panel_spectrum_bytes(rows: int, cols: int, world_size: int, itemsize: int = 4) -> int:
-    """Payload of the ``panels`` spectrum: every column panel gathered once (the weight's bytes,
-    padded to equal row blocks), in pieces."""
-    return weight_gather_bytes(rows, cols, world_size, itemsize)
-
-
 # ------------------------------------------------------------------------- peak formulas
-def _row_chunk(cols: int, local_rows: int) -> int:
+def gram_row_chunk(cols: int, local_rows: int) -> int:
     """Rows of ``W_i`` converted to fp64 at a time: an ``n x n`` block at most."""
     return max(1, min(local_rows, cols))
 
 
-def _panel_cols(cols: int, rows: int) -> int:
+def panel_cols(cols: int, rows: int) -> int:
     """Columns per panel (gathered, or of ``Omega``): an eighth of the columns, at most ``m``."""
     return max(1, min(cols // 8, rows))
 
@@ -160,7 +143,7 @@ def gram_peak_bytes(rows: int, cols: int, rank: int, world_size: int, itemsize: 
     eigenvectors, an fp64 row chunk of ``W_i``, its product with ``V_k`` and the two factors.
     """
     local = max(rows_per_rank(rows, world_size))
-    chunk = _row_chunk(cols, local)
+    chunk = gram_row_chunk(cols, local)
     during_eigh = (2 * cols * cols + cols) * _F64
     factors = (local * rank + rank * cols) * itemsize
     after = (cols * cols + cols + 2 * cols * rank + chunk * cols + chunk * rank) * _F64 + factors
@@ -190,7 +173,7 @@ def sketch_peak_bytes(
         3 * local * width
         + (2 * world_size + 3) * width * width
         + 3 * cols * width
-        + _panel_cols(cols, rows) * (width + local)
+        + panel_cols(cols, rows) * (width + local)
         + _sketch_chunk(local) * cols
         + width * width
         + width
@@ -200,22 +183,9 @@ def sketch_peak_bytes(
     return elements * itemsize
 
 
-def panel_spectrum_peak_bytes(rows: int, cols: int, world_size: int, itemsize: int = 4) -> int:
-    """Largest sum of live tensors the ``panels`` spectrum allocates: the fp64 ``m x m`` row Gram
-    (twice while ``eigvalsh`` works on its copy), one gathered panel (padded) and its fp64 copy."""
-    padded = max(rows_per_rank(rows, world_size)) * world_size
-    panel = _panel_cols(cols, rows)
-    return (2 * rows * rows + rows) * _F64 + padded * panel * (2 * itemsize + _F64)
-
-
-def _gram_spectrum_peak_bytes(rows: int, cols: int, world_size: int) -> int:
-    local = max(rows_per_rank(rows, world_size))
-    chunk = _row_chunk(cols, local)
-    return (2 * cols * cols + cols + chunk * cols) * _F64
-
-
 # --------------------------------------------------------------------------- choices
-def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+def check_strategy(value: str, allowed: tuple[str, ...], what: str) -> None:
+    """Raise ``ValueError`` unless ``value`` (a ``strategy=`` argument) is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"Invalid {what}: {value!r}; allowed: {', '.join(allowed)}")
 
@@ -256,32 +226,6 @@ def choose_factorization(
     return "sketch"
 
 
-def choose_spectrum(rows: int, cols: int, world_size: int, itemsize: int = 4) -> str:
-    """``gram`` or ``panels`` for the full spectrum of a sharded ``rows x cols`` weight.
-
-    Among the routes whose peak stays below one full weight, the one moving fewer bytes (the
-    Gram's all-reduce about twice ``8 n^2`` on the wire, the panels about ``m n itemsize``); if
-    neither fits, the one with the smaller peak. An exact full spectrum needs a dense
-    ``min(m, n)``-square eigensolve on some rank, so it fits below the weight only for clearly
-    rectangular matrices (``n`` below about ``m / 4``, or above about ``4 m``); for square ones
-    its peak is a few weights' worth (the factorization itself never is: see
-    :func:`choose_factorization`).
-    """
-    weight = rows * cols * itemsize
-    peaks = {
-        "gram": _gram_spectrum_peak_bytes(rows, cols, world_size),
-        "panels": panel_spectrum_peak_bytes(rows, cols, world_size, itemsize),
-    }
-    wire = {
-        "gram": 2 * gram_factorize_bytes(cols),
-        "panels": panel_spectrum_bytes(rows, cols, world_size, itemsize),
-    }
-    fitting = [name for name in ("gram", "panels") if peaks[name] < weight]
-    if fitting:
-        return min(fitting, key=lambda name: wire[name])
-    return min(peaks, key=lambda name: peaks[name])
-
-
 # --------------------------------------------------------------------------- accounting
 class Ledger:
     """Bytes of the tensors a route created and still holds; ``peak`` is the largest sum."""
@@ -317,22 +261,15 @@ class ShardedFactors:
     peak_bytes: int
 
 
-@dataclass
-class ShardedSpectrum:
-    """Every singular value of the weight (fp64, descending), the route, and its peak bytes."""
-
-    values: torch.Tensor
-    strategy: str
-    peak_bytes: int
-
-
 # --------------------------------------------------------------------------- helpers
-def _gram(local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_reduced_gram(
+    local: torch.Tensor, ledger: Ledger, group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """``sum_i W_i^T W_i`` in fp64, formed from row chunks (never all of ``W_i`` in fp64)."""
     cols = local.shape[1]
     gram = torch.zeros(cols, cols, dtype=torch.float64, device=local.device)
     ledger.hold(gram)
-    chunk = _row_chunk(cols, local.shape[0])
+    chunk = gram_row_chunk(cols, local.shape[0])
     for start in range(0, local.shape[0], chunk):
         block = local[start : start + chunk].double()
         ledger.hold(block)
@@ -346,85 +283,6 @@ def noise_floor(values: torch.Tensor, cols: int) -> float:
     """Singular values at or below this carry no direction (fp64 Gram resolution)."""
     top = float(values.max()) if values.numel() else 0.0
     return math.sqrt(cols * torch.finfo(torch.float64).eps) * top
-
-
-# --------------------------------------------------------------------------- spectrum
-def sharded_spectrum(
-    weight: torch.Tensor,
-    *,
-    rows: int | None = None,
-    group: dist.ProcessGroup | None = None,
-    strategy: str = "auto",
-) -> ShardedSpectrum:
-    """All ``min(m, n)`` singular values of the row-sharded ``weight``, identical on every rank.
-
-    ``weight``: a ``Shard(0)`` DTensor, or this rank's rows with the global ``rows`` and the
-    process ``group``. ``strategy``: ``auto`` (:func:`choose_spectrum`), ``gram`` or ``panels``.
-    """
-    _check(strategy, SPECTRUM_STRATEGIES, "spectrum strategy")
-    local, rows, group = local_rows_of(weight, rows, group)
-    cols = local.shape[1]
-    world = dist.get_world_size(group)
-    if strategy == "auto":
-        strategy = choose_spectrum(rows, cols, world, local.element_size())
-    ledger = Ledger()
-    if strategy == "gram":
-        gram = _gram(local, ledger, group)
-        eigen = torch.linalg.eigvalsh(gram)
-        ledger.hold(eigen, torch.empty_like(gram))  # LAPACK works on a copy of its input
-    else:
-        gram = _row_gram(local, rows, ledger, group)
-        eigen = torch.linalg.eigvalsh(gram)
-        ledger.hold(eigen, torch.empty_like(gram))
-    values = eigen.flip(0)[: min(rows, cols)].clamp_min(0.0).sqrt()
-    return ShardedSpectrum(values, strategy, ledger.peak)
-
-
-def _row_gram(
-    local: torch.Tensor, rows: int, ledger: Ledger, group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    """``W W^T`` (``m x m``, fp64) from all-gathered column panels, one panel alive at a time."""
-    world = dist.get_world_size(group)
-    counts = rows_per_rank(rows, world)
-    chunk = max(counts)
-    cols = local.shape[1]
-    gram = torch.zeros(rows, rows, dtype=torch.float64, device=local.device)
-    ledger.hold(gram)
-    width = _panel_cols(cols, rows)
-    for start in range(0, cols, width):
-        stop = min(cols, start + width)
-        mine = local.new_zeros(chunk, stop - start)
-        mine[: local.shape[0]] = local[:, start:stop]
-        gathered = local.new_empty(chunk * world, stop - start)
-        ledger.hold(mine, gathered)
-        dist.all_gather_single(gathered, mine, group=group)
-        panel = torch.cat([gathered[r * chunk : r * chunk + counts[r]] for r in range(world)])
-        panel = panel.double()
-        ledger.hold(panel)
-        gram.addmm_(panel, panel.T)
-        ledger.drop(mine, gathered, panel)
-    return gram
-
-
-def sharded_spectra(
-    weights: Mapping[str, torch.Tensor],
-    *,
-    rows: Mapping[str, int] | None = None,
-    group: dist.ProcessGroup | None = None,
-    strategy: str = "auto",
-) -> dict[str, torch.Tensor]:
-    """Singular values (fp32, descending) of every row-sharded weight, in the given order.
-
-    Feed them to :func:`lowrank_optim.factorize.plan_ranks` or
-    :func:`lowrank_optim.handoff.choose_ranks`: they are identical on every rank, so every rank
-    chooses the same WeLore threshold and ranks.
-    """
-    return {
-        name: sharded_spectrum(
-            weight, rows=None if rows is None else rows[name], group=group, strategy=strategy
-        ).values.float()
-        for name, weight in weights.items()
-    }
 
 
 # ------------------------------------------------------------------------- factorization
@@ -446,7 +304,7 @@ def factorize_sharded(
     (:func:`choose_factorization`), ``gram`` or ``sketch``; ``oversample``, ``power_iters`` and
     ``seed`` (the same on every rank) tune the sketch.
     """
-    _check(strategy, FACTORIZE_STRATEGIES, "factorize strategy")
+    check_strategy(strategy, FACTORIZE_STRATEGIES, "factorize strategy")
     local, rows, group = local_rows_of(weight, rows, group)
     cols = local.shape[1]
     if not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
@@ -476,7 +334,7 @@ def _gram_factors(
 ) -> ShardedFactors:
     ledger = Ledger()
     cols = local.shape[1]
-    gram = _gram(local, ledger, group)
+    gram = all_reduced_gram(local, ledger, group)
     eigen, vectors = torch.linalg.eigh(gram)
     ledger.hold(eigen, vectors)
     ledger.drop(gram)
@@ -495,7 +353,7 @@ def _gram_factors(
     scaled = basis * inverse_root  # V_k S_k^-1/2
     ledger.hold(scaled)
     ledger.drop(basis)
-    chunk = _row_chunk(cols, local.shape[0])
+    chunk = gram_row_chunk(cols, local.shape[0])
     for start in range(0, local.shape[0], chunk):
         block = local[start : start + chunk].double()
         product = block @ scaled
@@ -573,7 +431,7 @@ def _sketch_factors(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sketch = torch.zeros(local.shape[0], width, dtype=compute, device=local.device)
     ledger.hold(sketch)
-    step = _panel_cols(cols, rows)
+    step = panel_cols(cols, rows)
     for start in range(0, cols, step):
         stop = min(cols, start + step)
         omega = torch.randn(stop - start, width, generator=generator, dtype=compute)

@@ -2,7 +2,7 @@
 the hand-off factors taken from the same decomposition.
 
 WeLore's global threshold needs every candidate's whole normalized spectrum at each check step.
-Computing each spectrum on every rank (:func:`lowrank_optim.distributed.factorize.
+Computing each spectrum on every rank (:func:`lowrank_optim.distributed.spectrum_routes.
 sharded_spectrum`) all-reduces an fp64 Gram or all-gathers the weight's column panels for every
 matrix on every rank: at the LLaMA-1B shapes that moves more than gathering the weights. Here
 each matrix ``W`` (``m x n``, rank ``i`` holding the rows ``W_i``) has one **owner** rank
