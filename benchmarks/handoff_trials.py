@@ -130,11 +130,11 @@ def report(
 ) -> str:
     """The trials as a markdown table (mean ± std where a trial ran on several seeds)."""
     rows = trial_rows(study, out, study_out)
-    by_name: dict[str, list[dict[str, Any]]] = {}
+    by_name: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
-        by_name.setdefault(row["name"], []).append(row)
+        by_name.setdefault((row["name"], row["steps"]), []).append(row)
     table = []
-    for name, runs in by_name.items():
+    for (name, _), runs in by_name.items():
         finals = [100 * r["final_gap"] for r in runs]
         std = statistics.stdev(finals) if len(finals) > 1 else 0.0
         first = runs[0]
