@@ -29,6 +29,8 @@ LABELS = {
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
+    "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2",
+    "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
     "posthoc+ft": "post-hoc WeLore + LRC fine-tune",

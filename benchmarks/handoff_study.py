@@ -20,7 +20,8 @@ Methods (all at equal training tokens):
 
 Policy variants of method 2: ``welore-taper`` (a layer's tail fades out over ``taper`` steps
 first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`` steps),
-``welore-lr`` (the factors inherit lr itself, as shipped before), ``oneshot-late`` (every
+``welore-lr`` (the factors inherit lr itself, as shipped before), ``welore-halflr`` and
+``oneshot-late-halflr`` (the factors at half of ``lr x scale``), ``oneshot-late`` (every
 qualifying layer when the window closes). ``bar_target`` is the smallest target above the
 issue's bar of 60% projected parameters removed; methods 2, 3 (late) and 4 run it at every seed.
 
@@ -68,6 +69,8 @@ METHODS = (
     "welore-lr",
     "oneshot",
     "oneshot-late",
+    "welore-halflr",
+    "oneshot-late-halflr",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
@@ -174,7 +177,10 @@ LONG = Study(
     bar_target=0.78,
     long_steps=0,
     scratch_lrs=(3e-4, 1e-3, 3e-3),
-    methods=("dense", "welore", "oneshot", "oneshot-late", "posthoc", "scratch"),
+    methods=(
+        "dense", "welore", "welore-halflr", "oneshot-late", "oneshot-late-halflr", "posthoc",
+        "scratch",
+    ),
     out="benchmarks/results/runs/handoff_study_long",
 )
 
@@ -212,6 +218,7 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
         for key in _STABILITY_ONLY:
             if not (method == "cuttlefish" and key == "handoff_end"):  # its deadline
                 del values[key]
+    method = method.removesuffix("-halflr")  # the same settings as the method it varies
     if method == "oneshot-late":
         del values["threshold"], values["patience"], values["taper"]
     if method in ("welore", "welore-lr", "welore-rewarmup", "posthoc", "scratch"):
@@ -289,6 +296,11 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
     config = study.base(job.seed, folder)
     if job.method == "dense":
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
+    elif job.method.endswith("-halflr"):  # the factors at half the default lr x scale
+        config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
+        if job.method == "oneshot-late-halflr":
+            config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
+        result = _train(study, job, config, _factor_lr_factory(config, study.scale / 2))
     elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late"):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method == "welore-rewarmup":  # the new factors' lr ramps up after the hand-off
@@ -302,7 +314,7 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
         result = _train(study, job, config)
     elif job.method == "welore-lr":  # as shipped before: the factors inherit lr itself
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
-        result = _train(study, job, config, _inherited_lr_factory(config))
+        result = _train(study, job, config, _factor_lr_factory(config, 1.0))
     elif job.method == "cuttlefish":
         result = _train(study, job, config, _cuttlefish_factory(study, job, config))
     elif job.method == "scratch":
@@ -345,11 +357,12 @@ def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
     return build
 
 
-def _inherited_lr_factory(config: PretrainConfig) -> Any:
+def _factor_lr_factory(config: PretrainConfig, ratio: float) -> Any:
+    """``config``'s optimizer with the factors' lr at ``ratio`` times their group's lr."""
     from lowrank_optim.factory import build_optimizer
 
     spec = config.optimizer_spec()
-    spec = replace(spec, handoff=replace(spec.handoff, factor_lr_scale=1.0))
+    spec = replace(spec, handoff=replace(spec.handoff, factor_lr_scale=ratio))
     return lambda model: build_optimizer(model, spec)
 
 
@@ -448,6 +461,8 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
     second = [Job("posthoc", headline, seed) for seed in study.seeds]
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
     second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
+    second += [Job(m, study.bar_target, seed) for m in ("welore-halflr", "oneshot-late-halflr")
+               for seed in study.seeds]
     second += [Job("oneshot-late", target, seed) for seed in study.seeds
                for target in dict.fromkeys((headline, study.bar_target))]
     second += [Job("welore-lr", headline, study.seeds[0])]
