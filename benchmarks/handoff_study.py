@@ -58,6 +58,7 @@ __all__ = [
     "jobs_of",
     "main",
     "projected_total",
+    "result_of",
     "run_job",
 ]
 
@@ -247,6 +248,11 @@ def _train(study: Study, job: Job, config: PretrainConfig, factory: Any = None) 
     folder = Path(config.out_dir)
     resume = (folder / "checkpoint.pt").exists() and job.method != "cuttlefish"
     summary = run_pretraining(replace(config, resume=resume), factory)
+    return result_of(folder, summary)
+
+
+def result_of(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's cached result from its folder's ``metrics.jsonl`` and its ``summary``."""
     metrics = folder / "metrics.jsonl"
     handoffs = _read(metrics, "handoff")
     evals = _read(metrics, "eval")
