@@ -23,13 +23,13 @@ __all__ = ["layer_claim", "paired_against_welore", "report", "spearman"]
 
 LABELS = {
     "dense": "GaLoreAdamW, dense",
-    "welore": "WeLoreAdamW (stability-driven)",
+    "welore": "WeLoreAdamW (stability-driven), factors at lr x scale",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
     "welore-rewarmup": "WeLoreAdamW (stability-driven, factor lr re-warm-up)",
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
-    "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2",
+    "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2 (the default)",
     "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
@@ -165,24 +165,28 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def paired_against_welore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per target, every method's loss cost minus stability-driven WeLore's, seed by seed.
+def paired_against_welore(
+    rows: list[dict[str, Any]], reference: str = "welore"
+) -> list[dict[str, Any]]:
+    """Per target, every method's loss cost minus the stability-driven ``reference``'s (a
+    WeLore method), seed by seed.
 
     Paired over seeds (the same data order and initialization), so seed-to-seed variation of
-    the dense baseline cancels: a positive mean is a method doing worse than WeLore. ``wins``
-    counts the seeds on which WeLore is better.
+    the dense baseline cancels: a positive mean is a method doing worse than the reference.
+    ``wins`` counts the seeds on which the reference is better.
     """
     pairs = []
-    for welore in (r for r in rows if r["method"] == "welore"):
+    for welore in (r for r in rows if r["method"] == reference):
         for other in rows:
-            if other["target"] != welore["target"] or other["method"] in ("welore", "dense"):
+            if other["target"] != welore["target"] or other["method"] in (reference, "dense"):
                 continue
             seeds = sorted(set(welore["deltas"]) & set(other["deltas"]))
             if len(seeds) < 2:
                 continue
             gaps = [other["deltas"][s] - welore["deltas"][s] for s in seeds]
             pairs.append({
-                "method": other["method"], "target": welore["target"], "seeds": len(seeds),
+                "method": other["method"], "reference": reference,
+                "target": welore["target"], "seeds": len(seeds),
                 "gap": statistics.fmean(gaps), "gap_std": statistics.stdev(gaps),
                 "wins": sum(gap > 0 for gap in gaps),
             })
@@ -321,9 +325,9 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         [label, _fmt(*_mean_std([allocations[s][label] for s in allocations]))]
         for label in next(iter(allocations.values()), {})
     ]
-    pairs = paired_against_welore(rows)
+    pairs = paired_against_welore(rows, "welore-halflr") + paired_against_welore(rows, "welore")
     paired_rows = [
-        [LABELS[p["method"]], f"{p['target']:g}", p["seeds"],
+        [LABELS[p["method"]], LABELS[p["reference"]], f"{p['target']:g}", p["seeds"],
          f"{100 * p['gap']:+.2f}% ± {100 * p['gap_std']:.2f}%", f"{p['wins']}/{p['seeds']}"]
         for p in pairs
     ]
@@ -366,7 +370,8 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
             "The method's loss cost minus WeLore's, seed by seed (positive: WeLore is better), "
             "mean ± std over the paired seeds, and on how many seeds WeLore is better.",
             markdown_table(
-                ["method", "target", "seeds", "cost minus WeLore's", "WeLore better"],
+                ["method", "against", "target", "seeds", "cost minus WeLore's",
+                 "WeLore better"],
                 paired_rows,
             ),
             *(

@@ -317,7 +317,9 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
             config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
         if job.method == "welore-taper":  # each selected layer's tail faded out first
             config = replace(config, handoff_taper=study.taper)
-        result = _train(study, job, config)
+        # The factors at lr x scale, the default when these runs were made (now half of it,
+        # the ``-halflr`` methods): set explicitly so the cache never depends on the default.
+        result = _train(study, job, config, _factor_lr_factory(config, study.scale))
     elif job.method == "welore-lr":  # as shipped before: the factors inherit lr itself
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         result = _train(study, job, config, _factor_lr_factory(config, 1.0))
@@ -356,6 +358,7 @@ def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
                 target_reduction=job.target,
                 min_ratio=study.min_ratio,
                 rewarmup_steps=study.rewarmup,
+                factor_lr_scale=study.scale,  # as the other methods' factors (see run_job)
             ),
             model=model,
         )

@@ -21,6 +21,8 @@ METHODS = {
     "welore-lr",
     "oneshot",
     "oneshot-late",
+    "welore-halflr",
+    "oneshot-late-halflr",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
