@@ -23,13 +23,13 @@ __all__ = ["layer_claim", "paired_against_welore", "report", "spearman"]
 
 LABELS = {
     "dense": "GaLoreAdamW, dense",
-    "welore": "WeLoreAdamW (stability-driven), factors at lr x scale",
+    "welore": "WeLoreAdamW (stability-driven; factors at lr x scale, the default)",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
     "welore-rewarmup": "WeLoreAdamW (stability-driven, factor lr re-warm-up)",
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
     "oneshot": "one-shot (all at the window's start)",
     "oneshot-late": "one-shot (all at the window's end)",
-    "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2 (the default)",
+    "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2",
     "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",

@@ -317,8 +317,8 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
             config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
         if job.method == "welore-taper":  # each selected layer's tail faded out first
             config = replace(config, handoff_taper=study.taper)
-        # The factors at lr x scale, the default when these runs were made (now half of it,
-        # the ``-halflr`` methods): set explicitly so the cache never depends on the default.
+        # The factors at lr x scale (the default; the ``-halflr`` methods take half), set
+        # explicitly so that the cache never depends on the package's default.
         result = _train(study, job, config, _factor_lr_factory(config, study.scale))
     elif job.method == "welore-lr":  # as shipped before: the factors inherit lr itself
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)

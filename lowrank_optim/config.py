@@ -275,17 +275,17 @@ class HandoffConfig:
             every qualifying layer off at the first check step at or after ``start_step``,
             without looking at stability (the one-shot baseline).
         factor_lr_scale: the factors' learning rate is their source group's ``lr`` times this.
-            ``None`` (default) uses half the source group's GaLore ``scale``. A projected weight
-            moves by ``lr * scale * P d`` per step; after the hand-off ``W = U D`` moves by
-            ``dU D + U dD``, two terms each about as large as that step, so each factor takes
-            ``lr * scale / 2`` to keep the step size the layer was trained with. Measured in
-            ``benchmarks/handoff_study.py --long`` (3 seeds, 64% of projected parameters
-            removed): ``lr * scale`` overshoots after each hand-off (the eval gap to dense
-            keeps growing for about 100 steps) and ends +1.21% +- 0.45% against +0.90% +-
-            0.20% at half. Inheriting ``lr`` itself (``1.0``) is worse still: +39% eval loss
-            with GaLore's ``lr 1e-2, scale 0.25`` recipe in issue #14's first experiment.
-            Learning rate schedulers created after the optimizer scale the factor groups'
-            ``lr`` like every other group's.
+            ``None`` (default) uses the source group's GaLore ``scale``: a projected weight
+            moves by ``lr * scale * P d``, so ``lr * scale`` keeps the step size the layer was
+            trained with. Inheriting ``lr`` itself (``1.0``) makes the factors step ``1 / scale``
+            times too far: +39% eval loss with GaLore's ``lr 1e-2, scale 0.25`` recipe in issue
+            #14's first experiment. Half of ``lr * scale`` (``W = U D`` moves by ``dU D + U dD``,
+            two such steps) is better in some settings and worse in others, so it is not the
+            default: in ``benchmarks/handoff_study.py --long`` (20m LLaMA, 1000 steps, 3 seeds)
+            it cost +0.90% +- 0.20% eval loss against dense instead of +1.21% +- 0.45%, but on
+            the ``lowrank-optim pretrain`` job (9m LLaMA, 600 steps, 3 seeds) it was 0.4-0.5%
+            worse than ``lr * scale`` on every seed. Learning rate schedulers created after the
+            optimizer scale the factor groups' ``lr`` like every other group's.
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)

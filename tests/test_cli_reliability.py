@@ -70,6 +70,8 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
         ("target_reduction", 1.0, "target_reduction: 1.0"),
         ("min_ratio", -0.5, "min_ratio: -0.5"),
         ("handoff_start", math.nan, "handoff_start: nan"),
+        ("handoff_factor_lr_scale", 0.0, "handoff_factor_lr_scale: 0.0"),
+        ("handoff_factor_lr_scale", math.inf, "handoff_factor_lr_scale: inf"),
         ("rank", 0, "rank: 0"),
         ("update_proj_gap", -4, "update_proj_gap: -4"),
         ("stability_patience", 0, "stability_patience: 0"),
@@ -90,6 +92,8 @@ def test_every_numeric_and_named_setting_is_validated(field: str, value: Any, me
 def test_defaults_and_boundaries_are_accepted():
     PretrainConfig()
     PretrainConfig(warmup_ratio=0.0, min_lr_ratio=1.0, grad_clip=0.0, weight_decay=0.0)
+    spec = PretrainConfig(handoff_factor_lr_scale=0.125).optimizer_spec()
+    assert spec.handoff.factor_lr_scale == 0.125
 
 
 # --------------------------------------------------------------------------- one-line errors

@@ -22,9 +22,8 @@ def _factor_groups(optimizer) -> list[dict]:
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0])
-def test_factor_groups_default_to_half_of_lr_times_scale(scale: float) -> None:
-    """GaLore's recipe moves a weight by lr * scale; W = U D moves by dU D + U dD, two such
-    terms, so each factor takes half."""
+def test_factor_groups_default_to_lr_times_scale(scale: float) -> None:
+    """GaLore's recipe moves a weight by lr * scale: the factors keep that step size."""
     from lowrank_optim import ProjectionConfig, WeLoreAdamW
     from lowrank_optim.factory import lowrank_param_groups
 
@@ -34,10 +33,10 @@ def test_factor_groups_default_to_half_of_lr_times_scale(scale: float) -> None:
     )
     optimizer = WeLoreAdamW(groups, lr=1e-2, model=model)
     (factor_group,) = _factor_groups(optimizer)
-    assert factor_group["lr"] == pytest.approx(1e-2 * scale / 2)
+    assert factor_group["lr"] == pytest.approx(1e-2 * scale)
     # a scheduler built afterwards scales the factor group from that base
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
-    assert factor_group["lr"] == pytest.approx(0.5 * 1e-2 * scale / 2)
+    assert factor_group["lr"] == pytest.approx(0.5 * 1e-2 * scale)
 
 
 def test_factor_lr_scale_overrides_the_projection_scale() -> None:

@@ -62,6 +62,8 @@ HELP = {
     "out_dir": "folder for metrics.jsonl, checkpoint.pt, summary.json and the plots",
     "layerwise_clip": "with --layerwise, how --grad-clip clips: parameter (each parameter's "
     "norm) or previous_global (the previous step's global norm)",
+    "handoff_factor_lr_scale": "WeLoreAdamW: the factors' lr as a multiple of lr; None: the "
+    "projection scale (lr x scale)",
     "stop_after": "stop after this many steps (of --steps; the schedule still spans --steps)",
 }
 
@@ -74,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + item.name.replace("_", "-")
         value = getattr(defaults, item.name)
-        kind = int if item.name == "stop_after" else type(value) if value is not None else str
+        kind = {"stop_after": int, "handoff_factor_lr_scale": float}.get(
+            item.name, type(value) if value is not None else str
+        )
         text = HELP.get(item.name, "")
         parser.add_argument(flag, type=kind, default=value, help=f"{text} (default: {value})")
     parser.add_argument(

@@ -32,7 +32,6 @@ from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import LEFT, RIGHT
 
 __all__ = [
-    "DEFAULT_FACTOR_LR_SHARE",
     "FACTORS_OF",
     "HANDOFF_STEP",
     "factor_group",
@@ -45,8 +44,6 @@ __all__ = [
 
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
 FACTORS_OF = "welore_factors_of"
-#: ``HandoffConfig.factor_lr_scale=None``: the factors' lr is this share of ``lr * scale``.
-DEFAULT_FACTOR_LR_SHARE = 0.5
 #: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
 HANDOFF_STEP = keys.HANDOFF_STEP  # declared once, in state_keys
 
@@ -130,15 +127,13 @@ def factor_group(source: Mapping[str, Any], index: int, lr_ratio: float | None) 
     """The empty plain-AdamW group that will hold the factors of projected group ``index``.
 
     It copies ``source``'s Adam hyper-parameters. ``lr_ratio`` (``HandoffConfig.factor_lr_scale``)
-    ``None``: ``lr * scale / 2``. The projected weight moved by ``lr * scale`` per step; the
-    factored one moves by ``dU D + U dD``, two terms each about that size, so each factor takes
-    half (see :class:`~lowrank_optim.config.HandoffConfig`), unless the user sets another ratio.
+    ``None``: the factors keep the step size the projected weight was trained with,
+    ``lr * scale``, unless the user sets another ratio.
     """
     hyper = ("betas", "eps", "weight_decay", "on_bad_gradient")
     group: dict[str, Any] = {"params": [], FACTORS_OF: index}
     group.update({key: source[key] for key in hyper})
-    group["lr"] = source["lr"] * (DEFAULT_FACTOR_LR_SHARE * source["scale"] if lr_ratio is None
-                                  else lr_ratio)
+    group["lr"] = source["lr"] * (source["scale"] if lr_ratio is None else lr_ratio)
     if "param_names" in source:
         group["param_names"] = []
     return group

@@ -45,6 +45,7 @@ class PretrainConfig:
     handoff_trigger: str = "stable"
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
+    handoff_factor_lr_scale: float | None = None
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
@@ -94,6 +95,7 @@ class PretrainConfig:
             trigger=self.handoff_trigger,
             rewarmup_steps=self.handoff_rewarmup,
             taper_steps=self.handoff_taper,
+            factor_lr_scale=self.handoff_factor_lr_scale,
             end_step=int(self.handoff_end * self.steps) if self.handoff_end < 1.0 else None,
         )
         return OptimizerSpec(
@@ -221,6 +223,9 @@ def check_pretrain_config(config: PretrainConfig) -> None:
         value = getattr(config, name)
         if not _is_int(value) or value < 0:
             raise ValueError(f"Invalid {name}: {value!r}; must be an integer >= 0")
+    if config.handoff_factor_lr_scale is not None:
+        _number_in("handoff_factor_lr_scale", config.handoff_factor_lr_scale, 0.0, inf,
+                   open_low=True)
     _number_in("target_reduction", config.target_reduction, 0.0, 1.0, open_low=True, open_high=True)
     _number_in("min_ratio", config.min_ratio, 0.0, 1.0, open_high=True)
     if config.dataset is not None and (not isinstance(config.dataset, str) or not config.dataset):
