@@ -25,6 +25,7 @@ BENCHMARKS = (
     "fsdp_comm",
     "galore_core",
     "handoff_study",
+    "handoff_trials",
     "layerwise_memory",
     "memory",
     "pretrain_suite",
@@ -32,8 +33,9 @@ BENCHMARKS = (
     "results_md",
     "throughput",
 )
-#: Short names: ``bench handoff`` runs :mod:`benchmarks.handoff_study`.
-ALIASES = {"handoff": "handoff_study"}
+#: Short names: ``bench handoff`` runs :mod:`benchmarks.handoff_study`, ``bench trials``
+#: :mod:`benchmarks.handoff_trials`.
+ALIASES = {"handoff": "handoff_study", "trials": "handoff_trials"}
 
 
 class UnknownBenchmark(ValueError):
