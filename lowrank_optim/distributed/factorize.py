@@ -75,6 +75,7 @@ __all__ = [
     "gram_factorize_bytes",
     "gram_peak_bytes",
     "gram_row_chunk",
+    "rows_times",
     "noise_floor",
     "panel_cols",
     "sketch_factorize_bytes",
@@ -117,6 +118,19 @@ def sketch_factorize_bytes(
 
 
 # ------------------------------------------------------------------------- peak formulas
+def rows_times(
+    local: torch.Tensor, right: torch.Tensor, out: torch.Tensor, chunk: int, ledger: Ledger
+) -> None:
+    """``out = W_i @ right`` in fp64, ``chunk`` rows of ``W_i`` (``local``) at a time, written in
+    ``out``'s dtype: ``up_i = W_i V_k S_k^-1/2`` without an fp64 copy of all the local rows."""
+    for start in range(0, local.shape[0], chunk):
+        block = local[start : start + chunk].double()
+        product = block @ right
+        ledger.hold(block, product)
+        out[start : start + chunk] = product.to(out.dtype)
+        ledger.drop(block, product)
+
+
 def gram_row_chunk(cols: int, local_rows: int) -> int:
     """Rows of ``W_i`` converted to fp64 at a time: an ``n x n`` block at most."""
     return max(1, min(local_rows, cols))
@@ -353,13 +367,7 @@ def _gram_factors(
     scaled = basis * inverse_root  # V_k S_k^-1/2
     ledger.hold(scaled)
     ledger.drop(basis)
-    chunk = gram_row_chunk(cols, local.shape[0])
-    for start in range(0, local.shape[0], chunk):
-        block = local[start : start + chunk].double()
-        product = block @ scaled
-        ledger.hold(block, product)
-        up[start : start + chunk] = product.to(local.dtype)
-        ledger.drop(block, product)
+    rows_times(local, scaled, up, gram_row_chunk(cols, local.shape[0]), ledger)
     return ShardedFactors(up, down, values.float(), "gram", ledger.peak)
 
 

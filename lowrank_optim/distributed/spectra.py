@@ -59,7 +59,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from lowrank_optim.distributed.factorize import Ledger, ShardedFactors, noise_floor
+from lowrank_optim.distributed.factorize import (
+    Ledger,
+    ShardedFactors,
+    noise_floor,
+    rows_times,
+)
 from lowrank_optim.distributed.sharding import local_rows_of, rows_per_rank
 
 __all__ = [
@@ -475,13 +480,7 @@ def shared_factors(
         ledger.hold(down, scaled)
         ledger.drop(wide, basis)
         del wide, basis
-        chunk = _factor_chunk(local.shape[0], rank)
-        for start in range(0, local.shape[0], chunk):
-            block = local[start : start + chunk].double()
-            product = block @ scaled
-            ledger.hold(block, product)
-            up[start : start + chunk] = product.to(local.dtype)
-            ledger.drop(block, product)
+        rows_times(local, scaled, up, _factor_chunk(local.shape[0], rank), ledger)
         return ShardedFactors(up, down, values.float(), SHARED, ledger.peak)
     # left: up_i = U_k[rows_i] S^1/2, down = S^-1/2 sum_i U_k[rows_i]^T W_i (one all-reduce)
     first = sum(rows_per_rank(total, world)[:me])
