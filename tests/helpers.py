@@ -227,3 +227,43 @@ def spawn_ranks(
                 process.kill()
             raise TimeoutError(f"the {world}-rank run did not finish in {timeout_s} s")
     return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_gloo_scenario(
+    rank: int,
+    world: int,
+    port: int,
+    directory: str,
+    scenario: Callable[[int], dict[str, Any]],
+    timeout_s: float,
+) -> None:
+    """One spawned rank: join a gloo group on ``port``, run ``scenario(rank)``, and save its
+    result (or ``{"failure": traceback}``) as ``directory / f"rank{rank}.pt"``."""
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        results = scenario(rank)
+    except Exception:  # noqa: BLE001 - reported by the tests
+        results = {"failure": traceback.format_exc()}
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(results, Path(directory) / f"rank{rank}.pt")
+
+
+def results_or_fail(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` of :func:`spawn_ranks`, or a test failure showing the first rank's error."""
+    import pytest
+
+    for result in results:
+        if "failure" in result:
+            pytest.fail(f"a rank failed:\n{result['failure']}")
+    return results

@@ -11,16 +11,11 @@ peaks with their formulas, and the factors with the truncated SVD and the old ro
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import results_or_fail, run_gloo_scenario, spawn_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -106,28 +101,13 @@ def _scenario(me: int) -> dict[str, Any]:
 
 
 def _run(rank: int, port: int, directory: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-    )
-    try:
-        results = _scenario(rank)
-    except Exception:  # noqa: BLE001 - reported by the tests
-        results = {"failure": traceback.format_exc()}
-    dist.barrier()
-    dist.destroy_process_group()
-    torch.save(results, Path(directory) / f"rank{rank}.pt")
+    run_gloo_scenario(rank, WORLD, port, directory, _scenario, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     directory = tmp_path_factory.mktemp("fsdp_spectra")
-    results = spawn_ranks(_run, WORLD, directory, SPAWN_TIMEOUT_S, with_world=False)
-    for result in results:
-        if "failure" in result:
-            pytest.fail(f"a rank failed:\n{result['failure']}")
-    return results
+    return results_or_fail(spawn_ranks(_run, WORLD, directory, SPAWN_TIMEOUT_S, with_world=False))
 
 
 # ------------------------------------------------------------------------------- the tests
