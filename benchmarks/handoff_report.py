@@ -31,6 +31,8 @@ LABELS = {
     "oneshot-late": "one-shot (all at the window's end)",
     "welore-halflr": "WeLoreAdamW (stability-driven), factors at lr x scale / 2",
     "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
+    "welore-matched": "WeLoreAdamW (stability-driven), factors at a matched first step",
+    "oneshot-late-matched": "one-shot (all at the window's end), factors at a matched first step",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
     "posthoc+ft": "post-hoc WeLore + LRC fine-tune",

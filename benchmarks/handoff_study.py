@@ -21,7 +21,9 @@ Methods (all at equal training tokens):
 Policy variants of method 2: ``welore-taper`` (a layer's tail fades out over ``taper`` steps
 first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`` steps),
 ``welore-lr`` (the factors inherit lr itself, as shipped before), ``welore-halflr`` and
-``oneshot-late-halflr`` (the factors at half of ``lr x scale``), ``oneshot-late`` (every
+``oneshot-late-halflr`` (the factors at half of ``lr x scale``), ``welore-matched`` and
+``oneshot-late-matched`` (each layer's factors at ``lr x scale`` times its matched-step
+multiplier, ``HandoffConfig.factor_step="matched"``), ``oneshot-late`` (every
 qualifying layer when the window closes). ``bar_target`` is the smallest target above the
 issue's bar of 60% projected parameters removed; methods 2, 3 (late) and 4 run it at every seed.
 
@@ -72,6 +74,8 @@ METHODS = (
     "oneshot-late",
     "welore-halflr",
     "oneshot-late-halflr",
+    "welore-matched",
+    "oneshot-late-matched",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
@@ -180,7 +184,7 @@ LONG = Study(
     scratch_lrs=(3e-4, 1e-3, 3e-3),
     methods=(
         "dense", "welore", "welore-halflr", "oneshot-late", "oneshot-late-halflr", "posthoc",
-        "scratch",
+        "scratch", "welore-matched", "oneshot-late-matched",
     ),
     out="benchmarks/results/runs/handoff_study_long",
 )
@@ -219,7 +223,8 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
         for key in _STABILITY_ONLY:
             if not (method == "cuttlefish" and key == "handoff_end"):  # its deadline
                 del values[key]
-    method = method.removesuffix("-halflr")  # the same settings as the method it varies
+    # the same settings as the method it varies
+    method = method.removesuffix("-halflr").removesuffix("-matched")
     if method == "oneshot-late":
         del values["threshold"], values["patience"], values["taper"]
     if method in ("welore", "welore-lr", "welore-rewarmup", "posthoc", "scratch"):
@@ -302,11 +307,16 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
     config = study.base(job.seed, folder)
     if job.method == "dense":
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
-    elif job.method.endswith("-halflr"):  # the factors at half the default lr x scale
+    elif job.method.endswith(("-halflr", "-matched")):
+        # -halflr: the factors at half of lr x scale; -matched: each layer's factors at
+        # lr x scale times its matched-step multiplier (HandoffConfig.factor_step="matched")
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
-        if job.method == "oneshot-late-halflr":
+        if job.method.startswith("oneshot-late"):
             config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
-        result = _train(study, job, config, _factor_lr_factory(config, study.scale / 2))
+        if job.method.endswith("-matched"):
+            config = replace(config, handoff_factor_step="matched")
+        ratio = study.scale / 2 if job.method.endswith("-halflr") else study.scale
+        result = _train(study, job, config, _factor_lr_factory(config, ratio))
     elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late"):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method == "welore-rewarmup":  # the new factors' lr ramps up after the hand-off
@@ -470,8 +480,8 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
     second = [Job("posthoc", headline, seed) for seed in study.seeds]
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
     second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
-    second += [Job(m, study.bar_target, seed) for m in ("welore-halflr", "oneshot-late-halflr")
-               for seed in study.seeds]
+    variants = ("welore-halflr", "oneshot-late-halflr", "welore-matched", "oneshot-late-matched")
+    second += [Job(m, study.bar_target, seed) for m in variants for seed in study.seeds]
     second += [Job("oneshot-late", target, seed) for seed in study.seeds
                for target in dict.fromkeys((headline, study.bar_target))]
     second += [Job("welore-lr", headline, study.seeds[0])]

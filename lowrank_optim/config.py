@@ -18,6 +18,7 @@ from typing import Any
 from lowrank_optim.projection.registry import available_refresh_methods
 
 __all__ = [
+    "FACTOR_STEPS",
     "HANDOFF_MOMENTS",
     "HANDOFF_TRIGGERS",
     "HandoffConfig",
@@ -245,6 +246,8 @@ class StabilityConfig:
 HANDOFF_MOMENTS = ("project", "fresh")
 #: What decides when a layer is handed off: its own subspace stability, or one fixed step.
 HANDOFF_TRIGGERS = ("stable", "step")
+#: How the factors' lr is set per layer: their group's lr for all, or a matched first step.
+FACTOR_STEPS = ("fixed", "matched")
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,14 @@ class HandoffConfig:
             the ``lowrank-optim pretrain`` job (9m LLaMA, 600 steps, 3 seeds) it was 0.4-0.5%
             worse than ``lr * scale`` on every seed. Learning rate schedulers created after the
             optimizer scale the factor groups' ``lr`` like every other group's.
+        factor_step: ``fixed``: every factor steps with its group's lr. ``matched``: each
+            layer's factors also get their own lr multiplier, set once at the hand-off so that
+            their first Adam step moves ``W = U D`` by the same Frobenius norm as the layer's
+            last GaLore step would have (``mu = ||P N|| / ||N_U D + U N_D||`` from the carried
+            moments; :mod:`lowrank_optim.handoff.carry`). Adam's lr sets the step of each
+            entry of ``U`` and ``D``, so how far ``W`` moves depends on the layer's singular
+            values, rank and shape; matching corrects that layer by layer instead of with one
+            constant. ``factor_lr_scale`` still scales the group lr it multiplies.
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)
@@ -310,6 +321,7 @@ class HandoffConfig:
     moments: str = "project"
     trigger: str = "stable"
     factor_lr_scale: float | None = None
+    factor_step: str = "fixed"
     rewarmup_steps: int = 0
     end_step: int | None = None
     taper_steps: int = 0
@@ -334,6 +346,7 @@ class HandoffConfig:
         _require_positive_int("check_every", self.check_every)
         _require_choice("moments", self.moments, HANDOFF_MOMENTS)
         _require_choice("trigger", self.trigger, HANDOFF_TRIGGERS)
+        _require_choice("factor_step", self.factor_step, FACTOR_STEPS)
         _require(
             self.factor_lr_scale is None
             or (

@@ -24,6 +24,7 @@ __all__ = [
     "EXP_AVG_SQ_CODES",
     "GROWTHS_PENDING",
     "HANDOFF_STEP",
+    "LR_MULTIPLIER",
     "LAST_REFRESH",
     "LEADING_HISTORY",
     "LEFT",
@@ -79,6 +80,7 @@ GROWTHS_PENDING = "refreshes_since_growth"  # int: Q-GaLore policy's refreshes s
 # -- placement (distributed.placement) and hand-off (WeLoreAdamW)
 WORLD_SIZE = "fsdp_world_size"  # int: ranks the FSDP2-sharded state was laid out for
 HANDOFF_STEP = "handoff_step"  # int: step count a factor's state started from at its hand-off
+LR_MULTIPLIER = "lr_multiplier"  # float: a factor's own multiplier on its group's lr
 
 
 def basis_part(key: str, part: str) -> str:
@@ -114,6 +116,7 @@ CHECKPOINTED = frozenset(
         GROWTHS_PENDING,
         WORLD_SIZE,
         HANDOFF_STEP,
+        LR_MULTIPLIER,
     }
 )
 #: Keys recomputed after a load instead of saved (none: every entry is checkpointed).

@@ -15,11 +15,25 @@ Factor groups. Each projected param group ``i`` gets one plain-AdamW group (mark
 ``FACTORS_OF: i``) that receives the factors of its layers; it exists from construction on, so
 learning-rate schedulers created afterwards drive the factors too. A factor that has taken
 ``j`` steps since its hand-off steps with ``lr * min(1, j / (rewarmup_steps + 1))``
-(:func:`rewarmup_stages`), so carried moments meet a small step first.
+(:func:`factor_lr_stages`), so carried moments meet a small step first.
+
+Matched step (``HandoffConfig.factor_step = "matched"``). Adam moves each entry of a parameter
+by about its lr, so the factors' lr fixes the step of ``U`` and ``D``, not of ``W = U D``: to
+first order ``dW = dU D + U dD``, whose size depends on the layer's singular values and on
+``k``. Each layer's factors therefore get their own lr multiplier
+
+    mu = ||back(N)||_F / ||N_U D + U N_D||_F,   N = m_hat / (sqrt(v_hat) + eps),
+
+where ``N`` is the layer's last projected Adam direction and ``N_U``, ``N_D`` are the factors'
+first Adam directions from the carried moments (same step count, so the same bias
+corrections). With the factor group at ``lr * scale`` (the default), the factors' first step
+then moves ``W`` by the same Frobenius norm as the layer's last GaLore step, ``lr * scale *
+||P N||_F``, whatever the layer's spectrum, rank and shape.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,16 +50,19 @@ __all__ = [
     "HANDOFF_STEP",
     "factor_group",
     "factor_group_of",
+    "factor_lr_stages",
     "factor_moments",
     "factor_states",
+    "matched_step_multiplier",
     "move_to_factor_group",
-    "rewarmup_stages",
 ]
 
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
 FACTORS_OF = "welore_factors_of"
 #: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
 HANDOFF_STEP = keys.HANDOFF_STEP  # declared once, in state_keys
+#: Factor-state key: the factor's own lr multiplier on its group's lr (``factor_step="matched"``).
+LR_MULTIPLIER = keys.LR_MULTIPLIER
 
 
 def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
@@ -56,6 +73,50 @@ def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> t
     if right is not None:
         full = full @ (right.square() if squared else right).T
     return full
+
+
+def _adam_direction(
+    first: torch.Tensor, second: torch.Tensor, step: int, betas: Sequence[float], eps: float
+) -> torch.Tensor:
+    """Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` at step count ``step`` (as
+    :mod:`lowrank_optim.moments` computes it)."""
+    beta1, beta2 = betas
+    denominator = second.clamp(min=0).sqrt() / math.sqrt(1.0 - beta2**step) + eps
+    return first / (1.0 - beta1**step) / denominator
+
+
+def matched_step_multiplier(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    bases: dict[str, torch.Tensor],
+    carried: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    step: int,
+    betas: Sequence[float],
+    eps: float,
+) -> float:
+    """``mu = ||back(N)||_F / ||N_U D + U N_D||_F`` (see the module docstring); ``carried`` is
+    :func:`factor_moments`' result for these moments, bases and factors. ``1.0`` when either
+    norm is zero or not finite (nothing to match)."""
+    if step <= 0:
+        return 1.0
+    compute = torch.promote_types(up.dtype, torch.float32)
+    wide = {key: basis.to(compute) for key, basis in bases.items()}
+    galore = _back(
+        _adam_direction(exp_avg.to(compute), exp_avg_sq.to(compute), step, betas, eps),
+        wide,
+        squared=False,
+    )
+    (up_first, up_second), (down_first, down_second) = carried
+    up_direction = _adam_direction(up_first, up_second, step, betas, eps)
+    down_direction = _adam_direction(down_first, down_second, step, betas, eps)
+    up_wide, down_wide = up.detach().to(compute), down.detach().to(compute)
+    factored = up_direction @ down_wide + up_wide @ down_direction
+    numerator, denominator = float(galore.norm()), float(factored.norm())
+    ratio = numerator / denominator if denominator > 0 else math.nan
+    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
 
 
 def factor_moments(
@@ -94,6 +155,7 @@ def factor_states(
     fresh: bool,
     *,
     transposed: bool = False,
+    match: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """AdamW states of the new factors: carried moments (same step count) or zeros.
 
@@ -101,15 +163,31 @@ def factor_states(
     ``storage`` keeps the factors' moments as the optimizer keeps all its moments (full
     precision, 8- or 4-bit). ``fresh`` (or a layer that never stepped, so has no bases) starts
     the factors from zero moments at step 0. ``transposed``: the state belongs to a weight
-    stored ``in x out`` (a ``Conv1D``).
+    stored ``in x out`` (a ``Conv1D``). ``match``: the source group's ``{"betas", "eps"}`` to
+    give both factors the matched-step lr multiplier (:func:`matched_step_multiplier`, from the
+    moments that would be carried even when ``fresh``); ``None``: no multiplier.
     """
     states: list[dict[str, Any]] = []
-    carried = None
-    if not fresh and bases:
+    carried = multiplier = None
+    if bases and not (fresh and match is None):
         exp_avg, exp_avg_sq = storage.read(state)
         carried = factor_moments(
             exp_avg, exp_avg_sq, bases, factored.up, factored.down, transposed=transposed
         )
+        if match is not None:
+            multiplier = matched_step_multiplier(
+                exp_avg,
+                exp_avg_sq,
+                bases,
+                carried,
+                factored.up,
+                factored.down,
+                step=int(state[keys.STEP]),
+                betas=match["betas"],
+                eps=match["eps"],
+            )
+        if fresh:
+            carried = None
     for index, factor in enumerate((factored.up, factored.down)):
         factor_state: dict[str, Any] = {}
         storage.init(factor_state, tuple(factor.shape), factor)
@@ -119,6 +197,8 @@ def factor_states(
             factor_state[keys.STEP] = int(state[keys.STEP])
             storage.write(factor_state, *carried[index])
         factor_state[HANDOFF_STEP] = factor_state[keys.STEP]
+        if multiplier is not None:
+            factor_state[LR_MULTIPLIER] = multiplier
         states.append(factor_state)
     return states[0], states[1]
 
@@ -170,7 +250,7 @@ def move_to_factor_group(
         target["param_names"].extend([f"{candidate.name}.up", f"{candidate.name}.down"])
 
 
-def rewarmup_stages(
+def factor_lr_stages(
     group: Mapping[str, Any],
     indices: Sequence[int],
     state: Mapping[torch.Tensor, Mapping[str, Any]],
@@ -179,13 +259,14 @@ def rewarmup_stages(
     """``lr`` factor -> the factor indices of ``group`` that step with ``lr * factor`` now.
 
     A factor that has taken ``j`` steps since its hand-off (this one included) gets
-    ``min(1, j / (ramp + 1))``; factors past their ramp share the factor 1.0, so one call (and
-    one fused kernel) still steps them together on most steps.
+    ``min(1, j / (ramp + 1))`` times its own matched-step multiplier (1 without one); factors
+    that share a factor share one call (and one fused kernel).
     """
     stages: dict[float, list[int]] = {}
     for index in indices:
         param_state = state.get(group["params"][index], {})
         start = param_state.get(HANDOFF_STEP)  # absent in checkpoints older than the ramp
         taken = ramp + 1 if start is None else int(param_state[keys.STEP]) + 1 - int(start)
-        stages.setdefault(min(1.0, taken / (ramp + 1)), []).append(index)
+        factor = min(1.0, taken / (ramp + 1)) * float(param_state.get(LR_MULTIPLIER, 1.0))
+        stages.setdefault(factor, []).append(index)
     return stages

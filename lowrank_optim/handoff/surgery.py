@@ -20,7 +20,7 @@ from torch import nn
 from lowrank_optim.basis_storage import read_basis
 from lowrank_optim.factorize import LowRankLinear, replace_module
 from lowrank_optim.handoff.candidates import HandoffCandidate
-from lowrank_optim.handoff.carry import factor_states, move_to_factor_group
+from lowrank_optim.handoff.carry import LR_MULTIPLIER, factor_states, move_to_factor_group
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import LEFT, RIGHT
 from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
@@ -59,15 +59,20 @@ def hand_off_layer(
     state: MutableMapping[torch.Tensor, Any],
     storage: MomentStorage,
     fresh: bool,
+    match_step: bool = False,
 ) -> dict[str, Any]:
     """Factorize ``candidate`` at ``rank`` inside ``root`` and carry its optimizer state.
 
     ``state`` is the optimizer's per-parameter state (the weight's entry is removed, the
     factors' entries added), ``storage`` how it keeps moments, ``fresh`` whether the factors
-    start from zero moments (``HandoffConfig.moments == "fresh"``) instead of carried ones.
+    start from zero moments (``HandoffConfig.moments == "fresh"``) instead of carried ones,
+    ``match_step`` whether they get the matched-step lr multiplier
+    (``HandoffConfig.factor_step == "matched"``, :mod:`lowrank_optim.handoff.carry`).
+
     Returns the report fields of this hand-off that the layer alone determines: ``rank``,
-    ``full_rank``, ``params_before``/``params_after``, ``relative_error``, and the stability
-    record (``overlap``, ``stable_since``) at the time it went.
+    ``full_rank``, ``params_before``/``params_after``, ``relative_error``, the stability
+    record (``overlap``, ``stable_since``) at the time it went, and the factors' lr multiplier
+    (``lr_multiplier``, 1.0 without one).
     """
     weight = candidate.weight
     dense = candidate.dense_weight()  # out x in, a view of the weight
@@ -80,8 +85,15 @@ def hand_off_layer(
     }
     factored = LowRankLinear.from_linear(candidate.module, rank)
     error = factored.relative_error(dense.detach())
+    source = param_groups[candidate.group_index]
     up_state, down_state = factor_states(
-        weight_state, bases, factored, storage, fresh, transposed=candidate.transposed
+        weight_state,
+        bases,
+        factored,
+        storage,
+        fresh,
+        transposed=candidate.transposed,
+        match={"betas": source["betas"], "eps": source["eps"]} if match_step else None,
     )
     swap_in_factors(root, candidate, factored, param_groups)
     state[factored.up] = up_state
@@ -96,4 +108,5 @@ def hand_off_layer(
         "relative_error": error,
         "overlap": latest(weight_state, OVERLAP_HISTORY),
         "stable_since": int(weight_state.get(STABLE_SINCE, -1)),
+        "lr_multiplier": float(up_state.get(LR_MULTIPLIER, 1.0)),
     }

@@ -41,6 +41,7 @@ from lowrank_optim.handoff import (
     advance_taper_,
     check_own_handoffs,
     factor_group,
+    factor_lr_stages,
     find_candidates,
     first_check_step,
     hand_off_layer,
@@ -51,7 +52,6 @@ from lowrank_optim.handoff import (
     plan_entry_of,
     reapply_plan,
     refuse_sharded_handoff,
-    rewarmup_stages,
     rewrap,
     stable_long_enough,
     taper_entry,
@@ -267,6 +267,7 @@ class WeLoreAdamW(GaLoreAdamW):
             "state": self.state,
             "storage": self.moment_storage,
             "fresh": self.handoff_config.moments == "fresh",
+            "match_step": self.handoff_config.factor_step == "matched",
         }
         if is_sharded_weight(candidate.weight):
             from lowrank_optim.distributed.handoff import hand_off_sharded_layer
@@ -310,24 +311,25 @@ class WeLoreAdamW(GaLoreAdamW):
             )
         return [c for c in candidates if c.weight.requires_grad]
 
-    # ------------------------------------------------------------------------ re-warm-up
+    # ------------------------------------------------------------------- factor lr stages
     def _step_group(
         self,
         group: dict[str, Any],
         indices: Sequence[int],
         low_rank_grads: Mapping[int, torch.Tensor],
     ) -> None:
-        """Factor groups step each re-warm-up stage with its own scaled ``lr``.
+        """Factor groups step each lr stage with its own scaled ``lr``.
 
-        A factor that has taken ``j`` steps since its hand-off (this one included) steps with
-        ``lr * min(1, j / (rewarmup_steps + 1))``; factors past their ramp share one call, so
-        the fused kernel still sees the whole group on most steps.
+        A factor steps with ``lr`` times its matched-step multiplier
+        (``HandoffConfig.factor_step="matched"``) and, for ``j`` steps since its hand-off (this
+        one included), ``min(1, j / (rewarmup_steps + 1))``; factors that share a stage share
+        one call, so the fused kernel still sees whole stages.
         """
-        ramp = self.handoff_config.rewarmup_steps
-        if ramp == 0 or FACTORS_OF not in group:
+        if FACTORS_OF not in group:
             super()._step_group(group, indices, low_rank_grads)
             return
-        for factor, members in rewarmup_stages(group, indices, self.state, ramp).items():
+        ramp = self.handoff_config.rewarmup_steps
+        for factor, members in factor_lr_stages(group, indices, self.state, ramp).items():
             staged = group if factor == 1.0 else {**group, "lr": group["lr"] * factor}
             super()._step_group(staged, members, low_rank_grads)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowrank_optim.config import HandoffConfig, ProjectionConfig, StabilityConfig
+from lowrank_optim.config import FACTOR_STEPS, HandoffConfig, ProjectionConfig, StabilityConfig
 from lowrank_optim.factory import OPTIMIZER_NAMES, OptimizerSpec
 from lowrank_optim.train.data import looks_local
 from lowrank_optim.train.models import LLAMA_SIZES
@@ -46,6 +46,7 @@ class PretrainConfig:
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
     handoff_factor_lr_scale: float | None = None
+    handoff_factor_step: str = "fixed"
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
@@ -96,6 +97,7 @@ class PretrainConfig:
             rewarmup_steps=self.handoff_rewarmup,
             taper_steps=self.handoff_taper,
             factor_lr_scale=self.handoff_factor_lr_scale,
+            factor_step=self.handoff_factor_step,
             end_step=int(self.handoff_end * self.steps) if self.handoff_end < 1.0 else None,
         )
         return OptimizerSpec(
@@ -219,6 +221,7 @@ def check_pretrain_config(config: PretrainConfig) -> None:
     _number_in("handoff_start", config.handoff_start, 0.0, 1.0)
     _number_in("handoff_end", config.handoff_end, config.handoff_start, 1.0)
     choice("handoff_trigger", HANDOFF_TRIGGERS)
+    choice("handoff_factor_step", FACTOR_STEPS)
     for name in ("handoff_rewarmup", "handoff_taper"):
         value = getattr(config, name)
         if not _is_int(value) or value < 0:
