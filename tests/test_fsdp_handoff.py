@@ -40,7 +40,10 @@ SPAWN_TIMEOUT_S = 300
 VOCAB = 96
 STEPS = 12
 STABILITY = StabilityConfig(policy="fixed", threshold=0.01, patience=1)
-HANDOFF = HandoffConfig(start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3)
+# matched factor steps: the sharded multiplier must equal one process's (losses and weights too)
+HANDOFF = HandoffConfig(
+    start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3, factor_step="matched"
+)
 PROJECTION = ProjectionConfig(rank=8, update_proj_gap=2, scale=1.0, proj_type="right")
 
 
@@ -105,6 +108,7 @@ def _scenario_llama(me: int) -> dict[str, Any]:
         "losses": losses,
         "handoffs": _records(optimizer),
         "routes": [record["factorize"] for record in optimizer.handoff_report()],
+        "multipliers": [record["lr_multiplier"] for record in optimizer.handoff_report()],
         "weights": _full(model),
         "factor_states": factor_states,
         "placements": {name: str(param.placements) for name, param in model.named_parameters()},
@@ -198,7 +202,12 @@ def single() -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         model = optimizer.maybe_handoff(model)
         losses.append(float(loss.detach()))
-    return {"losses": losses, "handoffs": _records(optimizer), "weights": _full(model)}
+    return {
+        "losses": losses,
+        "handoffs": _records(optimizer),
+        "multipliers": [record["lr_multiplier"] for record in optimizer.handoff_report()],
+        "weights": _full(model),
+    }
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -209,6 +218,12 @@ def test_same_handoffs_as_one_process(runs: list[dict[str, Any]], single: dict[s
         assert result["handoffs"] == single["handoffs"]
         # every hand-off took its factors from its check step's spectra
         assert result["routes"] == ["shared"] * len(single["handoffs"]), result["routes"]
+        # the matched-step multipliers, from sharded moments and factors: one process's values
+        torch.testing.assert_close(
+            torch.tensor(result["multipliers"]), torch.tensor(single["multipliers"]), rtol=1e-4,
+            atol=0,
+        )
+    assert len(set(single["multipliers"])) > 1, single["multipliers"]
 
 
 def test_losses_and_weights_match_one_process(

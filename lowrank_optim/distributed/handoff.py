@@ -76,7 +76,12 @@ from lowrank_optim.distributed.sharding import (
 from lowrank_optim.distributed.spectra import OwnedSpectra, shared_factors
 from lowrank_optim.factorize import LowRankLinear, replace_module
 from lowrank_optim.handoff.candidates import HandoffCandidate
-from lowrank_optim.handoff.carry import HANDOFF_STEP, move_to_factor_group
+from lowrank_optim.handoff.carry import (
+    HANDOFF_STEP,
+    LR_MULTIPLIER,
+    adam_direction,
+    move_to_factor_group,
+)
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import LEFT, RIGHT
 from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest
@@ -179,6 +184,49 @@ def sharded_factor_moments(
     return (up_first, up_second), (down_first, down_second)
 
 
+def _matched_multiplier(
+    moments: tuple[torch.Tensor, torch.Tensor],
+    basis: torch.Tensor,
+    carried: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    factors: tuple[torch.Tensor, torch.Tensor],
+    step: int,
+    source: dict[str, Any],
+    group: dist.ProcessGroup | None,
+    ledger: Ledger,
+) -> float:
+    """:func:`lowrank_optim.handoff.matched_step_multiplier` of a row-sharded layer: each rank
+    sums its rows' squared norms of ``N_i Q^T`` and ``N_U,i D + U_i N_D`` in row chunks (one
+    all-reduce of two values); ``carried`` holds this rank's rows of ``up``'s moments and all
+    of ``down``'s, ``factors`` this rank's rows of ``up`` and all of ``down``."""
+    if step <= 0:
+        return 1.0
+    betas, eps = source["betas"], source["eps"]
+    compute = torch.promote_types(factors[0].dtype, torch.float32)
+    (up_first, up_second), (down_first, down_second) = carried
+    right = basis.to(compute)
+    up, down = (factor.detach().to(compute) for factor in factors)
+    down_direction = adam_direction(down_first, down_second, step, betas, eps)
+    ledger.hold(down_direction)
+    sums = torch.zeros(2, dtype=torch.float64, device=up.device)
+    rows = up.shape[0]
+    chunk = max(1, min(rows, down.shape[0]))
+    for begin in range(0, rows, chunk):
+        part = slice(begin, begin + chunk)
+        low = adam_direction(
+            moments[0][part].to(compute), moments[1][part].to(compute), step, betas, eps
+        )
+        galore = low @ right.T
+        factored = adam_direction(up_first[part], up_second[part], step, betas, eps) @ down
+        factored += up[part] @ down_direction
+        ledger.hold(low, galore, factored)
+        sums[0] += galore.double().square().sum()
+        sums[1] += factored.double().square().sum()
+        ledger.drop(low, galore, factored)
+    dist.all_reduce(sums, group=group)
+    ratio = float(sums[0].sqrt() / sums[1].sqrt()) if sums[1] > 0 else math.nan
+    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+
+
 def _factor_state(
     local: torch.Tensor,
     global_shape: tuple[int, int],
@@ -273,6 +321,7 @@ def hand_off_sharded_layer(
     state: MutableMapping[torch.Tensor, Any],
     storage: MomentStorage,
     fresh: bool,
+    match_step: bool = False,
     spectra: OwnedSpectra | None = None,
 ) -> ShardedHandoff:
     """Hand off the FSDP2-sharded ``nn.Linear`` ``candidate`` at ``rank`` inside ``root``.
@@ -332,19 +381,31 @@ def hand_off_sharded_layer(
     if read_basis(weight_state, LEFT, bits, weight.dtype) is not None:
         raise ValueError(f"{candidate.name}: a left basis on an FSDP2-sharded weight")
     basis = read_basis(weight_state, RIGHT, bits, weight.dtype)
-    carried = None
-    if not fresh and basis is not None:
+    carried, multiplier = None, None
+    if basis is not None and (match_step or not fresh):
         low_rank = (local_weight.shape[0], basis.shape[1])
         view = local_view(weight_state, low_rank, storage)
         exp_avg, exp_avg_sq = storage.read(view)
         up_moments, down_moments = sharded_factor_moments(
             exp_avg, exp_avg_sq, basis, factors.up, factors.down, process_group, ledger
         )
+        if match_step:
+            source = param_groups[candidate.group_index]
+            multiplier = _matched_multiplier(
+                (exp_avg, exp_avg_sq),
+                basis,
+                (up_moments, down_moments),
+                (factors.up, factors.down),
+                int(weight_state[keys.STEP]),
+                source,
+                process_group,
+                ledger,
+            )
         down_moments = (
             down_moments[0][start : start + down_counts[me]],
             down_moments[1][start : start + down_counts[me]],
         )
-        carried = (up_moments, down_moments)
+        carried = None if fresh else (up_moments, down_moments)
 
     factored = LowRankLinear(cols, rows, rank, False, "meta", weight.dtype)
     if candidate.module.bias is not None:
@@ -363,6 +424,8 @@ def hand_off_sharded_layer(
             step,
             storage,
         )
+        if multiplier is not None:
+            state[param][LR_MULTIPLIER] = multiplier
     weight.grad = None  # the dense shard is gone from the model: free its gradient now
     fields = {
         "rank": rank,
@@ -372,6 +435,7 @@ def hand_off_sharded_layer(
         "relative_error": error,
         "overlap": latest(weight_state, OVERLAP_HISTORY),
         "stable_since": int(weight_state.get(STABLE_SINCE, -1)),
+        "lr_multiplier": 1.0 if multiplier is None else multiplier,
     }
     peak = max(factors.peak_bytes, ledger.peak)
     return ShardedHandoff(fields, peak, factors.strategy)

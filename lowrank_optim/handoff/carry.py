@@ -48,6 +48,8 @@ from lowrank_optim.projection import LEFT, RIGHT
 __all__ = [
     "FACTORS_OF",
     "HANDOFF_STEP",
+    "LR_MULTIPLIER",
+    "adam_direction",
     "factor_group",
     "factor_group_of",
     "factor_lr_stages",
@@ -75,7 +77,7 @@ def _back(low: torch.Tensor, bases: dict[str, torch.Tensor], squared: bool) -> t
     return full
 
 
-def _adam_direction(
+def adam_direction(
     first: torch.Tensor, second: torch.Tensor, step: int, betas: Sequence[float], eps: float
 ) -> torch.Tensor:
     """Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` at step count ``step`` (as
@@ -105,13 +107,13 @@ def matched_step_multiplier(
     compute = torch.promote_types(up.dtype, torch.float32)
     wide = {key: basis.to(compute) for key, basis in bases.items()}
     galore = _back(
-        _adam_direction(exp_avg.to(compute), exp_avg_sq.to(compute), step, betas, eps),
+        adam_direction(exp_avg.to(compute), exp_avg_sq.to(compute), step, betas, eps),
         wide,
         squared=False,
     )
     (up_first, up_second), (down_first, down_second) = carried
-    up_direction = _adam_direction(up_first, up_second, step, betas, eps)
-    down_direction = _adam_direction(down_first, down_second, step, betas, eps)
+    up_direction = adam_direction(up_first, up_second, step, betas, eps)
+    down_direction = adam_direction(down_first, down_second, step, betas, eps)
     up_wide, down_wide = up.detach().to(compute), down.detach().to(compute)
     factored = up_direction @ down_wide + up_wide @ down_direction
     numerator, denominator = float(galore.norm()), float(factored.norm())

@@ -1,0 +1,153 @@
+"""The factors' matched first step (``HandoffConfig.factor_step="matched"``)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from test_welore import EAGER_STABILITY, batches, tiny_model, train
+
+from lowrank_optim import HandoffConfig, ProjectionConfig, WeLoreAdamW
+from lowrank_optim.factorize import LowRankLinear
+from lowrank_optim.factory import lowrank_param_groups
+from lowrank_optim.handoff import LR_MULTIPLIER
+from lowrank_optim.train import PretrainConfig
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# No refresh inside the test (a zero gradient must not be asked for a basis), no weight decay
+# (it would add its own step), GaLore's recipe otherwise.
+PROJECTION = ProjectionConfig(rank=8, update_proj_gap=100, scale=0.25)
+LR = 1e-2
+HANDOFF_AT = 6
+WEIGHT_SCALE = 4.0
+
+
+def _run(factor_step: str, hand_off: bool) -> tuple[torch.nn.Module, WeLoreAdamW]:
+    """Train ``HANDOFF_AT`` steps; with ``hand_off`` every qualifying layer goes after the
+    last one (the one-shot trigger), otherwise the run stays GaLore."""
+    handoff = HandoffConfig(
+        start_step=HANDOFF_AT if hand_off else 10_000,
+        target_reduction=0.7,
+        min_ratio=0.4,
+        check_every=3,
+        trigger="step",
+        factor_step=factor_step,
+    )
+    model = tiny_model()
+    with torch.no_grad():  # larger singular values, as trained weights have
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ("attn" in name or "mlp" in name):
+                module.weight.mul_(WEIGHT_SCALE)
+    groups = lowrank_param_groups(model, "attn-mlp", PROJECTION)
+    optimizer = WeLoreAdamW(
+        groups, lr=LR, weight_decay=0.0, model=model, stability=EAGER_STABILITY, handoff=handoff
+    )
+    model = train(model, optimizer, batches(HANDOFF_AT))
+    return model, optimizer
+
+
+def _step_on_zero_gradients(model: torch.nn.Module, optimizer: WeLoreAdamW) -> None:
+    """One optimizer step whose gradients are all zero: only the moments move it, so the step
+    is the direction the optimizer carried into it."""
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every projected layer's ``W`` (``U D`` for a factorized one), by layer name."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            found[name] = (module.up @ module.down).detach().clone()
+        elif isinstance(module, torch.nn.Linear) and ("attn" in name or "mlp" in name):
+            found[name] = module.weight.detach().clone()
+    return found
+
+
+def _step_ratios(factor_step: str) -> dict[str, float]:
+    """Per handed-off layer: how far the factors' next step moves ``W = U D``, over how far
+    GaLore's next step moves the same layer in an identical run without the hand-off."""
+    handed, optimizer = _run(factor_step, hand_off=True)
+    dense, dense_optimizer = _run(factor_step, hand_off=False)
+    assert optimizer.handoff_report(), "nothing was handed off"
+    assert not dense_optimizer.handoff_report()
+    before_handed, before_dense = _weights(handed), _weights(dense)
+    _step_on_zero_gradients(handed, optimizer)
+    _step_on_zero_gradients(dense, dense_optimizer)
+    after_handed, after_dense = _weights(handed), _weights(dense)
+    return {
+        record["layer"]: float(
+            (after_handed[record["layer"]] - before_handed[record["layer"]]).norm()
+            / (after_dense[record["layer"]] - before_dense[record["layer"]]).norm()
+        )
+        for record in optimizer.handoff_report()
+    }
+
+
+def test_matched_factors_move_w_as_far_as_galore_would_have() -> None:
+    matched = _step_ratios("matched")
+    fixed = _step_ratios("fixed")
+    assert set(matched) == set(fixed)
+    for layer, ratio in matched.items():
+        # first order exactly; the dU dD term and the zero gradient's moment decay are small
+        assert ratio == pytest.approx(1.0, abs=0.01), (layer, ratio)
+    # With one lr for all factors the step on W is off by a layer-dependent factor, which is
+    # what the multiplier corrects (if it were ~1 everywhere, this test could not fail).
+    assert max(abs(ratio - 1.0) for ratio in fixed.values()) > 0.2, fixed
+
+
+def test_multiplier_is_recorded_per_layer_and_kept_in_the_factor_state() -> None:
+    model, optimizer = _run("matched", hand_off=True)
+    records = optimizer.handoff_report()
+    multipliers = {record["layer"]: record["lr_multiplier"] for record in records}
+    assert len(set(multipliers.values())) > 1, "one value for all layers: not per layer"
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            for factor in (module.up, module.down):
+                assert optimizer.state[factor][LR_MULTIPLIER] == multipliers[name]
+    _, fixed = _run("fixed", hand_off=True)
+    assert {record["lr_multiplier"] for record in fixed.handoff_report()} == {1.0}
+
+
+def test_matched_run_resumes_bit_for_bit_from_a_weights_only_checkpoint() -> None:
+    model, optimizer = _run("matched", hand_off=True)
+    data = batches(HANDOFF_AT + 5)[HANDOFF_AT:]
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model = train(model, optimizer, data)
+
+    fresh_model = tiny_model()  # its values are replaced by the checkpoint's
+    groups = lowrank_param_groups(fresh_model, "attn-mlp", PROJECTION)
+    resumed = WeLoreAdamW(
+        groups,
+        lr=LR,
+        weight_decay=0.0,
+        model=fresh_model,
+        stability=EAGER_STABILITY,
+        handoff=copy.deepcopy(optimizer.handoff_config),
+    )
+    resumed.load_state_dict(saved["optimizer"])
+    resumed.model.load_state_dict(saved["model"])
+    resumed_model = train(resumed.model, resumed, data)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(
+            value, resumed_model.state_dict()[name], rtol=0, atol=0, msg=name
+        )
+
+
+def test_bad_factor_step_is_refused_with_its_value() -> None:
+    with pytest.raises(ValueError, match=r"factor_step: 'sometimes'.*fixed, matched"):
+        HandoffConfig(factor_step="sometimes")
+    with pytest.raises(ValueError, match="handoff_factor_step"):
+        PretrainConfig(handoff_factor_step="exact")
