@@ -33,6 +33,8 @@ LABELS = {
     "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
     "welore-matched": "WeLoreAdamW (stability-driven), factors at a matched first step",
     "oneshot-late-matched": "one-shot (all at the window's end), factors at a matched first step",
+    "welore-each": "WeLoreAdamW (stability-driven), each factor's term matched",
+    "oneshot-late-each": "one-shot (all at the window's end), each factor's term matched",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
     "posthoc+ft": "post-hoc WeLore + LRC fine-tune",
@@ -327,7 +329,11 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         [label, _fmt(*_mean_std([allocations[s][label] for s in allocations]))]
         for label in next(iter(allocations.values()), {})
     ]
-    pairs = paired_against_welore(rows, "welore-halflr") + paired_against_welore(rows, "welore")
+    pairs = [
+        pair
+        for reference in ("welore-each", "welore-matched", "welore-halflr", "welore")
+        for pair in paired_against_welore(rows, reference)
+    ]
     paired_rows = [
         [LABELS[p["method"]], LABELS[p["reference"]], f"{p['target']:g}", p["seeds"],
          f"{100 * p['gap']:+.2f}% ± {100 * p['gap_std']:.2f}%", f"{p['wins']}/{p['seeds']}"]

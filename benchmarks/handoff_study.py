@@ -23,7 +23,8 @@ first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`
 ``welore-lr`` (the factors inherit lr itself, as shipped before), ``welore-halflr`` and
 ``oneshot-late-halflr`` (the factors at half of ``lr x scale``), ``welore-matched`` and
 ``oneshot-late-matched`` (each layer's factors at ``lr x scale`` times its matched-step
-multiplier, ``HandoffConfig.factor_step="matched"``), ``oneshot-late`` (every
+multiplier, ``HandoffConfig.factor_step="matched"``), ``welore-each`` and
+``oneshot-late-each`` (``factor_step="matched-each"``), ``oneshot-late`` (every
 qualifying layer when the window closes). ``bar_target`` is the smallest target above the
 issue's bar of 60% projected parameters removed; methods 2, 3 (late) and 4 run it at every seed.
 
@@ -76,11 +77,20 @@ METHODS = (
     "oneshot-late-halflr",
     "welore-matched",
     "oneshot-late-matched",
+    "welore-each",
+    "oneshot-late-each",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
     "scratch",
 )
+#: Method suffix -> (``HandoffConfig.factor_step``, the factor group's lr as a share of
+#: ``lr x scale``): half the lr, a matched first step of ``W``, each factor's term matched.
+_FACTOR_LR_VARIANTS = {
+    "-halflr": ("fixed", 0.5),
+    "-matched": ("matched", 1.0),
+    "-each": ("matched-each", 1.0),
+}
 #: Settings only the stability-driven hand-off reads: the other methods' cached runs stay valid
 #: when they change (the dense runs' stability columns are recomputed from their overlaps).
 _STABILITY_ONLY = ("threshold", "patience", "handoff_end", "taper")
@@ -139,6 +149,9 @@ class Study:
             handoff_end=self.handoff_end,
             min_ratio=self.min_ratio,
             handoff_rewarmup=self.rewarmup,
+            # every factor at its group's lr unless a ``-matched`` method says otherwise, set
+            # explicitly so that cached runs never depend on the package's default
+            handoff_factor_step="fixed",
             eval_every=max(self.steps // 10, 1),
             eval_batches=self.eval_batches,
             checkpoint_every=max(self.steps // 5, 1),
@@ -184,7 +197,7 @@ LONG = Study(
     scratch_lrs=(3e-4, 1e-3, 3e-3),
     methods=(
         "dense", "welore", "welore-halflr", "oneshot-late", "oneshot-late-halflr", "posthoc",
-        "scratch", "welore-matched", "oneshot-late-matched",
+        "scratch", "welore-matched", "oneshot-late-matched", "welore-each", "oneshot-late-each",
     ),
     out="benchmarks/results/runs/handoff_study_long",
 )
@@ -224,7 +237,8 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
             if not (method == "cuttlefish" and key == "handoff_end"):  # its deadline
                 del values[key]
     # the same settings as the method it varies
-    method = method.removesuffix("-halflr").removesuffix("-matched")
+    for suffix in _FACTOR_LR_VARIANTS:
+        method = method.removesuffix(suffix)
     if method == "oneshot-late":
         del values["threshold"], values["patience"], values["taper"]
     if method in ("welore", "welore-lr", "welore-rewarmup", "posthoc", "scratch"):
@@ -307,16 +321,14 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
     config = study.base(job.seed, folder)
     if job.method == "dense":
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
-    elif job.method.endswith(("-halflr", "-matched")):
-        # -halflr: the factors at half of lr x scale; -matched: each layer's factors at
-        # lr x scale times its matched-step multiplier (HandoffConfig.factor_step="matched")
+    elif job.method.endswith(tuple(_FACTOR_LR_VARIANTS)):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method.startswith("oneshot-late"):
             config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
-        if job.method.endswith("-matched"):
-            config = replace(config, handoff_factor_step="matched")
-        ratio = study.scale / 2 if job.method.endswith("-halflr") else study.scale
-        result = _train(study, job, config, _factor_lr_factory(config, ratio))
+        suffix = "-" + job.method.rsplit("-", 1)[1]
+        factor_step, share = _FACTOR_LR_VARIANTS[suffix]
+        config = replace(config, handoff_factor_step=factor_step)
+        result = _train(study, job, config, _factor_lr_factory(config, study.scale * share))
     elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late"):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method == "welore-rewarmup":  # the new factors' lr ramps up after the hand-off
@@ -369,6 +381,7 @@ def _cuttlefish_factory(study: Study, job: Job, config: PretrainConfig) -> Any:
                 min_ratio=study.min_ratio,
                 rewarmup_steps=study.rewarmup,
                 factor_lr_scale=study.scale,  # as the other methods' factors (see run_job)
+                factor_step="fixed",
             ),
             model=model,
         )
@@ -480,7 +493,7 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
     second = [Job("posthoc", headline, seed) for seed in study.seeds]
     second += [Job("posthoc", target, study.seeds[0]) for target in others]
     second += [Job("scratch", headline, study.seeds[0], lr) for lr in study.scratch_lrs]
-    variants = ("welore-halflr", "oneshot-late-halflr", "welore-matched", "oneshot-late-matched")
+    variants = [f"{m}{end}" for end in _FACTOR_LR_VARIANTS for m in ("welore", "oneshot-late")]
     second += [Job(m, study.bar_target, seed) for m in variants for seed in study.seeds]
     second += [Job("oneshot-late", target, seed) for seed in study.seeds
                for target in dict.fromkeys((headline, study.bar_target))]

@@ -104,7 +104,7 @@ def parse_args(argv: Sequence[str], fsdp: bool) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="per rank per pass")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak lr (GaLore's recipe)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.0)

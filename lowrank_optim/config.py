@@ -247,7 +247,7 @@ HANDOFF_MOMENTS = ("project", "fresh")
 #: What decides when a layer is handed off: its own subspace stability, or one fixed step.
 HANDOFF_TRIGGERS = ("stable", "step")
 #: How the factors' lr is set per layer: their group's lr for all, or a matched first step.
-FACTOR_STEPS = ("fixed", "matched")
+FACTOR_STEPS = ("fixed", "matched", "matched-each")
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,9 @@ class HandoffConfig:
             moments; :mod:`lowrank_optim.handoff.carry`). Adam's lr sets the step of each
             entry of ``U`` and ``D``, so how far ``W`` moves depends on the layer's singular
             values, rank and shape; matching corrects that layer by layer instead of with one
-            constant. ``factor_lr_scale`` still scales the group lr it multiplies.
+            constant. ``matched-each``: ``U`` and ``D`` get separate multipliers, so that each
+            factor's own term (``dU D``, ``U dD``) moves ``W`` as far as the last GaLore step.
+            ``factor_lr_scale`` still scales the group lr these multiply.
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)

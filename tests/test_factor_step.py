@@ -51,11 +51,19 @@ def _run(factor_step: str, hand_off: bool) -> tuple[torch.nn.Module, WeLoreAdamW
     return model, optimizer
 
 
-def _step_on_zero_gradients(model: torch.nn.Module, optimizer: WeLoreAdamW) -> None:
+def _step_on_zero_gradients(
+    model: torch.nn.Module, optimizer: WeLoreAdamW, frozen: str | None = None
+) -> None:
     """One optimizer step whose gradients are all zero: only the moments move it, so the step
-    is the direction the optimizer carried into it."""
+    is the direction the optimizer carried into it. ``frozen`` (``"up"`` or ``"down"``): that
+    factor of every factorized layer gets no gradient, so it does not step."""
+    skipped = {
+        id(getattr(module, frozen))
+        for module in model.modules()
+        if frozen is not None and isinstance(module, LowRankLinear)
+    }
     for param in model.parameters():
-        param.grad = torch.zeros_like(param)
+        param.grad = None if id(param) in skipped else torch.zeros_like(param)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -71,15 +79,16 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _step_ratios(factor_step: str) -> dict[str, float]:
+def _step_ratios(factor_step: str, frozen: str | None = None) -> dict[str, float]:
     """Per handed-off layer: how far the factors' next step moves ``W = U D``, over how far
-    GaLore's next step moves the same layer in an identical run without the hand-off."""
+    GaLore's next step moves the same layer in an identical run without the hand-off.
+    ``frozen``: that factor does not step (then ``dW`` is exactly the other factor's term)."""
     handed, optimizer = _run(factor_step, hand_off=True)
     dense, dense_optimizer = _run(factor_step, hand_off=False)
     assert optimizer.handoff_report(), "nothing was handed off"
     assert not dense_optimizer.handoff_report()
     before_handed, before_dense = _weights(handed), _weights(dense)
-    _step_on_zero_gradients(handed, optimizer)
+    _step_on_zero_gradients(handed, optimizer, frozen)
     _step_on_zero_gradients(dense, dense_optimizer)
     after_handed, after_dense = _weights(handed), _weights(dense)
     return {
@@ -103,21 +112,36 @@ def test_matched_factors_move_w_as_far_as_galore_would_have() -> None:
     assert max(abs(ratio - 1.0) for ratio in fixed.values()) > 0.2, fixed
 
 
-def test_multiplier_is_recorded_per_layer_and_kept_in_the_factor_state() -> None:
-    model, optimizer = _run("matched", hand_off=True)
+@pytest.mark.parametrize("frozen", ["up", "down"])
+def test_matched_each_factor_alone_moves_w_as_far_as_galore_would_have(frozen: str) -> None:
+    # With one factor held still, dW is exactly the other factor's term (dU D or U dD).
+    for layer, ratio in _step_ratios("matched-each", frozen).items():
+        assert ratio == pytest.approx(1.0, abs=0.01), (layer, ratio)
+    # ... and both together move it further than GaLore's step, by at most twice
+    for layer, ratio in _step_ratios("matched-each").items():
+        assert 1.0 < ratio <= 2.0 + 1e-3, (layer, ratio)
+
+
+@pytest.mark.parametrize("rule", ["matched", "matched-each"])
+def test_multipliers_are_recorded_per_layer_and_kept_in_the_factor_state(rule: str) -> None:
+    model, optimizer = _run(rule, hand_off=True)
     records = optimizer.handoff_report()
-    multipliers = {record["layer"]: record["lr_multiplier"] for record in records}
-    assert len(set(multipliers.values())) > 1, "one value for all layers: not per layer"
+    multipliers = {record["layer"]: record["lr_multipliers"] for record in records}
+    ups = {up for up, _ in multipliers.values()}
+    assert len(ups) > 1, "one value for all layers: not per layer"
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
-            for factor in (module.up, module.down):
-                assert optimizer.state[factor][LR_MULTIPLIER] == multipliers[name]
+            for index, factor in enumerate((module.up, module.down)):
+                assert optimizer.state[factor][LR_MULTIPLIER] == multipliers[name][index]
+    same = all(up == down for up, down in multipliers.values())
+    assert same == (rule == "matched"), multipliers  # matched-each: one per factor
     _, fixed = _run("fixed", hand_off=True)
-    assert {record["lr_multiplier"] for record in fixed.handoff_report()} == {1.0}
+    assert all(record["lr_multipliers"] == [1.0, 1.0] for record in fixed.handoff_report())
 
 
-def test_matched_run_resumes_bit_for_bit_from_a_weights_only_checkpoint() -> None:
-    model, optimizer = _run("matched", hand_off=True)
+@pytest.mark.parametrize("rule", ["matched", "matched-each"])
+def test_matched_run_resumes_bit_for_bit_from_a_weights_only_checkpoint(rule: str) -> None:
+    model, optimizer = _run(rule, hand_off=True)
     data = batches(HANDOFF_AT + 5)[HANDOFF_AT:]
     buffer = io.BytesIO()
     torch.save(
@@ -147,7 +171,7 @@ def test_matched_run_resumes_bit_for_bit_from_a_weights_only_checkpoint() -> Non
 
 
 def test_bad_factor_step_is_refused_with_its_value() -> None:
-    with pytest.raises(ValueError, match=r"factor_step: 'sometimes'.*fixed, matched"):
+    with pytest.raises(ValueError, match=r"factor_step: 'sometimes'.*fixed, matched, matched-e"):
         HandoffConfig(factor_step="sometimes")
     with pytest.raises(ValueError, match="handoff_factor_step"):
         PretrainConfig(handoff_factor_step="exact")

@@ -79,8 +79,9 @@ from lowrank_optim.handoff.candidates import HandoffCandidate
 from lowrank_optim.handoff.carry import (
     HANDOFF_STEP,
     LR_MULTIPLIER,
-    adam_direction,
     move_to_factor_group,
+    squared_step_norms,
+    step_multipliers,
 )
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import LEFT, RIGHT
@@ -184,7 +185,7 @@ def sharded_factor_moments(
     return (up_first, up_second), (down_first, down_second)
 
 
-def _matched_multiplier(
+def _squared_step_norms(
     moments: tuple[torch.Tensor, torch.Tensor],
     basis: torch.Tensor,
     carried: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
@@ -193,38 +194,35 @@ def _matched_multiplier(
     source: dict[str, Any],
     group: dist.ProcessGroup | None,
     ledger: Ledger,
-) -> float:
-    """:func:`lowrank_optim.handoff.matched_step_multiplier` of a row-sharded layer: each rank
-    sums its rows' squared norms of ``N_i Q^T`` and ``N_U,i D + U_i N_D`` in row chunks (one
-    all-reduce of two values); ``carried`` holds this rank's rows of ``up``'s moments and all
-    of ``down``'s, ``factors`` this rank's rows of ``up`` and all of ``down``."""
-    if step <= 0:
-        return 1.0
+) -> torch.Tensor:
+    """:func:`lowrank_optim.handoff.squared_step_norms` of a row-sharded layer: each rank adds
+    up its rows' values in row chunks, then one all-reduce of four values. ``carried`` holds
+    this rank's rows of ``up``'s moments and all of ``down``'s, ``factors`` this rank's rows of
+    ``up`` and all of ``down``."""
     betas, eps = source["betas"], source["eps"]
-    compute = torch.promote_types(factors[0].dtype, torch.float32)
     (up_first, up_second), (down_first, down_second) = carried
-    right = basis.to(compute)
-    up, down = (factor.detach().to(compute) for factor in factors)
-    down_direction = adam_direction(down_first, down_second, step, betas, eps)
-    ledger.hold(down_direction)
-    sums = torch.zeros(2, dtype=torch.float64, device=up.device)
-    rows = up.shape[0]
+    down = factors[1].detach()
+    rows = factors[0].shape[0]
+    sums = torch.zeros(4, dtype=torch.float64, device=down.device)
     chunk = max(1, min(rows, down.shape[0]))
     for begin in range(0, rows, chunk):
         part = slice(begin, begin + chunk)
-        low = adam_direction(
-            moments[0][part].to(compute), moments[1][part].to(compute), step, betas, eps
+        # A chunk of rows is a row shard of its own: the single-process formula applies.
+        sums += squared_step_norms(
+            moments[0][part],
+            moments[1][part],
+            {RIGHT: basis},
+            ((up_first[part], up_second[part]), (down_first, down_second)),
+            factors[0][part],
+            down,
+            step=step,
+            betas=betas,
+            eps=eps,
         )
-        galore = low @ right.T
-        factored = adam_direction(up_first[part], up_second[part], step, betas, eps) @ down
-        factored += up[part] @ down_direction
-        ledger.hold(low, galore, factored)
-        sums[0] += galore.double().square().sum()
-        sums[1] += factored.double().square().sum()
-        ledger.drop(low, galore, factored)
+        # four chunk x n fp32 terms and one fp64 square alive at once: 24 bytes an entry
+        ledger.transient(24 * min(chunk, rows - begin) * down.shape[1])
     dist.all_reduce(sums, group=group)
-    ratio = float(sums[0].sqrt() / sums[1].sqrt()) if sums[1] > 0 else math.nan
-    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+    return sums
 
 
 def _factor_state(
@@ -321,7 +319,7 @@ def hand_off_sharded_layer(
     state: MutableMapping[torch.Tensor, Any],
     storage: MomentStorage,
     fresh: bool,
-    match_step: bool = False,
+    factor_step: str = "fixed",
     spectra: OwnedSpectra | None = None,
 ) -> ShardedHandoff:
     """Hand off the FSDP2-sharded ``nn.Linear`` ``candidate`` at ``rank`` inside ``root``.
@@ -381,26 +379,27 @@ def hand_off_sharded_layer(
     if read_basis(weight_state, LEFT, bits, weight.dtype) is not None:
         raise ValueError(f"{candidate.name}: a left basis on an FSDP2-sharded weight")
     basis = read_basis(weight_state, RIGHT, bits, weight.dtype)
-    carried, multiplier = None, None
-    if basis is not None and (match_step or not fresh):
+    carried, multipliers = None, None
+    matching = factor_step != "fixed" and int(weight_state.get(keys.STEP, 0)) > 0
+    if basis is not None and (matching or not fresh):
         low_rank = (local_weight.shape[0], basis.shape[1])
         view = local_view(weight_state, low_rank, storage)
         exp_avg, exp_avg_sq = storage.read(view)
         up_moments, down_moments = sharded_factor_moments(
             exp_avg, exp_avg_sq, basis, factors.up, factors.down, process_group, ledger
         )
-        if match_step:
-            source = param_groups[candidate.group_index]
-            multiplier = _matched_multiplier(
+        if matching:
+            norms = _squared_step_norms(
                 (exp_avg, exp_avg_sq),
                 basis,
                 (up_moments, down_moments),
                 (factors.up, factors.down),
                 int(weight_state[keys.STEP]),
-                source,
+                param_groups[candidate.group_index],
                 process_group,
                 ledger,
             )
+            multipliers = step_multipliers(norms, factor_step)
         down_moments = (
             down_moments[0][start : start + down_counts[me]],
             down_moments[1][start : start + down_counts[me]],
@@ -424,8 +423,8 @@ def hand_off_sharded_layer(
             step,
             storage,
         )
-        if multiplier is not None:
-            state[param][LR_MULTIPLIER] = multiplier
+        if multipliers is not None:
+            state[param][LR_MULTIPLIER] = multipliers[index]
     weight.grad = None  # the dense shard is gone from the model: free its gradient now
     fields = {
         "rank": rank,
@@ -435,7 +434,7 @@ def hand_off_sharded_layer(
         "relative_error": error,
         "overlap": latest(weight_state, OVERLAP_HISTORY),
         "stable_since": int(weight_state.get(STABLE_SINCE, -1)),
-        "lr_multiplier": 1.0 if multiplier is None else multiplier,
+        "lr_multipliers": [1.0, 1.0] if multipliers is None else list(multipliers),
     }
     peak = max(factors.peak_bytes, ledger.peak)
     return ShardedHandoff(fields, peak, factors.strategy)

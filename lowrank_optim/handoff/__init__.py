@@ -43,8 +43,9 @@ from lowrank_optim.handoff.carry import (
     factor_lr_stages,
     factor_moments,
     factor_states,
-    matched_step_multiplier,
     move_to_factor_group,
+    squared_step_norms,
+    step_multipliers,
 )
 from lowrank_optim.handoff.ranks import (
     candidate_spectra,
@@ -86,7 +87,6 @@ __all__ = [
     "is_check_step",
     "is_sharded_weight",
     "largest_handoff_rank",
-    "matched_step_multiplier",
     "move_to_factor_group",
     "parse_plan_entry",
     "plan_entry_of",
@@ -95,7 +95,9 @@ __all__ = [
     "refuse_sharded_handoff",
     "rewrap",
     "shrink_tail_",
+    "squared_step_norms",
     "stable_long_enough",
+    "step_multipliers",
     "swap_in_factors",
     "taper_entry",
     "top_subspace",

@@ -28,7 +28,10 @@ where ``N`` is the layer's last projected Adam direction and ``N_U``, ``N_D`` ar
 first Adam directions from the carried moments (same step count, so the same bias
 corrections). With the factor group at ``lr * scale`` (the default), the factors' first step
 then moves ``W`` by the same Frobenius norm as the layer's last GaLore step, ``lr * scale *
-||P N||_F``, whatever the layer's spectrum, rank and shape.
+||P N||_F``, whatever the layer's spectrum, rank and shape. ``"matched-each"`` matches each
+factor's own term instead: ``mu_U = ||back(N)|| / ||N_U D||`` and ``mu_D = ||back(N)|| /
+||U N_D||``, so ``U`` alone and ``D`` alone would each move ``W`` as far as GaLore did (together
+between ``sqrt(2)`` and 2 times as far, as their terms are orthogonal or aligned).
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ __all__ = [
     "factor_lr_stages",
     "factor_moments",
     "factor_states",
-    "matched_step_multiplier",
     "move_to_factor_group",
+    "squared_step_norms",
+    "step_multipliers",
 ]
 
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
@@ -87,7 +91,7 @@ def adam_direction(
     return first / (1.0 - beta1**step) / denominator
 
 
-def matched_step_multiplier(
+def squared_step_norms(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     bases: dict[str, torch.Tensor],
@@ -98,12 +102,10 @@ def matched_step_multiplier(
     step: int,
     betas: Sequence[float],
     eps: float,
-) -> float:
-    """``mu = ||back(N)||_F / ||N_U D + U N_D||_F`` (see the module docstring); ``carried`` is
-    :func:`factor_moments`' result for these moments, bases and factors. ``1.0`` when either
-    norm is zero or not finite (nothing to match)."""
-    if step <= 0:
-        return 1.0
+) -> torch.Tensor:
+    """fp64 ``[||back(N)||^2, ||N_U D||^2, ||U N_D||^2, ||N_U D + U N_D||^2]`` (see the module
+    docstring); ``carried`` is :func:`factor_moments`' result for these moments, bases and
+    factors. Sums of squares, so that row shards can add theirs up."""
     compute = torch.promote_types(up.dtype, torch.float32)
     wide = {key: basis.to(compute) for key, basis in bases.items()}
     galore = _back(
@@ -112,13 +114,32 @@ def matched_step_multiplier(
         squared=False,
     )
     (up_first, up_second), (down_first, down_second) = carried
-    up_direction = adam_direction(up_first, up_second, step, betas, eps)
-    down_direction = adam_direction(down_first, down_second, step, betas, eps)
     up_wide, down_wide = up.detach().to(compute), down.detach().to(compute)
-    factored = up_direction @ down_wide + up_wide @ down_direction
-    numerator, denominator = float(galore.norm()), float(factored.norm())
-    ratio = numerator / denominator if denominator > 0 else math.nan
-    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+    up_term = adam_direction(up_first, up_second, step, betas, eps) @ down_wide
+    down_term = up_wide @ adam_direction(down_first, down_second, step, betas, eps)
+    terms = (galore, up_term, down_term, up_term + down_term)
+    return torch.stack([term.double().square().sum() for term in terms])
+
+
+def step_multipliers(squared_norms: torch.Tensor, rule: str) -> tuple[float, float]:
+    """The ``(up, down)`` lr multipliers of ``rule`` from :func:`squared_step_norms`' values.
+
+    ``matched``: both ``||back(N)|| / ||N_U D + U N_D||``, so ``W``'s first step matches the
+    layer's last GaLore step. ``matched-each``: ``||back(N)|| / ||N_U D||`` for ``U`` and
+    ``||back(N)|| / ||U N_D||`` for ``D``, so each factor's own term moves ``W`` that far.
+    A multiplier whose norms are zero or not finite is ``1.0`` (nothing to match).
+    """
+    galore, up_term, down_term, joint = (float(value) ** 0.5 for value in squared_norms)
+
+    def ratio(denominator: float) -> float:
+        value = galore / denominator if denominator > 0 else math.nan
+        return value if math.isfinite(value) and value > 0 else 1.0
+
+    if rule == "matched":
+        return ratio(joint), ratio(joint)
+    if rule == "matched-each":
+        return ratio(up_term), ratio(down_term)
+    raise ValueError(f"Invalid factor step rule: {rule!r}; allowed: matched, matched-each")
 
 
 def factor_moments(
@@ -165,29 +186,32 @@ def factor_states(
     ``storage`` keeps the factors' moments as the optimizer keeps all its moments (full
     precision, 8- or 4-bit). ``fresh`` (or a layer that never stepped, so has no bases) starts
     the factors from zero moments at step 0. ``transposed``: the state belongs to a weight
-    stored ``in x out`` (a ``Conv1D``). ``match``: the source group's ``{"betas", "eps"}`` to
-    give both factors the matched-step lr multiplier (:func:`matched_step_multiplier`, from the
-    moments that would be carried even when ``fresh``); ``None``: no multiplier.
+    stored ``in x out`` (a ``Conv1D``). ``match``: ``{"rule", "betas", "eps"}`` (the rule of
+    ``HandoffConfig.factor_step`` and the source group's Adam constants) to give the factors
+    their lr multipliers (:func:`step_multipliers`, from the moments that would be carried
+    even when ``fresh``); ``None``: no multipliers.
     """
     states: list[dict[str, Any]] = []
-    carried = multiplier = None
+    carried = multipliers = None
     if bases and not (fresh and match is None):
         exp_avg, exp_avg_sq = storage.read(state)
         carried = factor_moments(
             exp_avg, exp_avg_sq, bases, factored.up, factored.down, transposed=transposed
         )
-        if match is not None:
-            multiplier = matched_step_multiplier(
+        step = int(state[keys.STEP])
+        if match is not None and step > 0:
+            norms = squared_step_norms(
                 exp_avg,
                 exp_avg_sq,
                 bases,
                 carried,
                 factored.up,
                 factored.down,
-                step=int(state[keys.STEP]),
+                step=step,
                 betas=match["betas"],
                 eps=match["eps"],
             )
+            multipliers = step_multipliers(norms, match["rule"])
         if fresh:
             carried = None
     for index, factor in enumerate((factored.up, factored.down)):
@@ -199,8 +223,8 @@ def factor_states(
             factor_state[keys.STEP] = int(state[keys.STEP])
             storage.write(factor_state, *carried[index])
         factor_state[HANDOFF_STEP] = factor_state[keys.STEP]
-        if multiplier is not None:
-            factor_state[LR_MULTIPLIER] = multiplier
+        if multipliers is not None:
+            factor_state[LR_MULTIPLIER] = multipliers[index]
         states.append(factor_state)
     return states[0], states[1]
 

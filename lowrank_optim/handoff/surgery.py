@@ -59,20 +59,20 @@ def hand_off_layer(
     state: MutableMapping[torch.Tensor, Any],
     storage: MomentStorage,
     fresh: bool,
-    match_step: bool = False,
+    factor_step: str = "fixed",
 ) -> dict[str, Any]:
     """Factorize ``candidate`` at ``rank`` inside ``root`` and carry its optimizer state.
 
     ``state`` is the optimizer's per-parameter state (the weight's entry is removed, the
     factors' entries added), ``storage`` how it keeps moments, ``fresh`` whether the factors
     start from zero moments (``HandoffConfig.moments == "fresh"``) instead of carried ones,
-    ``match_step`` whether they get the matched-step lr multiplier
-    (``HandoffConfig.factor_step == "matched"``, :mod:`lowrank_optim.handoff.carry`).
+    ``factor_step`` how their lr multipliers are set (``HandoffConfig.factor_step``; see
+    :mod:`lowrank_optim.handoff.carry`).
 
     Returns the report fields of this hand-off that the layer alone determines: ``rank``,
     ``full_rank``, ``params_before``/``params_after``, ``relative_error``, the stability
-    record (``overlap``, ``stable_since``) at the time it went, and the factors' lr multiplier
-    (``lr_multiplier``, 1.0 without one).
+    record (``overlap``, ``stable_since``) at the time it went, and the factors' lr
+    multipliers (``lr_multipliers``: ``[up, down]``, 1.0 without one).
     """
     weight = candidate.weight
     dense = candidate.dense_weight()  # out x in, a view of the weight
@@ -93,7 +93,9 @@ def hand_off_layer(
         storage,
         fresh,
         transposed=candidate.transposed,
-        match={"betas": source["betas"], "eps": source["eps"]} if match_step else None,
+        match=None
+        if factor_step == "fixed"
+        else {"rule": factor_step, "betas": source["betas"], "eps": source["eps"]},
     )
     swap_in_factors(root, candidate, factored, param_groups)
     state[factored.up] = up_state
@@ -108,5 +110,5 @@ def hand_off_layer(
         "relative_error": error,
         "overlap": latest(weight_state, OVERLAP_HISTORY),
         "stable_since": int(weight_state.get(STABLE_SINCE, -1)),
-        "lr_multiplier": float(up_state.get(LR_MULTIPLIER, 1.0)),
+        "lr_multipliers": [float(s.get(LR_MULTIPLIER, 1.0)) for s in (up_state, down_state)],
     }

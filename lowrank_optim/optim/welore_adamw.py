@@ -267,7 +267,7 @@ class WeLoreAdamW(GaLoreAdamW):
             "state": self.state,
             "storage": self.moment_storage,
             "fresh": self.handoff_config.moments == "fresh",
-            "match_step": self.handoff_config.factor_step == "matched",
+            "factor_step": self.handoff_config.factor_step,
         }
         if is_sharded_weight(candidate.weight):
             from lowrank_optim.distributed.handoff import hand_off_sharded_layer

@@ -26,7 +26,7 @@ class PretrainConfig:
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
