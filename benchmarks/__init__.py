@@ -27,6 +27,7 @@ BENCHMARKS = (
     "handoff_study",
     "handoff_trials",
     "layerwise_memory",
+    "main_job_factor_lr",
     "memory",
     "pretrain_suite",
     "quality",

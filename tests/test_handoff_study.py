@@ -77,3 +77,36 @@ def test_handoff_trials_quick_pairs_a_trial_with_the_studys_dense_run(tmp_path: 
     assert f"{100 * gap:+.2f}%" in markdown
     with pytest.raises(SystemExit):  # a quick trial must not write into the kept results
         handoff_trials.main(["--quick", "--name", "x"])
+
+
+def _fake_run(folder: Path, loss: float, multipliers: list[float] | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"final_eval_loss": loss}))
+    records = [{"kind": "train", "step": 1}]
+    if multipliers is not None:
+        records.append(
+            {"kind": "handoff", "step": 400, "layer": "a", "lr_multipliers": multipliers}
+        )
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_main_job_factor_lr_report_pairs_each_variant_with_its_own_lrs_dense(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.main_job_factor_lr import report
+
+    for seed, (dense, fixed, each) in enumerate([(4.0, 4.04, 4.02), (3.0, 3.06, 3.03)]):
+        _fake_run(tmp_path / f"dense-s{seed}", dense)
+        _fake_run(tmp_path / f"fixed-s{seed}", fixed, [1.0, 1.0])
+        _fake_run(tmp_path / f"each-s{seed}", each, [0.5, 1.5])
+    _fake_run(tmp_path / "lr3e-3-dense-s0", 5.0)
+    _fake_run(tmp_path / "lr3e-3-double-s0", 5.5, [1.0, 1.0])
+    text = report(str(tmp_path), [0, 1])
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    fixed_row = lines["WeLoreAdamW, lr 1e-2, factors at lr x scale (factor_step fixed)"]
+    assert "+1.50% ± 0.71%" in fixed_row and "+1.00%, +2.00%" in fixed_row
+    each_row = lines["WeLoreAdamW, lr 1e-2, factor_step matched-each"]
+    # paired against fixed: -0.5 and -1.0 points
+    assert "+0.75% ± 0.35%" in each_row and "-0.75% ± 0.35%" in each_row and "1.00" in each_row
+    # the 3e-3 variant is measured against the 3e-3 dense run, not the 1e-2 one
+    assert "+10.00%" in lines["WeLoreAdamW, lr 3e-3, factors at 2 x lr x scale"]
