@@ -76,13 +76,8 @@ from lowrank_optim.distributed.sharding import (
 from lowrank_optim.distributed.spectra import OwnedSpectra, shared_factors
 from lowrank_optim.factorize import LowRankLinear, replace_module
 from lowrank_optim.handoff.candidates import HandoffCandidate
-from lowrank_optim.handoff.carry import (
-    HANDOFF_STEP,
-    LR_MULTIPLIER,
-    move_to_factor_group,
-    squared_step_norms,
-    step_multipliers,
-)
+from lowrank_optim.handoff.carry import HANDOFF_STEP, LR_MULTIPLIER, move_to_factor_group
+from lowrank_optim.handoff.factor_step import squared_step_norms, step_multipliers
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.projection import LEFT, RIGHT
 from lowrank_optim.stability import OVERLAP_HISTORY, STABLE_SINCE, latest

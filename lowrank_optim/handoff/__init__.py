@@ -44,9 +44,8 @@ from lowrank_optim.handoff.carry import (
     factor_moments,
     factor_states,
     move_to_factor_group,
-    squared_step_norms,
-    step_multipliers,
 )
+from lowrank_optim.handoff.factor_step import squared_step_norms, step_multipliers
 from lowrank_optim.handoff.ranks import (
     candidate_spectra,
     choose_ranks,
