@@ -277,28 +277,29 @@ class HandoffConfig:
             ``min_stable_steps`` (at a check step at or after ``start_step``); ``step`` hands
             every qualifying layer off at the first check step at or after ``start_step``,
             without looking at stability (the one-shot baseline).
-        factor_lr_scale: the factors' learning rate is their source group's ``lr`` times this.
-            ``None`` (default) uses the source group's GaLore ``scale``: a projected weight
-            moves by ``lr * scale * P d``, so ``lr * scale`` keeps the step size the layer was
-            trained with. Inheriting ``lr`` itself (``1.0``) makes the factors step ``1 / scale``
-            times too far: +39% eval loss with GaLore's ``lr 1e-2, scale 0.25`` recipe in issue
-            #14's first experiment. Half of ``lr * scale`` (``W = U D`` moves by ``dU D + U dD``,
-            two such steps) is better in some settings and worse in others, so it is not the
-            default: in ``benchmarks/handoff_study.py --long`` (20m LLaMA, 1000 steps, 3 seeds)
-            it cost +0.90% +- 0.20% eval loss against dense instead of +1.21% +- 0.45%, but on
-            the ``lowrank-optim pretrain`` job (9m LLaMA, 600 steps, 3 seeds) it was 0.4-0.5%
-            worse than ``lr * scale`` on every seed. Learning rate schedulers created after the
-            optimizer scale the factor groups' ``lr`` like every other group's.
-        factor_step: ``fixed``: every factor steps with its group's lr. ``matched``: each
-            layer's factors also get their own lr multiplier, set once at the hand-off so that
-            their first Adam step moves ``W = U D`` by the same Frobenius norm as the layer's
-            last GaLore step would have (``mu = ||P N|| / ||N_U D + U N_D||`` from the carried
-            moments; :mod:`lowrank_optim.handoff.carry`). Adam's lr sets the step of each
-            entry of ``U`` and ``D``, so how far ``W`` moves depends on the layer's singular
-            values, rank and shape; matching corrects that layer by layer instead of with one
-            constant. ``matched-each``: ``U`` and ``D`` get separate multipliers, so that each
-            factor's own term (``dU D``, ``U dD``) moves ``W`` as far as the last GaLore step.
-            ``factor_lr_scale`` still scales the group lr these multiply.
+        factor_lr_scale: the factor groups' learning rate is their source group's ``lr`` times
+            this; ``None`` (default) uses the source group's GaLore ``scale``, the step size
+            ``lr * scale`` the projected weights were trained with. Inheriting ``lr`` itself
+            (``1.0``) makes the factors step ``1 / scale`` times too far: +39% eval loss with
+            GaLore's ``lr 1e-2, scale 0.25`` recipe in issue #14's first experiment. Learning
+            rate schedulers created after the optimizer scale the factor groups' ``lr`` like
+            every other group's.
+        factor_step: how each layer's factors scale their group's lr, once, at the hand-off
+            (:mod:`lowrank_optim.handoff.factor_step`). Adam's lr sets how far each entry of
+            ``U`` and ``D`` moves, so how far ``W = U D`` moves (``dU D + U dD``) depends on the
+            layer's singular values, rank and shape; one constant cannot fit every layer or
+            setting. ``matched-each`` (default): ``U`` and ``D`` get their own multipliers,
+            so that each factor's own term moves ``W`` by the Frobenius norm of the layer's
+            last GaLore step (``||P N|| / ||N_U D||`` and ``||P N|| / ||U N_D||``, from the
+            carried moments). ``matched``: one multiplier for both, so that ``dU D + U dD``
+            together match it. ``fixed``: no multiplier. Measured on 3 seeds, eval loss
+            against dense GaLoreAdamW (``benchmarks/handoff_study.py --long``: 20m LLaMA, GaLore's
+            recipe, 1000 steps, 64% of projected parameters removed; and
+            ``benchmarks/main_job_factor_lr.py``: the 9m main job, 67% removed):
+            ``matched-each`` +0.95% +- 0.30% and +0.94% +- 0.23%; ``fixed`` +1.21% +- 0.45% and
+            +0.92% +- 0.22%; ``matched`` +1.02% +- 0.33% and +1.08% +- 0.19%; a fixed half of
+            ``lr * scale`` +0.90% +- 0.20% in the study but 0.4-0.5% worse than ``lr * scale``
+            on the main job at its former lr 3e-3.
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)
@@ -323,7 +324,7 @@ class HandoffConfig:
     moments: str = "project"
     trigger: str = "stable"
     factor_lr_scale: float | None = None
-    factor_step: str = "fixed"
+    factor_step: str = "matched-each"
     rewarmup_steps: int = 0
     end_step: int | None = None
     taper_steps: int = 0
