@@ -105,14 +105,16 @@ def handoff_payload(
     rank: int = HANDOFF_RANK,
     galore_rank: int = GALORE_RANK,
     route: str = "shared",
+    factor_step: str = "matched-each",
 ) -> dict[str, Any]:
     """Payload bytes, by collective, of one sharded hand-off of an fp32 ``shape`` (factorize,
-    carry of the right-projected moments, error sums), its wire bytes per rank (ring: all-reduce
-    ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the payload; a broadcast: received once), the
-    factorization's per-rank peak, and the same for gathering the weight. ``route``: ``shared``
-    (the factors from the check step's spectra: the owner's top-k vectors broadcast, and for a
-    wide matrix a k x n fp64 all-reduce), or ``auto``, the second pass taken without them
-    (:func:`handoff_route`: gram or sketch)."""
+    carry of the right-projected moments, error sums, and unless ``factor_step`` is ``fixed``
+    the four squared step norms of the factors' lr multipliers), its wire bytes per rank (ring:
+    all-reduce ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the payload; a broadcast: received
+    once), the factorization's per-rank peak, and the same for gathering the weight. ``route``:
+    ``shared`` (the factors from the check step's spectra: the owner's top-k vectors broadcast,
+    and for a wide matrix a k x n fp64 all-reduce), or ``auto``, the second pass taken without
+    them (:func:`handoff_route`: gram or sketch)."""
     rows, cols = shape
     width = max(1, min(rank + OVERSAMPLE, rows, cols))
     broadcast = 0
@@ -134,6 +136,8 @@ def handoff_payload(
         peak = sketch_peak_bytes(rows, cols, rank, world, oversample=OVERSAMPLE)
     carry = 2 * rank * _effective(galore_rank, shape) * ITEM  # one k x r block per moment
     reduce += carry + 2 * 8  # + ||W - U D||^2 and ||W||^2 in fp64
+    if factor_step != "fixed":
+        reduce += 4 * 8  # + the fp64 squared step norms behind the factors' lr multipliers
     scale = (world - 1) / world
     gathered = weight_gather_bytes(rows, cols, world)
     return {

@@ -486,6 +486,7 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
         first += [Job("dense", 0.0, seed)] + [Job(m, headline, seed) for m in methods]
     first += [Job("welore-taper", headline, seed) for seed in study.seeds]
     first += [Job("welore-rewarmup", headline, seed) for seed in study.seeds]
+    first += [Job("welore-each", headline, seed) for seed in study.seeds]  # the default rule
     if study.bar_target != headline:  # the smallest target above the bar, every seed
         first += [Job(m, study.bar_target, seed) for seed in study.seeds
                   for m in ("welore", "cuttlefish")]
@@ -498,7 +499,8 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
     second += [Job("oneshot-late", target, seed) for seed in study.seeds
                for target in dict.fromkeys((headline, study.bar_target))]
     second += [Job("welore-lr", headline, study.seeds[0])]
-    return [first, second, []]  # the third stage (scratch at the best lr) is added later
+    # a job listed twice (headline == bar_target) must not run twice at once
+    return [list(dict.fromkeys(first)), list(dict.fromkeys(second)), []]  # scratch's best lr later
 
 
 def best_scratch_lr(study: Study) -> float:

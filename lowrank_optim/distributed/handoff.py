@@ -18,7 +18,9 @@ DTensor: rank ``i`` holds the rows ``W_i``. :func:`hand_off_sharded_layer` repla
    ``m_U,i = M_i (D Q)^T`` is local, and ``m_D = (sum_i U_i^T M_i) Q^T`` needs one all-reduce of a
    ``k x r`` block; the second moments alike with ``D o D``, ``Q o Q``, ``U_i o U_i``. Each
    factor's moments are stored ``Shard(0)`` like the factor (``up``'s rows are the weight's rows;
-   ``down``'s rows are split by ``torch.chunk`` like any parameter).
+   ``down``'s rows are split by ``torch.chunk`` like any parameter). The factors' lr multipliers
+   (``HandoffConfig.factor_step``, :mod:`lowrank_optim.handoff.factor_step`) need four squared
+   norms, summed over the ranks' rows in one all-reduce of four fp64 values.
 3. **Re-shard.** The factors join the FSDP2 parameter group that held the weight, in its place:
    FSDP2 builds their ``FSDPParam`` from a full-shape meta parameter (no memory), the local rows
    are then set the way ``to_empty`` / ``load_state_dict(assign=True)`` set them

@@ -329,9 +329,15 @@ class WeLoreAdamW(GaLoreAdamW):
             super()._step_group(group, indices, low_rank_grads)
             return
         ramp = self.handoff_config.rewarmup_steps
+        base = group["lr"]
         for factor, members in factor_lr_stages(group, indices, self.state, ramp).items():
-            staged = group if factor == 1.0 else {**group, "lr": group["lr"] * factor}
-            super()._step_group(staged, members, low_rank_grads)
+            # The group itself with its lr scaled for this stage, not a copy: the step finds
+            # a parameter's name and placement by the group's identity.
+            group["lr"] = base * factor
+            try:
+                super()._step_group(group, members, low_rank_grads)
+            finally:
+                group["lr"] = base
 
     def handoff_report(self) -> list[dict[str, Any]]:
         """One record per hand-off: step, layer, rank, parameters before/after, error, overlap."""
