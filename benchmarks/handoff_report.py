@@ -23,7 +23,7 @@ __all__ = ["layer_claim", "paired_against_welore", "report", "spearman"]
 
 LABELS = {
     "dense": "GaLoreAdamW, dense",
-    "welore": "WeLoreAdamW (stability-driven; factors at lr x scale, factor_step fixed)",
+    "welore": "WeLoreAdamW (stability-driven; factor_step fixed, the default)",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
     "welore-rewarmup": "WeLoreAdamW (stability-driven, factor lr re-warm-up)",
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
@@ -33,7 +33,7 @@ LABELS = {
     "oneshot-late-halflr": "one-shot (all at the window's end), factors at lr x scale / 2",
     "welore-matched": "WeLoreAdamW (stability-driven), factor_step matched",
     "oneshot-late-matched": "one-shot (all at the window's end), factor_step matched",
-    "welore-each": "WeLoreAdamW (stability-driven; factor_step matched-each, the default)",
+    "welore-each": "WeLoreAdamW (stability-driven), factor_step matched-each",
     "oneshot-late-each": "one-shot (all at the window's end), factor_step matched-each",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
     "posthoc": "post-hoc WeLore, no fine-tune",
@@ -331,7 +331,7 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     ]
     pairs = [
         pair
-        for reference in ("welore-each", "welore-matched", "welore-halflr", "welore")
+        for reference in ("welore", "welore-each", "welore-matched", "welore-halflr")
         for pair in paired_against_welore(rows, reference)
     ]
     paired_rows = [

@@ -5,7 +5,9 @@ Issue #14 asks for hand-off defaults that hold beyond the study's own setting. T
 package's main job (LLaMA 9m, 600 steps, batch 16 x 128, the hand-off window at 40%-60% of the
 steps, target 0.8 of the rank) with each factor-lr rule of ``HandoffConfig.factor_step``, at
 GaLore's recipe lr (1e-2, the default since this change) and at the former default 3e-3, and
-pairs each run with dense GaLoreAdamW of the same seed (same initialization and batches).
+on byte-level tokens (bytes instead of the 4096-token BPE: another input
+distribution and a model whose projected matrices hold more of its parameters), and pairs each
+run with dense GaLoreAdamW of the same lr, tokens and seed (same initialization and batches).
 
 Every variant passes its lr and factor-lr settings explicitly, so its cached run never depends
 on the package's defaults. Runs are cached in ``<out>/<variant>-s<seed>`` (a finished run's
@@ -47,6 +49,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "each": (
         "WeLoreAdamW, lr 1e-2, factor_step matched-each",
         ["--lr", "1e-2", "--handoff-factor-step", "matched-each"],
+    ),
+    "byte-dense": (
+        "GaLoreAdamW, dense, lr 1e-2, byte-level tokens",
+        ["--optimizer", "galore_adamw", "--lr", "1e-2", "--tokenizer", "byte"],
+    ),
+    "byte-fixed": (
+        "WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step fixed",
+        ["--lr", "1e-2", "--tokenizer", "byte", "--handoff-factor-step", "fixed"],
+    ),
+    "byte-each": (
+        "WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step matched-each",
+        ["--lr", "1e-2", "--tokenizer", "byte", "--handoff-factor-step", "matched-each"],
     ),
     "lr3e-3-dense": (
         "GaLoreAdamW, dense, lr 3e-3 (the former default)",
@@ -131,7 +145,7 @@ def report(out: str, seeds: list[int]) -> str:
     for variant, (label, _) in VARIANTS.items():
         if variant.endswith("dense"):
             continue
-        prefix = variant[: -len(variant.split("-")[-1])]  # "" or "lr3e-3-"
+        prefix = variant[: -len(variant.split("-")[-1])]  # "", "byte-" or "lr3e-3-"
         deltas, against_fixed, multipliers = [], [], []
         for seed in seeds:
             mine = _summary(out, variant, seed)

@@ -64,9 +64,9 @@ HELP = {
     "norm) or previous_global (the previous step's global norm)",
     "handoff_factor_lr_scale": "WeLoreAdamW: the factors' lr as a multiple of lr; None: the "
     "projection scale (lr x scale)",
-    "handoff_factor_step": "WeLoreAdamW: matched-each (U and D each scaled so that its own term "
-    "moves W as far as the layer's last GaLore step), matched (both scaled together so) or "
-    "fixed (every factor at its group's lr)",
+    "handoff_factor_step": "WeLoreAdamW: fixed (every factor at its group's lr), matched-each "
+    "(U and D each scaled so that its own term moves W as far as the layer's last GaLore step) "
+    "or matched (both scaled together so)",
     "stop_after": "stop after this many steps (of --steps; the schedule still spans --steps)",
 }
 

@@ -46,7 +46,7 @@ class PretrainConfig:
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
     handoff_factor_lr_scale: float | None = None
-    handoff_factor_step: str = "matched-each"
+    handoff_factor_step: str = "fixed"
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
