@@ -132,8 +132,13 @@ def _scenario_peak(me: int) -> dict[str, Any]:
     for block in (model[0], model[2]):
         fully_shard(block)
     fully_shard(model)
-    handoff = HandoffConfig(
-        trigger="step", start_step=2, check_every=1, target_reduction=0.9, min_ratio=0.4
+    handoff = HandoffConfig(  # matched-each: its step norms count towards the peak too
+        trigger="step",
+        start_step=2,
+        check_every=1,
+        target_reduction=0.9,
+        min_ratio=0.4,
+        factor_step="matched-each",
     )
     groups = [
         {

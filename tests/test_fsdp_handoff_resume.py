@@ -48,7 +48,10 @@ SAVE_AT = 7  # after the hand-offs of step 6; more are due at steps 9 and 12
 #: threshold of the stability criterion: 0.3 hands layers off at steps 6, 9 and 12; 0.01 all of
 #: them at step 6, which empties the projected param group (DCP cannot tell empty groups apart)
 THRESHOLDS = {"staged": 0.3, "all_at_once": 0.01}
-HANDOFF = HandoffConfig(start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3)
+# matched-each: the factors' lr multipliers must survive the DCP round trip too
+HANDOFF = HandoffConfig(
+    start_step=6, target_reduction=0.7, min_ratio=0.4, check_every=3, factor_step="matched-each"
+)
 PROJECTION = ProjectionConfig(rank=8, update_proj_gap=2, scale=1.0, proj_type="right")
 
 

@@ -132,6 +132,43 @@ def load_sharded_state(
     dcp.load(state_dict, checkpoint_id=checkpoint_id, **load_options)
 
 
+#: Per-parameter numbers a hand-off gives a factor's state. ``get_optimizer_state_dict`` of a
+#: freshly built optimizer has no such entries, and ``dcp.load`` fills only the entries of the
+#: dict it is given, so each one the checkpoint holds gets a placeholder first.
+_HANDOFF_SCALARS = {keys.HANDOFF_STEP: -1, keys.LR_MULTIPLIER: -1.0}
+
+
+def _add_saved_scalars(
+    optim: dict[str, Any],
+    checkpoint_id: str | os.PathLike[str] | None,
+    load_options: Mapping[str, Any],
+) -> None:
+    """Give ``optim["state"]`` (a fresh ``get_optimizer_state_dict``) a placeholder for each
+    hand-off number (:data:`_HANDOFF_SCALARS`) the checkpoint saved, so that the load restores
+    it: one partial load of those small pickles finds which ones exist."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    missing = {
+        name: {key: value for key, value in _HANDOFF_SCALARS.items() if key not in entry}
+        for name, entry in optim.get("state", {}).items()
+    }
+    probe = {"optim": {"state": {name: dict(v) for name, v in missing.items() if v}}}
+    if not probe["optim"]["state"]:
+        return
+    options = {k: v for k, v in load_options.items() if k != "planner"}
+    dcp.load(
+        probe,
+        checkpoint_id=checkpoint_id,
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+        **options,
+    )
+    for name, found in probe["optim"]["state"].items():
+        for key, value in found.items():
+            if value != _HANDOFF_SCALARS[key]:  # still the sentinel: not in the checkpoint
+                optim["state"][name][key] = value
+
+
 def _handoff_json(optimizer: Any) -> str | None:
     """The optimizer's hand-off plan and records as JSON (None for optimizers without)."""
     if not hasattr(optimizer, "handoff_state"):
@@ -210,6 +247,7 @@ def load_sharded_checkpoint(
     state = sharded_checkpoint_state(model, optimizer, **dict(extra or {}))
     state.pop(HANDOFF_ENTRY, None)  # restored above
     names = [list(group["params"]) for group in state["optim"]["param_groups"]]
+    _add_saved_scalars(state["optim"], checkpoint_id, load_options)
     load_sharded_state(state, checkpoint_id=checkpoint_id, **load_options)
     set_model_state_dict(model, state["model"])
     optimizer.load_state_dict(_by_position(state["optim"], names))

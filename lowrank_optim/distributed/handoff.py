@@ -201,7 +201,9 @@ def _squared_step_norms(
     down = factors[1].detach()
     rows = factors[0].shape[0]
     sums = torch.zeros(4, dtype=torch.float64, device=down.device)
-    chunk = max(1, min(rows, down.shape[0]))
+    # Rows per chunk such that its temporaries (24 bytes an entry, below) stay within one
+    # k x n fp32 block, the size of the moment carry's own largest temporary.
+    chunk = max(1, min(rows, down.shape[0] // 6))
     for begin in range(0, rows, chunk):
         part = slice(begin, begin + chunk)
         # A chunk of rows is a row shard of its own: the single-process formula applies.
