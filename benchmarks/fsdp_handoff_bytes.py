@@ -105,10 +105,11 @@ def handoff_payload(
     rank: int = HANDOFF_RANK,
     galore_rank: int = GALORE_RANK,
     route: str = "shared",
-    factor_step: str = "matched-each",
+    factor_step: str | None = None,
 ) -> dict[str, Any]:
     """Payload bytes, by collective, of one sharded hand-off of an fp32 ``shape`` (factorize,
-    carry of the right-projected moments, error sums, and unless ``factor_step`` is ``fixed``
+    carry of the right-projected moments, error sums, and unless ``factor_step`` (None: the
+    package default) is ``fixed``
     the four squared step norms of the factors' lr multipliers), its wire bytes per rank (ring:
     all-reduce ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the payload; a broadcast: received
     once), the factorization's per-rank peak, and the same for gathering the weight. ``route``:
@@ -136,7 +137,7 @@ def handoff_payload(
         peak = sketch_peak_bytes(rows, cols, rank, world, oversample=OVERSAMPLE)
     carry = 2 * rank * _effective(galore_rank, shape) * ITEM  # one k x r block per moment
     reduce += carry + 2 * 8  # + ||W - U D||^2 and ||W||^2 in fp64
-    if factor_step != "fixed":
+    if (factor_step or HandoffConfig().factor_step) != "fixed":  # None: the package default
         reduce += 4 * 8  # + the fp64 squared step norms behind the factors' lr multipliers
     scale = (world - 1) / world
     gathered = weight_gather_bytes(rows, cols, world)
