@@ -109,13 +109,12 @@ def handoff_payload(
 ) -> dict[str, Any]:
     """Payload bytes, by collective, of one sharded hand-off of an fp32 ``shape`` (factorize,
     carry of the right-projected moments, error sums, and unless ``factor_step`` (None: the
-    package default) is ``fixed``
-    the four squared step norms of the factors' lr multipliers), its wire bytes per rank (ring:
-    all-reduce ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the payload; a broadcast: received
-    once), the factorization's per-rank peak, and the same for gathering the weight. ``route``:
-    ``shared`` (the factors from the check step's spectra: the owner's top-k vectors broadcast,
-    and for a wide matrix a k x n fp64 all-reduce), or ``auto``, the second pass taken without
-    them (:func:`handoff_route`: gram or sketch)."""
+    package default) is ``fixed`` the four squared step norms of the factors' lr multipliers),
+    its wire bytes per rank (ring: all-reduce ``2 (R-1)/R``, all-gather ``(R-1)/R`` of the
+    payload; a broadcast: received once), the factorization's per-rank peak, and the same for
+    gathering the weight. ``route``: ``shared`` (the factors from the check step's spectra: the
+    owner's top-k vectors broadcast, and for a wide matrix a k x n fp64 all-reduce), or
+    ``auto``, the second pass taken without them (:func:`handoff_route`: gram or sketch)."""
     rows, cols = shape
     width = max(1, min(rank + OVERSAMPLE, rows, cols))
     broadcast = 0
