@@ -52,7 +52,7 @@ __all__ = [
 FACTORS_OF = "welore_factors_of"
 #: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
 HANDOFF_STEP = keys.HANDOFF_STEP  # declared once, in state_keys
-#: Factor-state key: the factor's own lr multiplier on its group's lr (``factor_step="matched"``).
+#: Factor-state key: the factor's own multiplier on its group's lr (``HandoffConfig.factor_step``).
 LR_MULTIPLIER = keys.LR_MULTIPLIER
 
 

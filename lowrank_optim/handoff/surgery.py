@@ -67,7 +67,7 @@ def hand_off_layer(
     factors' entries added), ``storage`` how it keeps moments, ``fresh`` whether the factors
     start from zero moments (``HandoffConfig.moments == "fresh"``) instead of carried ones,
     ``factor_step`` how their lr multipliers are set (``HandoffConfig.factor_step``; see
-    :mod:`lowrank_optim.handoff.carry`).
+    :mod:`lowrank_optim.handoff.factor_step`).
 
     Returns the report fields of this hand-off that the layer alone determines: ``rank``,
     ``full_rank``, ``params_before``/``params_after``, ``relative_error``, the stability

@@ -320,9 +320,9 @@ class WeLoreAdamW(GaLoreAdamW):
     ) -> None:
         """Factor groups step each lr stage with its own scaled ``lr``.
 
-        A factor steps with ``lr`` times its matched-step multiplier
-        (``HandoffConfig.factor_step="matched"``) and, for ``j`` steps since its hand-off (this
-        one included), ``min(1, j / (rewarmup_steps + 1))``; factors that share a stage share
+        A factor steps with ``lr`` times its own multiplier (``HandoffConfig.factor_step``; 1
+        with ``fixed``) and, for ``j`` steps since its hand-off (this one included),
+        ``min(1, j / (rewarmup_steps + 1))``; factors that share a stage share
         one call, so the fused kernel still sees whole stages.
         """
         if FACTORS_OF not in group:
