@@ -34,50 +34,35 @@ __all__ = ["VARIANTS", "main", "report", "run_variant"]
 
 OUT = "benchmarks/results/runs/main_job_factor_lr"
 
+BYTES = ("--tokenizer", "byte")
+
+
+def _dense(label: str, lr: str, *extra: str) -> tuple[str, list[str]]:
+    return label, ["--optimizer", "galore_adamw", "--lr", lr, *extra]
+
+
+def _welore(label: str, lr: str, rule: str, *extra: str) -> tuple[str, list[str]]:
+    return label, ["--lr", lr, "--handoff-factor-step", rule, *extra]
+
+
 #: Variant -> (what it is, its ``lowrank-optim pretrain`` options). ``dense`` variants are the
-#: reference of the variants at the same lr.
+#: reference of the variants with the same prefix (same lr and tokens).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "dense": ("GaLoreAdamW, dense, lr 1e-2", ["--optimizer", "galore_adamw", "--lr", "1e-2"]),
-    "fixed": (
-        "WeLoreAdamW, lr 1e-2, factors at lr x scale (factor_step fixed)",
-        ["--lr", "1e-2", "--handoff-factor-step", "fixed"],
-    ),
-    "matched": (
-        "WeLoreAdamW, lr 1e-2, factor_step matched",
-        ["--lr", "1e-2", "--handoff-factor-step", "matched"],
-    ),
-    "each": (
-        "WeLoreAdamW, lr 1e-2, factor_step matched-each",
-        ["--lr", "1e-2", "--handoff-factor-step", "matched-each"],
-    ),
-    "byte-dense": (
-        "GaLoreAdamW, dense, lr 1e-2, byte-level tokens",
-        ["--optimizer", "galore_adamw", "--lr", "1e-2", "--tokenizer", "byte"],
-    ),
-    "byte-fixed": (
-        "WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step fixed",
-        ["--lr", "1e-2", "--tokenizer", "byte", "--handoff-factor-step", "fixed"],
-    ),
-    "byte-each": (
-        "WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step matched-each",
-        ["--lr", "1e-2", "--tokenizer", "byte", "--handoff-factor-step", "matched-each"],
-    ),
-    "lr3e-3-dense": (
-        "GaLoreAdamW, dense, lr 3e-3 (the former default)",
-        ["--optimizer", "galore_adamw", "--lr", "3e-3"],
-    ),
-    "lr3e-3-fixed": (
-        "WeLoreAdamW, lr 3e-3, factor_step fixed",
-        ["--lr", "3e-3", "--handoff-factor-step", "fixed"],
-    ),
-    "lr3e-3-double": (
-        "WeLoreAdamW, lr 3e-3, factors at 2 x lr x scale",
-        ["--lr", "3e-3", "--handoff-factor-step", "fixed", "--handoff-factor-lr-scale", "0.5"],
-    ),
-    "lr3e-3-matched": (
-        "WeLoreAdamW, lr 3e-3, factor_step matched",
-        ["--lr", "3e-3", "--handoff-factor-step", "matched"],
-    ),
+    "dense": _dense("GaLoreAdamW, dense, lr 1e-2", "1e-2"),
+    "fixed": _welore("WeLoreAdamW, lr 1e-2, factors at lr x scale (factor_step fixed)", "1e-2",
+                     "fixed"),
+    "matched": _welore("WeLoreAdamW, lr 1e-2, factor_step matched", "1e-2", "matched"),
+    "each": _welore("WeLoreAdamW, lr 1e-2, factor_step matched-each", "1e-2", "matched-each"),
+    "byte-dense": _dense("GaLoreAdamW, dense, lr 1e-2, byte-level tokens", "1e-2", *BYTES),
+    "byte-fixed": _welore("WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step fixed", "1e-2",
+                          "fixed", *BYTES),
+    "byte-each": _welore("WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step matched-each",
+                         "1e-2", "matched-each", *BYTES),
+    "lr3e-3-dense": _dense("GaLoreAdamW, dense, lr 3e-3 (the former default)", "3e-3"),
+    "lr3e-3-fixed": _welore("WeLoreAdamW, lr 3e-3, factor_step fixed", "3e-3", "fixed"),
+    "lr3e-3-double": _welore("WeLoreAdamW, lr 3e-3, factors at 2 x lr x scale", "3e-3", "fixed",
+                             "--handoff-factor-lr-scale", "0.5"),
+    "lr3e-3-matched": _welore("WeLoreAdamW, lr 3e-3, factor_step matched", "3e-3", "matched"),
 }
 DEFAULT_VARIANTS = ("dense", "fixed", "matched", "each")
 
