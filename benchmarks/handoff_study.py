@@ -25,8 +25,12 @@ first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`
 ``oneshot-late-matched`` (each layer's factors at ``lr x scale`` times its matched-step
 multiplier, ``HandoffConfig.factor_step="matched"``), ``welore-each`` and
 ``oneshot-late-each`` (``factor_step="matched-each"``), ``oneshot-late`` (every
-qualifying layer when the window closes). ``bar_target`` is the smallest target above the
-issue's bar of 60% projected parameters removed; methods 2, 3 (late) and 4 run it at every seed.
+qualifying layer when the window closes), ``oneshot-mid`` and ``oneshot-mid-each`` (every
+qualifying layer at the window's middle: about the parameter-weighted mean step of the
+stability-driven hand-offs, so about the same training cost; the test of whether the stability
+signal picks *which* layers go early better than sending them all at that one step).
+``bar_target`` is the smallest target above the issue's bar of 60% projected parameters
+removed; methods 2, 3 (late) and 4 run it at every seed.
 
 Every run's summary is cached under ``--out``; an interrupted study continues where it stopped.
 
@@ -79,6 +83,8 @@ METHODS = (
     "oneshot-late-matched",
     "welore-each",
     "oneshot-late-each",
+    "oneshot-mid",
+    "oneshot-mid-each",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
@@ -198,6 +204,7 @@ LONG = Study(
     methods=(
         "dense", "welore", "welore-halflr", "oneshot-late", "oneshot-late-halflr", "posthoc",
         "scratch", "welore-matched", "oneshot-late-matched", "welore-each", "oneshot-late-each",
+        "oneshot-mid", "oneshot-mid-each",
     ),
     out="benchmarks/results/runs/handoff_study_long",
 )
@@ -239,7 +246,7 @@ def _settings(study: Study, method: str) -> dict[str, Any]:
     # the same settings as the method it varies
     for suffix in _FACTOR_LR_VARIANTS:
         method = method.removesuffix(suffix)
-    if method == "oneshot-late":
+    if method in ("oneshot-late", "oneshot-mid"):
         del values["threshold"], values["patience"], values["taper"]
     if method in ("welore", "welore-lr", "welore-rewarmup", "posthoc", "scratch"):
         del values["taper"]
@@ -308,6 +315,14 @@ def _welore_ranks(study: Study, target: float, seed: int) -> dict[str, int]:
     return {h["layer"]: int(h["rank"]) for h in record["handoffs"]}
 
 
+def _one_shot_start(study: Study, method: str) -> float:
+    """The step share at which ``oneshot-late*`` (the window's end) or ``oneshot-mid*`` (its
+    middle) hands every qualifying layer off."""
+    if method.startswith("oneshot-mid"):
+        return (study.handoff_start + study.handoff_end) / 2
+    return study.handoff_end
+
+
 def run_job(study: Study, job: Job) -> dict[str, Any]:
     """Run ``job`` (or its cached result) and cache its result."""
     if (cached := cached_result(study, job)) is not None:
@@ -323,20 +338,23 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
         result = _train(study, job, replace(config, optimizer="galore_adamw"))
     elif job.method.endswith(tuple(_FACTOR_LR_VARIANTS)):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
-        if job.method.startswith("oneshot-late"):
-            config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
+        if job.method.startswith(("oneshot-late", "oneshot-mid")):
+            config = replace(config, handoff_trigger="step",
+                             handoff_start=_one_shot_start(study, job.method))
         suffix = "-" + job.method.rsplit("-", 1)[1]
         factor_step, share = _FACTOR_LR_VARIANTS[suffix]
         config = replace(config, handoff_factor_step=factor_step)
         result = _train(study, job, config, _factor_lr_factory(config, study.scale * share))
-    elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late"):
+    elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late",
+                        "oneshot-mid"):
         config = replace(config, optimizer="welore_adamw", target_reduction=job.target)
         if job.method == "welore-rewarmup":  # the new factors' lr ramps up after the hand-off
             config = replace(config, handoff_rewarmup=study.rewarmup_trial)
         if job.method == "oneshot":  # every qualifying layer when the window opens
             config = replace(config, handoff_trigger="step")
-        if job.method == "oneshot-late":  # every qualifying layer when the window closes
-            config = replace(config, handoff_trigger="step", handoff_start=study.handoff_end)
+        if job.method in ("oneshot-late", "oneshot-mid"):  # all at the window's end or middle
+            config = replace(config, handoff_trigger="step",
+                             handoff_start=_one_shot_start(study, job.method))
         if job.method == "welore-taper":  # each selected layer's tail faded out first
             config = replace(config, handoff_taper=study.taper)
         # The factors at lr x scale (the default; the ``-halflr`` methods take half), set
@@ -498,6 +516,8 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
     second += [Job(m, study.bar_target, seed) for m in variants for seed in study.seeds]
     second += [Job("oneshot-late", target, seed) for seed in study.seeds
                for target in dict.fromkeys((headline, study.bar_target))]
+    second += [Job(m, study.bar_target, seed) for m in ("oneshot-mid", "oneshot-mid-each")
+               for seed in study.seeds]
     second += [Job("welore-lr", headline, study.seeds[0])]
     # a job listed twice (headline == bar_target) must not run twice at once
     return [list(dict.fromkeys(first)), list(dict.fromkeys(second)), []]  # scratch's best lr later

@@ -27,6 +27,8 @@ METHODS = {
     "oneshot-late-matched",
     "welore-each",
     "oneshot-late-each",
+    "oneshot-mid",
+    "oneshot-mid-each",
     "cuttlefish",
     "posthoc",
     "posthoc+ft",
