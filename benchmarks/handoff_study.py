@@ -663,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timing", action="store_true", help="also time a step before and after the hand-offs"
     )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=None,
+        help="run only these methods' missing runs (the report still reads the whole cache)",
+    )
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -682,15 +686,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = json.dumps(asdict(study))
     if not args.report:
-        first, second, _ = jobs_of(study)
+        runs = study if args.methods is None else replace(study, methods=tuple(args.methods))
+        first, second, _ = jobs_of(runs)
         _run_stage(study, first, args.parallel, settings)
         _run_stage(study, second, args.parallel, settings)
-        best = best_scratch_lr(study)
-        third = [Job("scratch", study.headline, seed, best) for seed in study.seeds[1:]]
-        third += [Job("scratch", t, study.seeds[0], best) for t in study.targets
-                  if t != study.headline]
-        _run_stage(study, third, args.parallel, settings)
-        if (longer := long_study(study)) is not None:
+        if args.methods is None or "scratch" in args.methods:
+            best = best_scratch_lr(study)
+            third = [Job("scratch", study.headline, seed, best) for seed in study.seeds[1:]]
+            third += [Job("scratch", t, study.seeds[0], best) for t in study.targets
+                      if t != study.headline]
+            _run_stage(study, third, args.parallel, settings)
+        if (longer := long_study(study)) is not None and args.methods is None:
             _run_stage(longer, long_jobs(longer), args.parallel, json.dumps(asdict(longer)))
     from benchmarks.handoff_report import report
 
