@@ -35,6 +35,8 @@ LABELS = {
     "oneshot-late-matched": "one-shot (all at the window's end), factor_step matched",
     "welore-each": "WeLoreAdamW (stability-driven), factor_step matched-each",
     "oneshot-late-each": "one-shot (all at the window's end), factor_step matched-each",
+    "welore-capped": "WeLoreAdamW (stability-driven), factor_step capped",
+    "oneshot-late-capped": "one-shot (all at the window's end), factor_step capped",
     "oneshot-mid": "one-shot (all at the window's middle; factor_step fixed)",
     "oneshot-mid-each": "one-shot (all at the window's middle), factor_step matched-each",
     "cuttlefish": "Cuttlefish (stable-rank switch)",

@@ -24,7 +24,8 @@ first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`
 ``oneshot-late-halflr`` (the factors at half of ``lr x scale``), ``welore-matched`` and
 ``oneshot-late-matched`` (each layer's factors at ``lr x scale`` times its matched-step
 multiplier, ``HandoffConfig.factor_step="matched"``), ``welore-each`` and
-``oneshot-late-each`` (``factor_step="matched-each"``), ``oneshot-late`` (every
+``oneshot-late-each`` (``factor_step="matched-each"``), ``welore-capped`` and
+``oneshot-late-capped`` (``factor_step="capped"``), ``oneshot-late`` (every
 qualifying layer when the window closes), ``oneshot-mid`` and ``oneshot-mid-each`` (every
 qualifying layer at the window's middle: about the parameter-weighted mean step of the
 stability-driven hand-offs, so about the same training cost; the test of whether the stability
@@ -83,6 +84,8 @@ METHODS = (
     "oneshot-late-matched",
     "welore-each",
     "oneshot-late-each",
+    "welore-capped",
+    "oneshot-late-capped",
     "oneshot-mid",
     "oneshot-mid-each",
     "cuttlefish",
@@ -96,6 +99,7 @@ _FACTOR_LR_VARIANTS = {
     "-halflr": ("fixed", 0.5),
     "-matched": ("matched", 1.0),
     "-each": ("matched-each", 1.0),
+    "-capped": ("capped", 1.0),
 }
 #: Settings only the stability-driven hand-off reads: the other methods' cached runs stay valid
 #: when they change (the dense runs' stability columns are recomputed from their overlaps).

@@ -247,7 +247,7 @@ HANDOFF_MOMENTS = ("project", "fresh")
 #: What decides when a layer is handed off: its own subspace stability, or one fixed step.
 HANDOFF_TRIGGERS = ("stable", "step")
 #: How the factors' lr is set per layer: their group's lr for all, or a matched first step.
-FACTOR_STEPS = ("fixed", "matched", "matched-each")
+FACTOR_STEPS = ("fixed", "matched", "matched-each", "capped")
 
 
 @dataclass(frozen=True)
@@ -291,8 +291,10 @@ class HandoffConfig:
             factor at its group's lr. ``matched-each``: ``U`` and ``D`` get their own
             multipliers, so that each factor's own term moves ``W`` by the Frobenius norm of
             the layer's last GaLore step (``||P N|| / ||N_U D||`` and ``||P N|| / ||U N_D||``,
-            from the carried moments). ``matched``: one multiplier for both, so that
-            ``dU D + U dD`` together match it. No rule wins everywhere (eval loss against dense
+            from the carried moments). ``capped``: ``matched-each``'s multipliers, each at
+            most 1 (a factor's lr is only ever lowered). ``matched``: one multiplier for
+            both, so that ``dU D + U dD`` together match it. No rule wins everywhere (eval
+            loss against dense
             GaLoreAdamW, 3 seeds unless said): in ``benchmarks/handoff_study.py --long`` (20m
             LLaMA, GaLore's recipe, 1000 steps, 64% of projected parameters removed)
             ``matched-each`` costs +0.95% +- 0.30% against ``fixed``'s +1.21% +- 0.45%, 0.26

@@ -122,7 +122,7 @@ def test_matched_each_factor_alone_moves_w_as_far_as_galore_would_have(frozen: s
         assert 1.0 < ratio <= 2.0 + 1e-3, (layer, ratio)
 
 
-@pytest.mark.parametrize("rule", ["matched", "matched-each"])
+@pytest.mark.parametrize("rule", ["matched", "matched-each", "capped"])
 def test_multipliers_are_recorded_per_layer_and_kept_in_the_factor_state(rule: str) -> None:
     model, optimizer = _run(rule, hand_off=True)
     records = optimizer.handoff_report()
@@ -134,9 +134,23 @@ def test_multipliers_are_recorded_per_layer_and_kept_in_the_factor_state(rule: s
             for index, factor in enumerate((module.up, module.down)):
                 assert optimizer.state[factor][LR_MULTIPLIER] == multipliers[name][index]
     same = all(up == down for up, down in multipliers.values())
-    assert same == (rule == "matched"), multipliers  # matched-each: one per factor
+    if rule != "capped":
+        assert same == (rule == "matched"), multipliers  # matched-each: one per factor
     _, fixed = _run("fixed", hand_off=True)
     assert all(record["lr_multipliers"] == [1.0, 1.0] for record in fixed.handoff_report())
+
+
+def test_capped_is_matched_each_never_above_one() -> None:
+    _, each = _run("matched-each", hand_off=True)
+    _, capped = _run("capped", hand_off=True)
+    each_multipliers = {r["layer"]: r["lr_multipliers"] for r in each.handoff_report()}
+    capped_multipliers = {r["layer"]: r["lr_multipliers"] for r in capped.handoff_report()}
+    assert set(each_multipliers) == set(capped_multipliers)
+    values = [value for pair in each_multipliers.values() for value in pair]
+    # the test needs both kinds of factor, or it could not tell the cap from either rule
+    assert min(values) < 1.0 < max(values), values
+    for layer, pair in each_multipliers.items():
+        assert capped_multipliers[layer] == [min(1.0, value) for value in pair], layer
 
 
 @pytest.mark.parametrize("rule", ["matched", "matched-each"])

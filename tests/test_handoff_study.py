@@ -27,6 +27,8 @@ METHODS = {
     "oneshot-late-matched",
     "welore-each",
     "oneshot-late-each",
+    "welore-capped",
+    "oneshot-late-capped",
     "oneshot-mid",
     "oneshot-mid-each",
     "cuttlefish",

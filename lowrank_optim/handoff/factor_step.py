@@ -15,6 +15,9 @@ then moves ``W`` by the same Frobenius norm as the layer's last GaLore step, ``l
 factor's own term instead: ``mu_U = ||back(N)|| / ||N_U D||`` and ``mu_D = ||back(N)|| /
 ||U N_D||``, so ``U`` alone and ``D`` alone would each move ``W`` as far as GaLore did (together
 between ``sqrt(2)`` and 2 times as far, as their terms are orthogonal or aligned).
+``"capped"`` takes ``matched-each``'s multipliers but never above 1: a factor's lr is lowered
+where its own term would move ``W`` further than GaLore's last step, and never raised above the
+group's ``lr * scale``.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def step_multipliers(squared_norms: torch.Tensor, rule: str) -> tuple[float, flo
     ``matched``: both ``||back(N)|| / ||N_U D + U N_D||``, so ``W``'s first step matches the
     layer's last GaLore step. ``matched-each``: ``||back(N)|| / ||N_U D||`` for ``U`` and
     ``||back(N)|| / ||U N_D||`` for ``D``, so each factor's own term moves ``W`` that far.
-    A multiplier whose norms are zero or not finite is ``1.0`` (nothing to match).
+    ``capped``: ``matched-each``'s, each at most 1. A multiplier whose norms are zero or not
+    finite is ``1.0`` (nothing to match).
     """
     galore, up_term, down_term, joint = (float(value) ** 0.5 for value in squared_norms)
 
@@ -100,4 +104,8 @@ def step_multipliers(squared_norms: torch.Tensor, rule: str) -> tuple[float, flo
         return ratio(joint), ratio(joint)
     if rule == "matched-each":
         return ratio(up_term), ratio(down_term)
-    raise ValueError(f"Invalid factor step rule: {rule!r}; allowed: matched, matched-each")
+    if rule == "capped":
+        return min(1.0, ratio(up_term)), min(1.0, ratio(down_term))
+    raise ValueError(
+        f"Invalid factor step rule: {rule!r}; allowed: matched, matched-each, capped"
+    )
