@@ -352,9 +352,15 @@ class Blockwise8bitMoments(MomentStorage):
     def numel(self, state: dict[str, Any]) -> int:
         if not self.holds_quantized(state):
             return self._full.numel(state)
-        numel = math.prod(int(d) for d in state[MOMENT_SHAPE])
+        shape = tuple(int(d) for d in state[MOMENT_SHAPE])
+        numel = math.prod(shape)
         stored = state[EXP_AVG_CODES].numel()
-        if stored != self.code_bytes(numel):
+        expected = self.code_bytes(numel)
+        if keys.WORLD_SIZE in state:  # FSDP2 row shards: flat codes are padded per rank
+            from lowrank_optim.distributed.sharding import global_code_bytes
+
+            expected = global_code_bytes(self, shape, int(state[keys.WORLD_SIZE]))
+        if stored != expected:
             from lowrank_optim.errors import CheckpointMismatchError
 
             raise CheckpointMismatchError(

@@ -40,6 +40,7 @@ from lowrank_optim.distributed import (
     CollectiveCounter,
     gather_refresh_bytes,
     gram_refresh_bytes,
+    load_sharded_state,
 )
 from lowrank_optim.projection import RIGHT
 from lowrank_optim.stability import ENERGY_HISTORY, OVERLAP_HISTORY
@@ -94,6 +95,9 @@ CASES: dict[str, tuple[OptimizerCase, int, int]] = {
     "galore8bit": (find_case("GaLoreAdamW8bit", INT8), 768, 8),
     # the same in torchao's 4-bit format: blocks of 128, two codes per byte
     "galore4bit": (find_case("GaLoreAdamW8bit", INT4), 768, 8),
+    # rank 9: a projected row of 9 codes is 4.5 bytes, so the codes are stored flat, each
+    # rank's padded to whole bytes (770 rows: 385 x 9 = 3465 codes per rank, 1733 bytes)
+    "galore4bit_odd": (find_case("GaLoreAdamW8bit", INT4), 770, 9),
 }
 
 
@@ -269,14 +273,20 @@ def _run(rank: int, world: int, port: int, directory: str) -> None:
 
 
 def _reshard(case: str, directory: Path) -> dict[str, Any]:
-    """Load a 2-rank checkpoint on this (1-rank) run and continue."""
+    """Load a 2-rank checkpoint on this (1-rank) run and continue. Padded flat codes change
+    their global size with the number of ranks, so plain ``dcp.load`` would fail with DCP's own
+    size error (a BaseException); ``load_sharded_state`` refuses them first, by name."""
     model, optimizer, rows = _sharded(case)
     state = _checkpoint(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory / f"ckpt_{case}"))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    error = _error_of(lambda: _train(model, optimizer, _batches()[SAVE_AT:], rows))
-    return {"error": error, "weights": _full(model)}
+    load = load_sharded_state if case == "galore4bit_odd" else dcp.load
+
+    def resume() -> None:
+        load(state, checkpoint_id=str(directory / f"ckpt_{case}"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        _train(model, optimizer, _batches()[SAVE_AT:], rows)
+
+    return {"error": _error_of(resume), "weights": _full(model)}
 
 
 def _spawn(world: int, directory: Path) -> list[dict[str, Any]]:
@@ -355,7 +365,7 @@ def test_dcp_load_on_other_rank_count(runs: dict[str, list[dict[str, Any]]]) -> 
     straight = _result(runs, "main", "dcp_galore")[0]["straight"]
     for got, want in zip(resumed["weights"], straight, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    for case in ("galore8bit", "galore4bit"):
+    for case in ("galore8bit", "galore4bit", "galore4bit_odd"):
         refused = _result(runs, "reshard", f"reshard_{case}")[0]["error"]
         assert refused.startswith(CheckpointMismatchError.__name__)
         assert "saved on 2 ranks" in refused and "has 1" in refused

@@ -36,6 +36,8 @@ from lowrank_optim.moment_storage import MomentStorage
 
 __all__ = [
     "check_row_sharded",
+    "flat_code_width",
+    "global_code_bytes",
     "is_sharded",
     "local_rows_of",
     "local_view",
@@ -108,6 +110,23 @@ def _codes_shape(global_shape: tuple[int, ...], bits: int) -> tuple[int, ...] | 
     return (*global_shape[:-1], last * bits // 8) if len(global_shape) > 1 else global_shape
 
 
+def flat_code_width(storage: MomentStorage, global_shape: tuple[int, ...], world: int) -> int:
+    """Bytes per rank of a quantized moment's codes stored flat (rows that do not fill whole
+    bytes): the largest rank's ``code_bytes``, to which every rank's codes are padded. The
+    global entry holds ``world`` times this."""
+    row_numel = math.prod(global_shape[1:])
+    return max(storage.code_bytes(count * row_numel)
+               for count in rows_per_rank(global_shape[0], world))
+
+
+def global_code_bytes(storage: MomentStorage, global_shape: tuple[int, ...], world: int) -> int:
+    """Bytes of a row-sharded quantized moment's codes in the saved (global) state: the codes
+    of ``global_shape`` when its rows fill whole bytes, else ``world`` padded flat shards."""
+    if _codes_shape(global_shape, storage.bits) is not None:
+        return storage.code_bytes(math.prod(global_shape))
+    return world * flat_code_width(storage, global_shape, world)
+
+
 def _flat_padded(value: torch.Tensor, width: int, mesh: DeviceMesh, world: int) -> DTensor:
     """A flat per-rank entry padded to ``width`` (the largest rank's), as a ``Shard(0)``."""
     padded = value.new_zeros(width)
@@ -171,7 +190,7 @@ def store_sharded(
             if key in storage.code_keys:
                 shape = _codes_shape(global_shape, storage.bits)
                 if shape is None:
-                    width = max(storage.code_bytes(count * row_numel) for count in rows)
+                    width = flat_code_width(storage, global_shape, world)
                     state[key] = _flat_padded(value, width, mesh, world)
                     continue
                 local = value.reshape(-1, *shape[1:])
