@@ -292,16 +292,16 @@ class HandoffConfig:
             multipliers, so that each factor's own term moves ``W`` by the Frobenius norm of
             the layer's last GaLore step (``||P N|| / ||N_U D||`` and ``||P N|| / ||U N_D||``,
             from the carried moments). ``capped``: ``matched-each``'s multipliers, each at
-            most 1 (a factor's lr is only ever lowered). ``matched``: one multiplier for
-            both, so that ``dU D + U dD`` together match it. No rule wins everywhere (eval
-            loss against dense
-            GaLoreAdamW, 3 seeds unless said): in ``benchmarks/handoff_study.py --long`` (20m
+            most 1 (a factor's lr is only ever lowered). ``matched``: one multiplier for both,
+            so that ``dU D + U dD`` together match it. No rule wins everywhere (eval loss
+            against dense GaLoreAdamW, 3 seeds): in ``benchmarks/handoff_study.py --long`` (20m
             LLaMA, GaLore's recipe, 1000 steps, 64% of projected parameters removed)
             ``matched-each`` costs +0.95% +- 0.30% against ``fixed``'s +1.21% +- 0.45%, 0.26
             points better on every seed, and in the 500-step study 0.10 points better; on the
-            9m main job (``benchmarks/main_job_factor_lr.py``) they tie (+0.94% against
-            +0.92%), and on byte-level tokens ``matched-each`` is 0.42 points worse (2 seeds).
-            ``fixed`` stays the default because its worst case is the smaller one.
+            9m main job (``benchmarks/main_job_factor_lr.py``) ``fixed``, ``matched-each`` and
+            ``capped`` tie (+0.92%, +0.94%, +0.95%), and on byte-level tokens ``matched-each``
+            is 0.45 and ``capped`` 0.60 points worse than ``fixed``, on every seed.
+            ``fixed`` stays the default because its worst case is the smallest.
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)
