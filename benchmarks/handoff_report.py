@@ -5,7 +5,9 @@
 * ``handoff_pareto.png``: final eval loss against the share of projected-matrix parameters
   removed, one line per method, error bars over seeds;
 * ``handoff_layers.png``: per layer, when its gradient subspace became stable and its final
-  overlap (dense GaLore run), against its WeLore rank reduction and reconstruction error.
+  overlap (dense GaLore run), against its WeLore rank reduction and reconstruction error;
+* ``handoff_gap.png``: each timing policy's eval loss relative to dense along the run (mean
+  +- std over seeds, at the bar's target), which shows what each hand-off costs and when.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ LABELS = {
     "oneshot-late-each": "one-shot (all at the window's end), factor_step matched-each",
     "welore-capped": "WeLoreAdamW (stability-driven), factor_step capped",
     "oneshot-late-capped": "one-shot (all at the window's end), factor_step capped",
+    "welore-relax": "WeLoreAdamW (stability-driven), matched-each relaxing to 1 over 100 steps",
+    "oneshot-late-relax": "one-shot (all at the window's end), matched-each relaxing over 100",
     "oneshot-mid": "one-shot (all at the window's middle; factor_step fixed)",
     "oneshot-mid-each": "one-shot (all at the window's middle), factor_step matched-each",
     "cuttlefish": "Cuttlefish (stable-rank switch)",
@@ -201,6 +205,48 @@ def paired_against_welore(
     return pairs
 
 
+#: The timing policies drawn along the run (``handoff_gap.png``), where present.
+GAP_METHODS = (
+    "welore", "oneshot", "oneshot-mid", "oneshot-late", "cuttlefish",
+    "welore-each", "oneshot-mid-each", "oneshot-late-each", "welore-relax",
+)
+
+
+def _gap_rows(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
+    return [
+        row
+        for method in GAP_METHODS
+        for row in rows
+        if row["method"] == method and row["target"] == target and row.get("gap_curve")
+    ]
+
+
+def _gap_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        steps, means, stds = zip(*row["gap_curve"], strict=True)
+        means = [100 * m for m in means]
+        line = axis.plot(steps, means, marker="o", markersize=3, label=LABELS[row["method"]])
+        axis.fill_between(
+            steps,
+            [m - 100 * s for m, s in zip(means, stds, strict=True)],
+            [m + 100 * s for m, s in zip(means, stds, strict=True)],
+            color=line[0].get_color(),
+            alpha=0.12,
+        )
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("step")
+    axis.set_ylabel("eval loss vs dense GaLoreAdamW, same seed (%)")
+    axis.set_title("Hand-off timing: the gap to dense along the run (mean ± std over seeds)")
+    axis.legend(fontsize=7, loc="upper left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
     plt = pyplot()
 
@@ -358,6 +404,16 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
         ]
     _pareto(rows, dense, folder / "handoff_pareto.png")
     _layers_plot(layers, folder / "handoff_layers.png")
+    gaps = _gap_rows(rows, study.bar_target)
+    if gaps:
+        _gap_plot(gaps, folder / "handoff_gap.png")
+    gap_steps = [step for step, _, _ in gaps[0]["gap_curve"]] if gaps else []
+    gap_table = [
+        [LABELS[row["method"]], row["seeds"],
+         *(f"{100 * mean:+.2f}" for _, mean, _ in row["gap_curve"])]
+        for row in gaps
+        if [step for step, _, _ in row["gap_curve"]] == gap_steps
+    ]
     text = "\n\n".join(
         [
             f"# Hand-off study (headline target {study.headline:g} of the rank)",
@@ -397,6 +453,12 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
                 if longer
                 else []
             ),
+            f"## The gap to dense along the run (target {study.bar_target:g}, % over seeds)",
+            "Eval loss against dense GaLoreAdamW of the same seed at each eval step, mean over "
+            "seeds (`handoff_gap.png` adds the std).",
+            markdown_table(["method", "seeds", *map(str, gap_steps)], gap_table)
+            if gap_table
+            else "No eval curves in this cache.",
             "## Every target",
             markdown_table(
                 ["method", "target", "seeds", "removed (%)", "final eval loss", "vs dense"], sweep

@@ -25,7 +25,8 @@ first), ``welore-rewarmup`` (the new factors' lr ramps up over ``rewarmup_trial`
 ``oneshot-late-matched`` (each layer's factors at ``lr x scale`` times its matched-step
 multiplier, ``HandoffConfig.factor_step="matched"``), ``welore-each`` and
 ``oneshot-late-each`` (``factor_step="matched-each"``), ``welore-capped`` and
-``oneshot-late-capped`` (``factor_step="capped"``), ``oneshot-late`` (every
+``oneshot-late-capped`` (``factor_step="capped"``), ``welore-relax`` and
+``oneshot-late-relax`` (``matched-each`` relaxing to 1 over 100 steps), ``oneshot-late`` (every
 qualifying layer when the window closes), ``oneshot-mid`` and ``oneshot-mid-each`` (every
 qualifying layer at the window's middle: about the parameter-weighted mean step of the
 stability-driven hand-offs, so about the same training cost; the test of whether the stability
@@ -86,6 +87,8 @@ METHODS = (
     "oneshot-late-each",
     "welore-capped",
     "oneshot-late-capped",
+    "welore-relax",
+    "oneshot-late-relax",
     "oneshot-mid",
     "oneshot-mid-each",
     "cuttlefish",
@@ -94,12 +97,15 @@ METHODS = (
     "scratch",
 )
 #: Method suffix -> (``HandoffConfig.factor_step``, the factor group's lr as a share of
-#: ``lr x scale``): half the lr, a matched first step of ``W``, each factor's term matched.
+#: ``lr x scale``, ``factor_step_relax``): half the lr, a matched first step of ``W``, each
+#: factor's term matched (and at most 1, or relaxing to 1 over ``RELAX_STEPS``).
+RELAX_STEPS = 100
 _FACTOR_LR_VARIANTS = {
-    "-halflr": ("fixed", 0.5),
-    "-matched": ("matched", 1.0),
-    "-each": ("matched-each", 1.0),
-    "-capped": ("capped", 1.0),
+    "-halflr": ("fixed", 0.5, 0),
+    "-matched": ("matched", 1.0, 0),
+    "-each": ("matched-each", 1.0, 0),
+    "-capped": ("capped", 1.0, 0),
+    "-relax": ("matched-each", 1.0, RELAX_STEPS),
 }
 #: Settings only the stability-driven hand-off reads: the other methods' cached runs stay valid
 #: when they change (the dense runs' stability columns are recomputed from their overlaps).
@@ -346,8 +352,9 @@ def run_job(study: Study, job: Job) -> dict[str, Any]:
             config = replace(config, handoff_trigger="step",
                              handoff_start=_one_shot_start(study, job.method))
         suffix = "-" + job.method.rsplit("-", 1)[1]
-        factor_step, share = _FACTOR_LR_VARIANTS[suffix]
-        config = replace(config, handoff_factor_step=factor_step)
+        factor_step, share, relax = _FACTOR_LR_VARIANTS[suffix]
+        config = replace(config, handoff_factor_step=factor_step,
+                         handoff_factor_step_relax=relax)
         result = _train(study, job, config, _factor_lr_factory(config, study.scale * share))
     elif job.method in ("welore", "welore-taper", "welore-rewarmup", "oneshot", "oneshot-late",
                         "oneshot-mid"):
@@ -604,11 +611,13 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 def collect(study: Study) -> dict[str, Any]:
     """Every cached result, grouped per (method, target), with means and stds over seeds."""
     projected, _ = projected_total(study)
-    dense_loss = {
-        seed: result["final_eval_loss"]
+    dense_runs = {
+        seed: result
         for seed in study.seeds
         if (result := cached_result(study, Job("dense", 0.0, seed))) is not None
     }
+    dense_loss = {seed: result["final_eval_loss"] for seed, result in dense_runs.items()}
+    dense_curves = {seed: dict(map(tuple, r["eval_curve"])) for seed, r in dense_runs.items()}
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for folder in sorted(Path(study.out).glob("*/result.json")):
         result = json.loads(folder.read_text())
@@ -633,6 +642,7 @@ def collect(study: Study) -> dict[str, Any]:
                  "delta": loss / dense_loss[result["seed"]] - 1.0,
                  "bytes_end": memory[-1] if memory else None,
                  "bytes_mean": statistics.fmean(memory) if memory else None,
+                 "gap_curve": _gap_curve(result, dense_curves[result["seed"]], name),
                  **{key: result.get(key) for key in ("wall_seconds", "parameters_end")}}
             )
     summary = []
@@ -651,8 +661,29 @@ def collect(study: Study) -> dict[str, Any]:
             "wall_seconds": statistics.fmean(r["wall_seconds"] or 0 for r in runs),
             "training_bytes_end": _mean_or_none([r["bytes_end"] for r in runs]),
             "training_bytes_mean": _mean_or_none([r["bytes_mean"] for r in runs]),
+            "gap_curve": _mean_gap_curve([r["gap_curve"] for r in runs]),
         })
     return {"projected_parameters": projected, "rows": summary}
+
+
+def _gap_curve(
+    result: dict[str, Any], dense_curve: dict[int, float], method: str
+) -> dict[int, float]:
+    """A run's eval loss relative to the dense run of its seed, at the eval steps both have
+    (empty for the post-hoc methods, whose only model is the final one)."""
+    if method.startswith("posthoc"):
+        return {}
+    return {
+        int(step): loss / dense_curve[step] - 1.0
+        for step, loss in result.get("eval_curve", [])
+        if step in dense_curve
+    }
+
+
+def _mean_gap_curve(curves: list[dict[int, float]]) -> list[list[float]]:
+    """``[step, mean gap, std]`` at the eval steps every seed's run has."""
+    steps = set.intersection(*(set(curve) for curve in curves)) if curves else set()
+    return [[step, *_stats([curve[step] for curve in curves])] for step in sorted(steps)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "matched": _welore("WeLoreAdamW, lr 1e-2, factor_step matched", "1e-2", "matched"),
     "each": _welore("WeLoreAdamW, lr 1e-2, factor_step matched-each", "1e-2", "matched-each"),
     "capped": _welore("WeLoreAdamW, lr 1e-2, factor_step capped", "1e-2", "capped"),
+    "relax": _welore("WeLoreAdamW, lr 1e-2, matched-each relaxing to 1 over 100 steps", "1e-2",
+                     "matched-each", "--handoff-factor-step-relax", "100"),
     "byte-dense": _dense("GaLoreAdamW, dense, lr 1e-2, byte-level tokens", "1e-2", *BYTES),
     "byte-fixed": _welore("WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step fixed", "1e-2",
                           "fixed", *BYTES),
@@ -61,6 +63,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                          "1e-2", "matched-each", *BYTES),
     "byte-capped": _welore("WeLoreAdamW, lr 1e-2, byte-level tokens, factor_step capped",
                            "1e-2", "capped", *BYTES),
+    "byte-relax": _welore("WeLoreAdamW, lr 1e-2, byte-level tokens, matched-each relaxing to 1 "
+                          "over 100 steps", "1e-2", "matched-each", "--handoff-factor-step-relax",
+                          "100", *BYTES),
     "lr3e-3-dense": _dense("GaLoreAdamW, dense, lr 3e-3 (the former default)", "3e-3"),
     "lr3e-3-fixed": _welore("WeLoreAdamW, lr 3e-3, factor_step fixed", "3e-3", "fixed"),
     "lr3e-3-double": _welore("WeLoreAdamW, lr 3e-3, factors at 2 x lr x scale", "3e-3", "fixed",

@@ -302,6 +302,12 @@ class HandoffConfig:
             ``capped`` tie (+0.92%, +0.94%, +0.95%), and on byte-level tokens ``matched-each``
             is 0.45 and ``capped`` 0.60 points worse than ``fixed``, on every seed.
             ``fixed`` stays the default because its worst case is the smallest.
+        factor_step_relax: with a ``factor_step`` multiplier ``mu``, the steps over which it
+            returns linearly to 1 after the hand-off: a factor that has taken ``j`` steps since
+            (this one included) steps with ``mu + (1 - mu) min(1, (j - 1) / R)`` (0: ``mu``
+            for good). A lower multiplier avoids the jump in loss right after a hand-off, and
+            a full lr does better later, in every setting measured (eval curves in
+            ``benchmarks/results/handoff_study_long/handoff_study.md``).
         taper_steps: ``0`` swaps a selected layer for its rank-``k`` truncated factors at once.
             ``T > 0`` first tapers it: for ``T`` steps the layer keeps training dense while the
             part of ``W`` outside its top-``k`` singular subspace (taken when it was selected)
@@ -327,6 +333,7 @@ class HandoffConfig:
     trigger: str = "stable"
     factor_lr_scale: float | None = None
     factor_step: str = "fixed"
+    factor_step_relax: int = 0
     rewarmup_steps: int = 0
     end_step: int | None = None
     taper_steps: int = 0
@@ -362,6 +369,12 @@ class HandoffConfig:
             ),
             f"Invalid factor_lr_scale: {self.factor_lr_scale!r}; must be None (use the "
             "projection scale) or a finite number > 0",
+        )
+        _require(
+            isinstance(self.factor_step_relax, int)
+            and not isinstance(self.factor_step_relax, bool)
+            and self.factor_step_relax >= 0,
+            f"Invalid factor_step_relax: {self.factor_step_relax!r}; must be an integer >= 0",
         )
         _require(
             isinstance(self.rewarmup_steps, int)

@@ -12,7 +12,8 @@ from test_welore import EAGER_STABILITY, batches, tiny_model, train
 from lowrank_optim import HandoffConfig, ProjectionConfig, WeLoreAdamW
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
-from lowrank_optim.handoff import LR_MULTIPLIER
+from lowrank_optim.handoff import HANDOFF_STEP, LR_MULTIPLIER, factor_lr_stages
+from lowrank_optim.state_keys import STEP
 from lowrank_optim.train import PretrainConfig
 
 __all__: list[str] = []
@@ -27,7 +28,9 @@ HANDOFF_AT = 6
 WEIGHT_SCALE = 4.0
 
 
-def _run(factor_step: str, hand_off: bool) -> tuple[torch.nn.Module, WeLoreAdamW]:
+def _run(
+    factor_step: str, hand_off: bool, relax: int = 0
+) -> tuple[torch.nn.Module, WeLoreAdamW]:
     """Train ``HANDOFF_AT`` steps; with ``hand_off`` every qualifying layer goes after the
     last one (the one-shot trigger), otherwise the run stays GaLore."""
     handoff = HandoffConfig(
@@ -37,6 +40,7 @@ def _run(factor_step: str, hand_off: bool) -> tuple[torch.nn.Module, WeLoreAdamW
         check_every=3,
         trigger="step",
         factor_step=factor_step,
+        factor_step_relax=relax,
     )
     model = tiny_model()
     with torch.no_grad():  # larger singular values, as trained weights have
@@ -189,3 +193,50 @@ def test_bad_factor_step_is_refused_with_its_value() -> None:
         HandoffConfig(factor_step="sometimes")
     with pytest.raises(ValueError, match="handoff_factor_step"):
         PretrainConfig(handoff_factor_step="exact")
+
+
+def test_relaxed_multiplier_returns_linearly_to_one() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
+    group = {"params": params}
+    # steps taken since the hand-off (this one included): 1, 5, 9 and 30; multiplier 0.5
+    state = {p: {STEP: 10 + taken - 1, HANDOFF_STEP: 10, LR_MULTIPLIER: 0.5}
+             for p, taken in zip(params, (1, 5, 9, 30), strict=True)}
+    stages = factor_lr_stages(group, range(4), state, ramp=0, relax=8)
+    assert stages == {0.5: [0], 0.75: [1], 1.0: [2, 3]}
+    assert factor_lr_stages(group, range(4), state, ramp=0) == {0.5: [0, 1, 2, 3]}
+    # with a re-warm-up too, the two multiply
+    assert factor_lr_stages(group, [1], state, ramp=9, relax=8) == {0.5 * 0.75: [1]}
+
+
+def test_relaxed_multipliers_set_the_factor_steps_lr(monkeypatch: pytest.MonkeyPatch) -> None:
+    relax = 4
+    model, optimizer = _run("matched-each", hand_off=True, relax=relax)
+    multipliers = {r["layer"]: r["lr_multipliers"] for r in optimizer.handoff_report()}
+    assert any(abs(m - 1.0) > 0.05 for pair in multipliers.values() for m in pair)
+    seen: dict[int, list[float]] = {}
+    parent = type(optimizer).__mro__[1]
+    original = parent._step_group
+
+    def spy(self, group, indices, low_rank_grads):  # noqa: ANN001, ANN202 - a test double
+        for index in indices:
+            seen.setdefault(id(group["params"][index]), []).append(group["lr"])
+        return original(self, group, indices, low_rank_grads)
+
+    monkeypatch.setattr(parent, "_step_group", spy)
+    for _ in range(relax + 2):
+        _step_on_zero_gradients(model, optimizer)
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            for factor, mu in zip((module.up, module.down), multipliers[name], strict=True):
+                group = next(g for g in optimizer.param_groups
+                             if any(p is factor for p in g["params"]))
+                wanted = [group["lr"] * (mu + (1 - mu) * min(1.0, j / relax))
+                          for j in range(relax + 2)]
+                assert seen[id(factor)] == pytest.approx(wanted, rel=1e-12), name
+
+
+def test_bad_factor_step_relax_is_refused_with_its_value() -> None:
+    with pytest.raises(ValueError, match=r"factor_step_relax: -1.*integer >= 0"):
+        HandoffConfig(factor_step_relax=-1)
+    with pytest.raises(ValueError, match="handoff_factor_step_relax"):
+        PretrainConfig(handoff_factor_step_relax=2.5)

@@ -29,6 +29,8 @@ METHODS = {
     "oneshot-late-each",
     "welore-capped",
     "oneshot-late-capped",
+    "welore-relax",
+    "oneshot-late-relax",
     "oneshot-mid",
     "oneshot-mid-each",
     "cuttlefish",

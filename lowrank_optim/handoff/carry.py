@@ -195,11 +195,13 @@ def factor_lr_stages(
     indices: Sequence[int],
     state: Mapping[torch.Tensor, Mapping[str, Any]],
     ramp: int,
+    relax: int = 0,
 ) -> dict[float, list[int]]:
     """``lr`` factor -> the factor indices of ``group`` that step with ``lr * factor`` now.
 
     A factor that has taken ``j`` steps since its hand-off (this one included) gets
-    ``min(1, j / (ramp + 1))`` times its own matched-step multiplier (1 without one); factors
+    ``min(1, j / (ramp + 1))`` times its own matched-step multiplier ``mu`` (1 without one),
+    which with ``relax > 0`` returns to 1 as ``mu + (1 - mu) min(1, (j - 1) / relax)``; factors
     that share a factor share one call (and one fused kernel).
     """
     stages: dict[float, list[int]] = {}
@@ -207,6 +209,9 @@ def factor_lr_stages(
         param_state = state.get(group["params"][index], {})
         start = param_state.get(HANDOFF_STEP)  # absent in checkpoints older than the ramp
         taken = ramp + 1 if start is None else int(param_state[keys.STEP]) + 1 - int(start)
-        factor = min(1.0, taken / (ramp + 1)) * float(param_state.get(LR_MULTIPLIER, 1.0))
+        multiplier = float(param_state.get(LR_MULTIPLIER, 1.0))
+        if relax > 0:
+            multiplier += (1.0 - multiplier) * min(1.0, max(taken - 1, 0) / relax)
+        factor = min(1.0, taken / (ramp + 1)) * multiplier
         stages.setdefault(factor, []).append(index)
     return stages

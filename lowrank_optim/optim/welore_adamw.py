@@ -322,15 +322,17 @@ class WeLoreAdamW(GaLoreAdamW):
 
         A factor steps with ``lr`` times its own multiplier (``HandoffConfig.factor_step``; 1
         with ``fixed``) and, for ``j`` steps since its hand-off (this one included),
-        ``min(1, j / (rewarmup_steps + 1))``; factors that share a stage share
+        ``min(1, j / (rewarmup_steps + 1))``, the multiplier relaxing to 1 over
+        ``factor_step_relax`` steps; factors that share a stage share
         one call, so the fused kernel still sees whole stages.
         """
         if FACTORS_OF not in group:
             super()._step_group(group, indices, low_rank_grads)
             return
-        ramp = self.handoff_config.rewarmup_steps
+        ramp, relax = self.handoff_config.rewarmup_steps, self.handoff_config.factor_step_relax
         base = group["lr"]
-        for factor, members in factor_lr_stages(group, indices, self.state, ramp).items():
+        stages = factor_lr_stages(group, indices, self.state, ramp, relax)
+        for factor, members in stages.items():
             # The group itself with its lr scaled for this stage, not a copy: the step finds
             # a parameter's name and placement by the group's identity.
             group["lr"] = base * factor

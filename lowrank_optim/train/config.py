@@ -47,6 +47,7 @@ class PretrainConfig:
     handoff_taper: int = 0
     handoff_factor_lr_scale: float | None = None
     handoff_factor_step: str = "fixed"
+    handoff_factor_step_relax: int = 0
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
@@ -98,6 +99,7 @@ class PretrainConfig:
             taper_steps=self.handoff_taper,
             factor_lr_scale=self.handoff_factor_lr_scale,
             factor_step=self.handoff_factor_step,
+            factor_step_relax=self.handoff_factor_step_relax,
             end_step=int(self.handoff_end * self.steps) if self.handoff_end < 1.0 else None,
         )
         return OptimizerSpec(
@@ -222,7 +224,7 @@ def check_pretrain_config(config: PretrainConfig) -> None:
     _number_in("handoff_end", config.handoff_end, config.handoff_start, 1.0)
     choice("handoff_trigger", HANDOFF_TRIGGERS)
     choice("handoff_factor_step", FACTOR_STEPS)
-    for name in ("handoff_rewarmup", "handoff_taper"):
+    for name in ("handoff_rewarmup", "handoff_taper", "handoff_factor_step_relax"):
         value = getattr(config, name)
         if not _is_int(value) or value < 0:
             raise ValueError(f"Invalid {name}: {value!r}; must be an integer >= 0")
