@@ -65,8 +65,8 @@ HELP = {
     "handoff_factor_lr_scale": "WeLoreAdamW: the factors' lr as a multiple of lr; None: the "
     "projection scale (lr x scale)",
     "handoff_factor_step": "WeLoreAdamW: fixed (every factor at its group's lr), matched-each "
-    "(U and D each scaled so that its own term moves W as far as the layer's last GaLore step) "
-    "or matched (both scaled together so)",
+    "(U and D each scaled so that its own term moves W as far as the layer's last GaLore step), "
+    "capped (matched-each's multipliers, at most 1) or matched (both scaled together so)",
     "handoff_factor_step_relax": "WeLoreAdamW: steps over which a --handoff-factor-step "
     "multiplier returns linearly to 1 after the hand-off (0: it stays)",
     "stop_after": "stop after this many steps (of --steps; the schedule still spans --steps)",
