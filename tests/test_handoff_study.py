@@ -43,7 +43,7 @@ METHODS = {
 def test_bench_handoff_quick_runs_every_method_and_caches(tmp_path: Path) -> None:
     assert main(["bench", "handoff", "--quick", "--out", str(tmp_path)]) == 0
     for name in ("handoff_study.md", "handoff_study.json", "handoff_pareto.png",
-                 "handoff_layers.png"):
+                 "handoff_layers.png", "handoff_gap.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     result = json.loads((tmp_path / "handoff_study.json").read_text())
     rows = {row["method"]: row for row in result["rows"]}
@@ -54,6 +54,10 @@ def test_bench_handoff_quick_runs_every_method_and_caches(tmp_path: Path) -> Non
     assert rows["oneshot"]["removed"] > 0.3
     assert rows["posthoc"]["removed"] == pytest.approx(rows["welore"]["removed"], abs=0.05)
     assert len(result["layers"]) == 28  # the 9m LLaMA: 4 blocks x 7 projected matrices
+    # the gap to dense along the run: zero before any hand-off, the final gap at the end
+    gap = rows["oneshot-late"]["gap_curve"]
+    assert gap[0][1] == 0.0 and gap[-1][1] == pytest.approx(rows["oneshot-late"]["vs_dense"])
+    assert "## The gap to dense along the run" in (tmp_path / "handoff_study.md").read_text()
     cached = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
     assert main(["bench", "handoff", "--quick", "--out", str(tmp_path)]) == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")} == cached
