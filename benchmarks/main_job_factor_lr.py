@@ -42,7 +42,9 @@ def _dense(label: str, lr: str, *extra: str) -> tuple[str, list[str]]:
 
 
 def _welore(label: str, lr: str, rule: str, *extra: str) -> tuple[str, list[str]]:
-    return label, ["--lr", lr, "--handoff-factor-step", rule, *extra]
+    # the rule and its relaxation spelled out, so that a variant never follows the default
+    relax = [] if "--handoff-factor-step-relax" in extra else ["--handoff-factor-step-relax", "0"]
+    return label, ["--lr", lr, "--handoff-factor-step", rule, *relax, *extra]
 
 
 #: Variant -> (what it is, its ``lowrank-optim pretrain`` options). ``dense`` variants are the
