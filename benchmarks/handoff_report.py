@@ -25,7 +25,7 @@ __all__ = ["layer_claim", "paired_against_welore", "report", "spearman"]
 
 LABELS = {
     "dense": "GaLoreAdamW, dense",
-    "welore": "WeLoreAdamW (stability-driven; factor_step fixed, the default)",
+    "welore": "WeLoreAdamW (stability-driven; factor_step fixed)",
     "welore-taper": "WeLoreAdamW (stability-driven, tapered)",
     "welore-rewarmup": "WeLoreAdamW (stability-driven, factor lr re-warm-up)",
     "welore-lr": "WeLoreAdamW, factors at lr (before this change)",
@@ -39,7 +39,8 @@ LABELS = {
     "oneshot-late-each": "one-shot (all at the window's end), factor_step matched-each",
     "welore-capped": "WeLoreAdamW (stability-driven), factor_step capped",
     "oneshot-late-capped": "one-shot (all at the window's end), factor_step capped",
-    "welore-relax": "WeLoreAdamW (stability-driven), matched-each relaxing to 1 over 100 steps",
+    "welore-relax": "WeLoreAdamW (stability-driven), matched-each relaxing to 1 over 100 steps "
+    "(the default)",
     "oneshot-late-relax": "one-shot (all at the window's end), matched-each relaxing over 100",
     "oneshot-mid": "one-shot (all at the window's middle; factor_step fixed)",
     "oneshot-mid-each": "one-shot (all at the window's middle), factor_step matched-each",
@@ -381,7 +382,8 @@ def report(study: Any, collected: dict[str, Any], folder: Path) -> Path:
     ]
     pairs = [
         pair
-        for reference in ("welore", "welore-each", "welore-matched", "welore-halflr")
+        for reference in ("welore", "welore-relax", "welore-each", "welore-matched",
+                          "welore-halflr")
         for pair in paired_against_welore(rows, reference)
     ]
     paired_rows = [

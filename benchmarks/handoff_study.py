@@ -515,7 +515,7 @@ def _all_jobs_of(study: Study) -> list[list[Job]]:
         first += [Job("dense", 0.0, seed)] + [Job(m, headline, seed) for m in methods]
     first += [Job("welore-taper", headline, seed) for seed in study.seeds]
     first += [Job("welore-rewarmup", headline, seed) for seed in study.seeds]
-    first += [Job("welore-each", headline, seed) for seed in study.seeds]  # the default rule
+    first += [Job("welore-each", headline, seed) for seed in study.seeds]
     if study.bar_target != headline:  # the smallest target above the bar, every seed
         first += [Job(m, study.bar_target, seed) for seed in study.seeds
                   for m in ("welore", "cuttlefish")]

@@ -46,8 +46,8 @@ class PretrainConfig:
     handoff_rewarmup: int = 0
     handoff_taper: int = 0
     handoff_factor_lr_scale: float | None = None
-    handoff_factor_step: str = "fixed"
-    handoff_factor_step_relax: int = 0
+    handoff_factor_step: str = "matched-each"
+    handoff_factor_step_relax: int = 100
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
