@@ -238,14 +238,24 @@ def _gap_plot(rows: list[dict[str, Any]], path: Path) -> None:
             alpha=0.12,
         )
     axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_xlabel("step")
-    axis.set_ylabel("eval loss vs dense GaLoreAdamW, same seed (%)")
-    axis.set_title("Hand-off timing: the gap to dense along the run (mean ± std over seeds)")
-    axis.legend(fontsize=7, loc="upper left")
+    _finish(
+        figure, axis, path, "step", "eval loss vs dense GaLoreAdamW, same seed (%)",
+        "Hand-off timing: the gap to dense along the run (mean ± std over seeds)", legend_size=7,
+    )
+
+
+def _finish(
+    figure: Any, axis: Any, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int
+) -> None:
+    """Label, legend and grid one-axis ``figure``, save it to ``path`` and close it."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=legend_size, loc="upper left")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None:
@@ -274,14 +284,10 @@ def _pareto(rows: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> No
             capsize=3,
             label=LABELS[method],
         )
-    axis.set_xlabel("projected-matrix parameters removed (%)")
-    axis.set_ylabel("final eval loss")
-    axis.set_title("Hand-off study: eval loss vs parameters removed (mean ± std over seeds)")
-    axis.legend(fontsize=8, loc="upper left")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _finish(
+        figure, axis, path, "projected-matrix parameters removed (%)", "final eval loss",
+        "Hand-off study: eval loss vs parameters removed (mean ± std over seeds)", legend_size=8,
+    )
 
 
 def _layers_plot(layers: list[dict[str, Any]], path: Path) -> None:
