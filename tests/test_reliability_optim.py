@@ -67,6 +67,42 @@ def test_skip_mode_retries_a_failed_first_refresh_and_then_trains(failed_refresh
     assert not torch.equal(weight, before)
 
 
+def test_skip_mode_backs_off_a_refresh_that_keeps_failing() -> None:
+    """With a basis, a refresh that never converges is retried at due, +1, +3, +7, ... steps
+    (the delay doubling up to the gap), not at every step, and the parameter trains throughout."""
+    register_refresh_method("fails_after_first", _FailingAfterFirst(), overwrite=True)
+    weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    optimizer = GaLoreAdamW(
+        [{"params": [weight], "rank": 2, "update_proj_gap": 50, "refresh": "fails_after_first"}],
+        lr=1e-2,
+        on_bad_gradient="skip",
+        stability=FIXED,
+    )
+    generator = torch.Generator().manual_seed(1)
+    with pytest.warns(UserWarning, match="keeping the previous basis; retrying at step 52"):
+        for _ in range(151):
+            weight.grad = torch.randn(8, 6, generator=generator)
+            optimizer.step()
+    state = optimizer.state[weight]
+    # refresh at 1, due at 51: tries at 51, 52, 54, 58, 66, 82 and 114; the next at 164
+    assert state["refreshes_failed"] == 7
+    assert state["next_refresh"] == 164
+    assert state["step"] == 151 and state["last_refresh"] == 1
+
+
+class _FailingAfterFirst:
+    """A refresh method whose first refresh succeeds and every later one fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, matrix: torch.Tensor, rank: int, previous=None, **_) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise torch.linalg.LinAlgError("simulated: the algorithm failed to converge")
+        return svd_basis(matrix, rank)
+
+
 # ------------------------------------------------------------------------ 3. complex tensors
 def test_complex_dense_parameter_matches_torch_adamw() -> None:
     generator = torch.Generator().manual_seed(0)

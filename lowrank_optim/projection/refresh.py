@@ -117,25 +117,32 @@ def read_previous_bases(
 def refresh_failed_(
     state: dict[str, Any], group: dict[str, Any], error: SubspaceRefreshError, step: int
 ) -> bool:
-    """Raise ``error``, or (``on_bad_gradient="skip"``) keep the basis and retry next step.
+    """Raise ``error``, or (``on_bad_gradient="skip"``) keep the basis and retry later.
 
     ``step`` is the step number this call would take. With a previous basis the parameter still
-    steps (in the old subspace), its count reaches ``step`` and the refresh is due again at
-    ``step + 1``. Without one (the first refresh failed) nothing can be projected, so the step is
-    not taken and the count stays at ``step - 1``: the retry must be due at ``step`` itself, or
-    the next call (again numbered ``step``) would find it not due, never refresh and never train.
+    steps (in the old subspace), its count reaches ``step``, and the retries back off: a refresh
+    due at ``d`` that keeps failing is tried at ``d``, ``d + 1``, ``d + 3``, ``d + 7``, ... (the
+    delay doubles, up to the refresh gap), so a matrix whose decomposition never converges costs
+    a few attempts per gap instead of one per step. The delay follows from the state alone (the
+    last refresh and the gap), so a resumed run retries at the same steps. Without a basis (the
+    first refresh failed) nothing can be projected, so the step is not taken and the count
+    stays at ``step - 1``: the retry must be due at ``step`` itself, or the next call (again
+    numbered ``step``) would find it not due, never refresh and never train.
     """
     if group["on_bad_gradient"] == "raise":
         raise error
     has_basis = state[keys.LAST_REFRESH] > 0
-    outcome = (
-        "keeping the previous basis"
-        if has_basis
-        else "the parameter has no basis yet and is not updated this step"
-    )
-    warnings.warn(f"{error}; {outcome}; retrying next step", stacklevel=5)
+    if has_basis:
+        gap = max(int(state[keys.REFRESH_GAP]), 1)
+        overdue = max(step - (int(state[keys.LAST_REFRESH]) + gap), 0)
+        retry = step + min(overdue + 1, gap)
+        outcome = "keeping the previous basis"
+    else:
+        retry = step
+        outcome = "the parameter has no basis yet and is not updated this step"
+    warnings.warn(f"{error}; {outcome}; retrying at step {retry}", stacklevel=5)
     state[keys.REFRESHES_FAILED] += 1
-    state[keys.NEXT_REFRESH] = step + 1 if has_basis else step
+    state[keys.NEXT_REFRESH] = retry
     return False
 
 
