@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,33 +26,40 @@ FIXED = StabilityConfig(policy="fixed")
 
 
 # ------------------------------------------------------- 1. a failed first refresh is retried
-class _FailingFirst:
-    """A refresh method whose first ``failures`` calls raise ``LinAlgError``, then an SVD.
+class _ScriptedRefresh:
+    """A refresh method that raises ``LinAlgError`` on the calls ``fails(call)`` names (counted
+    from 1), and is an SVD otherwise.
 
     Each refresh tries fp32 and then fp64, so two failing calls are one failed refresh.
     """
 
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
+    def __init__(self, fails: Callable[[int], bool]) -> None:
+        self.fails = fails
         self.calls = 0
 
     def __call__(self, matrix: torch.Tensor, rank: int, previous=None, **_) -> torch.Tensor:
         self.calls += 1
-        if self.calls <= self.failures:
+        if self.fails(self.calls):
             raise torch.linalg.LinAlgError("simulated: the algorithm failed to converge")
         return svd_basis(matrix, rank)
 
 
-@pytest.mark.parametrize("failed_refreshes", [1, 2])
-def test_skip_mode_retries_a_failed_first_refresh_and_then_trains(failed_refreshes: int) -> None:
-    method = _FailingFirst(2 * failed_refreshes)
-    register_refresh_method("fails_first", method, overwrite=True)
-    weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
-    optimizer = GaLoreAdamW(
-        [{"params": [weight], "rank": 2, "update_proj_gap": 50, "refresh": "fails_first"}],
+def _skip_mode_optimizer(weight: torch.nn.Parameter, refresh: _ScriptedRefresh) -> GaLoreAdamW:
+    """GaLoreAdamW on ``weight`` (rank 2, gap 50), ``refresh``, ``on_bad_gradient="skip"``."""
+    register_refresh_method("scripted", refresh, overwrite=True)
+    return GaLoreAdamW(
+        [{"params": [weight], "rank": 2, "update_proj_gap": 50, "refresh": "scripted"}],
         lr=1e-2,
         on_bad_gradient="skip",
         stability=FIXED,
+    )
+
+
+@pytest.mark.parametrize("failed_refreshes", [1, 2])
+def test_skip_mode_retries_a_failed_first_refresh_and_then_trains(failed_refreshes: int) -> None:
+    weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    optimizer = _skip_mode_optimizer(
+        weight, _ScriptedRefresh(lambda call: call <= 2 * failed_refreshes)
     )
     before = weight.detach().clone()
     steps = failed_refreshes + 3
@@ -70,14 +78,8 @@ def test_skip_mode_retries_a_failed_first_refresh_and_then_trains(failed_refresh
 def test_skip_mode_backs_off_a_refresh_that_keeps_failing() -> None:
     """With a basis, a refresh that never converges is retried at due, +1, +3, +7, ... steps
     (the delay doubling up to the gap), not at every step, and the parameter trains throughout."""
-    register_refresh_method("fails_after_first", _FailingAfterFirst(), overwrite=True)
     weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
-    optimizer = GaLoreAdamW(
-        [{"params": [weight], "rank": 2, "update_proj_gap": 50, "refresh": "fails_after_first"}],
-        lr=1e-2,
-        on_bad_gradient="skip",
-        stability=FIXED,
-    )
+    optimizer = _skip_mode_optimizer(weight, _ScriptedRefresh(lambda call: call > 1))
     generator = torch.Generator().manual_seed(1)
     with pytest.warns(UserWarning, match="keeping the previous basis; retrying at step 52"):
         for _ in range(151):
@@ -88,19 +90,6 @@ def test_skip_mode_backs_off_a_refresh_that_keeps_failing() -> None:
     assert state["refreshes_failed"] == 7
     assert state["next_refresh"] == 164
     assert state["step"] == 151 and state["last_refresh"] == 1
-
-
-class _FailingAfterFirst:
-    """A refresh method whose first refresh succeeds and every later one fails."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, matrix: torch.Tensor, rank: int, previous=None, **_) -> torch.Tensor:
-        self.calls += 1
-        if self.calls > 1:
-            raise torch.linalg.LinAlgError("simulated: the algorithm failed to converge")
-        return svd_basis(matrix, rank)
 
 
 # ------------------------------------------------------------------------ 3. complex tensors
