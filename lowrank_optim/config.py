@@ -281,9 +281,11 @@ class HandoffConfig:
             this; ``None`` (default) uses the source group's GaLore ``scale``, the step size
             ``lr * scale`` the projected weights were trained with. Inheriting ``lr`` itself
             (``1.0``) makes the factors step ``1 / scale`` times too far: +39% eval loss with
-            GaLore's ``lr 1e-2, scale 0.25`` recipe in issue #14's first experiment. Learning
-            rate schedulers created after the optimizer scale the factor groups' ``lr`` like
-            every other group's.
+            GaLore's ``lr 1e-2, scale 0.25`` recipe in issue #14's first experiment. The ratio
+            is a group key of its own (``LR_SCALE``), applied in the step: a factor group's
+            ``lr`` is its source group's, so any scheduler, including one that *sets* every
+            group's ``lr`` (``OneCycleLR``, a hand-written loop), drives the factors at
+            ``lr * ratio``.
         factor_step: how each layer's factors scale their group's lr at the hand-off
             (:mod:`lowrank_optim.handoff.factor_step`). Adam's lr sets how far each entry of
             ``U`` and ``D`` moves, so how far ``W = U D`` moves (``dU D + U dD``) depends on the

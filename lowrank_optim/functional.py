@@ -381,6 +381,19 @@ def dense_step(
         dense_update_in_chunks(group, real, grad, state, step, storage, chunk)
 
 
+def _raise_missing_basis(view: ParamView, group: dict[str, Any]) -> None:
+    """A parameter with GaLore state but not the basis its shape needs cannot step: raise,
+    since skipping it would freeze it silently (its state belongs to another parameter)."""
+    wanted = basis_keys(group["proj_type"], view.shape)
+    raise RuntimeError(
+        f"{view.name} (shape {tuple(view.shape)}) cannot step: its optimizer state holds no "
+        f"{' and '.join(wanted)} basis for proj_type={group['proj_type']!r}, although it is "
+        "not due for a refresh. The state was made for another parameter (a checkpoint loaded "
+        "into param groups in another order?); load the checkpoint into the optimizer that "
+        "saved it"
+    )
+
+
 def project_back_update(
     param: torch.Tensor,
     direction: torch.Tensor,
@@ -418,7 +431,8 @@ def projected_step(
         if not state:
             init_projected_state(view, group, storage)
         step = int(state[keys.STEP]) + 1
-        if step >= state[keys.NEXT_REFRESH]:
+        refreshing = step >= state[keys.NEXT_REFRESH]
+        if refreshing:
             # raise mode: every gradient was checked before any update (the optimizer's step())
             checked = group["on_bad_gradient"] == "raise" or placement.checks_before_step
             if not checked and not finite_flags(_grads([view]))[0]:
@@ -429,7 +443,9 @@ def projected_step(
             placement.refresh(view, group, keys_used, rank, step, storage)
         bases = read_bases(state, group, view.shape, view.param.dtype)
         if not bases:
-            continue  # the first refresh failed and was skipped: nothing to project with
+            if refreshing:
+                continue  # the refresh failed and was skipped (warned): nothing to project with
+            _raise_missing_basis(view, group)
         bases_of[id(view)] = bases
         # Working precision fp32 for 16-bit parameters: P^T G of an fp16 gradient overflows
         # (entries add up over a whole side), and the Adam math on fp16 low-rank buffers

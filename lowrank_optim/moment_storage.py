@@ -154,6 +154,14 @@ class MomentStorage(ABC):
     def numel(self, state: dict[str, Any]) -> int:
         """Elements in one moment (for checking a checkpoint against the parameter)."""
 
+    def moment_shape(self, state: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The shape of one moment in ``state`` (``None``: it holds none), for checking a
+        checkpoint against the parameter: counts alone let a 48 x 8 moment load into 8 x 48."""
+        if self.holds_quantized(state):
+            return tuple(int(d) for d in state[MOMENT_SHAPE])
+        moment = state.get(keys.EXP_AVG)
+        return None if moment is None else tuple(moment.shape)
+
     def expected_layouts(self, numel: int | None) -> frozenset[str]:
         """Layouts (``FULL``/``QUANTIZED``) this storage keeps moments of ``numel`` values in
         (``numel=None``: not known here, e.g. a sharded parameter's local size)."""

@@ -123,10 +123,9 @@ def _scenario_resume() -> dict[str, Any]:
     }
 
 
-def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
-    """WeLore hand-offs on DDP: factors replace converged weights and DDP is re-wrapped; the
-    layer-wise wrapper moves its hooks to the factors and its comm hook to the new wrapper."""
-    vocab, window = 64, 2
+def _welore_llama() -> tuple[nn.Module, WeLoreAdamW, list[torch.Tensor]]:
+    """A 1-layer LLaMA, a WeLoreAdamW that hands off from step 4, and 16 batches of ids."""
+    vocab = 64
     config = tiny_llama_config(vocab, hidden=32, layers=1, heads=4, intermediate=64)
     module = build_llama(config, seed=0)
     groups = lowrank_param_groups(
@@ -139,10 +138,38 @@ def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
         stability=StabilityConfig(policy="fixed", threshold=0.01, patience=1),
         handoff=HandoffConfig(start_step=4, target_reduction=0.7, min_ratio=0.4, check_every=2),
     )
-    model: nn.Module = DistributedDataParallel(module, bucket_cap_mb=1e-3)
-    wrapper = LayerwiseOptimizer(optimizer, model, accumulation_steps=window) if layerwise else None
     generator = torch.Generator().manual_seed(3)
     data = [torch.randint(0, vocab, (4, 8), generator=generator) for _ in range(16)]
+    return module, optimizer, data
+
+
+def _scenario_stale_wrapper() -> dict[str, Any]:
+    """``optimizer.maybe_handoff(model)`` without ``model = ...``, find_unused_parameters=True:
+    the replaced wrapper would not reduce the factors' gradients; its next forward must raise."""
+    module, optimizer, data = _welore_llama()
+    model = DistributedDataParallel(module, find_unused_parameters=True)
+    steps = 0
+
+    def careless_loop() -> None:
+        nonlocal steps
+        for ids in data:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.maybe_handoff(model)  # the new wrapper is dropped
+            steps += 1
+
+    error = error_of(careless_loop)
+    return {"error": error, "steps": steps, "handoffs": len(optimizer.handoff_report())}
+
+
+def _scenario_handoff(layerwise: bool) -> dict[str, Any]:
+    """WeLore hand-offs on DDP: factors replace converged weights and DDP is re-wrapped; the
+    layer-wise wrapper moves its hooks to the factors and its comm hook to the new wrapper."""
+    window = 2
+    module, optimizer, data = _welore_llama()
+    model: nn.Module = DistributedDataParallel(module, bucket_cap_mb=1e-3)
+    wrapper = LayerwiseOptimizer(optimizer, model, accumulation_steps=window) if layerwise else None
     rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
     wrappers = {id(model)}
     for index, ids in enumerate(data):
@@ -215,6 +242,7 @@ def _scenarios() -> dict[str, Callable[[], Any]]:
         mode = "layerwise" if layerwise else "regular"
         scenarios[f"handoff/{mode}"] = partial(_scenario_handoff, layerwise)
     scenarios["refused"] = _scenario_refused
+    scenarios["stale_wrapper"] = _scenario_stale_wrapper
     return scenarios
 
 

@@ -12,7 +12,7 @@ from test_welore import EAGER_STABILITY, batches, tiny_model, train
 from lowrank_optim import HandoffConfig, ProjectionConfig, WeLoreAdamW
 from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
-from lowrank_optim.handoff import HANDOFF_STEP, LR_MULTIPLIER, factor_lr_stages
+from lowrank_optim.handoff import HANDOFF_STEP, LR_MULTIPLIER, LR_SCALE, factor_lr_stages
 from lowrank_optim.state_keys import STEP
 from lowrank_optim.train import PretrainConfig
 
@@ -230,7 +230,7 @@ def test_relaxed_multipliers_set_the_factor_steps_lr(monkeypatch: pytest.MonkeyP
             for factor, mu in zip((module.up, module.down), multipliers[name], strict=True):
                 group = next(g for g in optimizer.param_groups
                              if any(p is factor for p in g["params"]))
-                wanted = [group["lr"] * (mu + (1 - mu) * min(1.0, j / relax))
+                wanted = [group["lr"] * group[LR_SCALE] * (mu + (1 - mu) * min(1.0, j / relax))
                           for j in range(relax + 2)]
                 assert seen[id(factor)] == pytest.approx(wanted, rel=1e-12), name
 

@@ -114,3 +114,13 @@ def test_layerwise_ddp_previous_global_clip(runs: Results) -> None:
     for theirs, ours, other in zip(regular, layerwise, per_parameter, strict=True):
         _close(ours["weights"], theirs["weights"])
         assert not torch.allclose(ours["weights"][0], other["weights"][0])
+
+
+def test_ddp_wrapper_replaced_by_a_handoff_refuses_to_train(runs: Results) -> None:
+    """A dropped ``maybe_handoff`` result: the first step after the hand-off raises on every
+    rank instead of letting the ranks' factors drift apart."""
+    for result in _result(runs, "stale_wrapper"):
+        assert result["handoffs"] > 0
+        first = result["steps"]
+        assert "RuntimeError: This DistributedDataParallel wrapper was replaced" in result["error"]
+        assert f"hand-off of step {first}" in result["error"]

@@ -38,6 +38,7 @@ from lowrank_optim.handoff.carry import (
     FACTORS_OF,
     HANDOFF_STEP,
     LR_MULTIPLIER,
+    LR_SCALE,
     factor_group,
     factor_group_of,
     factor_lr_stages,
@@ -56,9 +57,12 @@ from lowrank_optim.handoff.resume import check_own_handoffs, parse_plan_entry, r
 from lowrank_optim.handoff.surgery import hand_off_layer, plan_entry_of, swap_in_factors
 from lowrank_optim.handoff.taper import advance_taper_, shrink_tail_, taper_entry, top_subspace
 from lowrank_optim.handoff.wrappers import (
+    RETIRED_AT,
     HandoffOptimizer,
     is_sharded_weight,
     refuse_sharded_handoff,
+    retire,
+    retired_wrapper_error,
     rewrap,
     unwrap,
 )
@@ -70,6 +74,8 @@ __all__ = [
     "HandoffOptimizer",
     "IsProjected",
     "LR_MULTIPLIER",
+    "LR_SCALE",
+    "RETIRED_AT",
     "Refusal",
     "advance_taper_",
     "candidate_spectra",
@@ -92,6 +98,8 @@ __all__ = [
     "projected_linears",
     "reapply_plan",
     "refuse_sharded_handoff",
+    "retire",
+    "retired_wrapper_error",
     "rewrap",
     "shrink_tail_",
     "squared_step_norms",

@@ -13,8 +13,10 @@ projection back and before the formulas above.
 
 Factor groups. Each projected param group ``i`` gets one plain-AdamW group (marked
 ``FACTORS_OF: i``) that receives the factors of its layers; it exists from construction on, so
-learning-rate schedulers created afterwards drive the factors too. A factor that has taken
-``j`` steps since its hand-off steps with ``lr * min(1, j / (rewarmup_steps + 1))``
+learning-rate schedulers created afterwards drive the factors too. Its ``lr`` is the projected
+group's; the factors' ratio to it (``LR_SCALE``) is a group key of its own, applied in the
+step. A factor that has taken ``j`` steps since its hand-off steps with
+``lr * ratio * min(1, j / (rewarmup_steps + 1))``
 (:func:`factor_lr_stages`), so carried moments meet a small step first.
 Each factor may also carry its own lr multiplier (:mod:`lowrank_optim.handoff.factor_step`).
 """
@@ -40,6 +42,7 @@ __all__ = [
     "FACTORS_OF",
     "HANDOFF_STEP",
     "LR_MULTIPLIER",
+    "LR_SCALE",
     "factor_group",
     "factor_group_of",
     "factor_lr_stages",
@@ -50,6 +53,11 @@ __all__ = [
 
 #: Group key marking the plain-AdamW group that receives the factors of projected group ``i``.
 FACTORS_OF = "welore_factors_of"
+#: Factor-group key: the factors' lr as a multiple of the group's ``lr`` (the projection's
+#: ``scale``, or ``HandoffConfig.factor_lr_scale``). It is kept apart from ``lr`` and applied
+#: in the step, so a scheduler or a loop that *sets* every group's ``lr`` (``OneCycleLR``,
+#: ``CyclicLR``, ``for g in opt.param_groups: g["lr"] = lr``) cannot drop it.
+LR_SCALE = "welore_lr_scale"
 #: Factor-state key: the factor's step count at its hand-off (for the re-warm-up ramp).
 HANDOFF_STEP = keys.HANDOFF_STEP  # declared once, in state_keys
 #: Factor-state key: the factor's own multiplier on its group's lr (``HandoffConfig.factor_step``).
@@ -146,14 +154,15 @@ def factor_states(
 def factor_group(source: Mapping[str, Any], index: int, lr_ratio: float | None) -> dict[str, Any]:
     """The empty plain-AdamW group that will hold the factors of projected group ``index``.
 
-    It copies ``source``'s Adam hyper-parameters. ``lr_ratio`` (``HandoffConfig.factor_lr_scale``)
-    ``None``: the factors keep the step size the projected weight was trained with,
-    ``lr * scale``, unless the user sets another ratio.
+    It copies ``source``'s Adam hyper-parameters, ``lr`` included. The factors step with
+    ``lr * group[LR_SCALE]``: ``lr_ratio`` (``HandoffConfig.factor_lr_scale``) ``None`` keeps
+    the step size the projected weight was trained with, ``lr * scale``.
     """
     hyper = ("betas", "eps", "weight_decay", "on_bad_gradient")
     group: dict[str, Any] = {"params": [], FACTORS_OF: index}
     group.update({key: source[key] for key in hyper})
-    group["lr"] = source["lr"] * (source["scale"] if lr_ratio is None else lr_ratio)
+    group["lr"] = source["lr"]
+    group[LR_SCALE] = float(source["scale"] if lr_ratio is None else lr_ratio)
     if "param_names" in source:
         group["param_names"] = []
     return group

@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 __all__ = [
+    "RETIRED_AT",
     "HandoffOptimizer",
     "dtensor_type",
     "is_sharded_weight",
     "refuse_sharded_handoff",
+    "retire",
+    "retired_wrapper_error",
     "rewrap",
     "unwrap",
 ]
@@ -57,6 +60,37 @@ def rewrap(old: nn.parallel.DistributedDataParallel, module: nn.Module) -> nn.Mo
         find_unused_parameters=old.find_unused_parameters,
         gradient_as_bucket_view=old.gradient_as_bucket_view,
     )
+
+
+#: Attribute set on a DDP wrapper that a hand-off replaced: the step it was replaced at.
+RETIRED_AT = "_welore_retired_at"
+
+
+def retired_wrapper_error(wrapper: nn.Module) -> RuntimeError:
+    """The error for training through (or handing off with) a DDP wrapper a hand-off replaced."""
+    step = getattr(wrapper, RETIRED_AT)
+    return RuntimeError(
+        f"This DistributedDataParallel wrapper was replaced at the WeLore hand-off of step "
+        f"{step}: it does not reduce the gradients of the new factors, so the ranks' weights "
+        "would drift apart. Keep the model maybe_handoff returns: "
+        "model = optimizer.maybe_handoff(model)"
+    )
+
+
+def retire(old: nn.parallel.DistributedDataParallel, step: int) -> None:
+    """Make ``old`` (a wrapper :func:`rewrap` replaced) refuse every later forward.
+
+    DDP fixes its parameters at construction: the old wrapper still runs the model, but never
+    all-reduces the factors a hand-off added, and with ``find_unused_parameters=True`` nothing
+    complains while the ranks drift apart. Its next forward raises instead, before anything
+    trains.
+    """
+    setattr(old, RETIRED_AT, step)
+
+    def refuse(module: nn.Module, args: Any) -> None:
+        raise retired_wrapper_error(module)
+
+    old.register_forward_pre_hook(refuse)
 
 
 def dtensor_type() -> type | None:

@@ -18,8 +18,9 @@ from lowrank_optim.errors import CheckpointMismatchError
 from lowrank_optim.functional import real_view
 from lowrank_optim.moment_storage import MomentStorage
 from lowrank_optim.placement import placement_for
-from lowrank_optim.projection import effective_rank, low_rank_shape
+from lowrank_optim.projection import LEFT, RIGHT, basis_keys, effective_rank, low_rank_shape
 from lowrank_optim.stability import upgrade_legacy_metrics
+from lowrank_optim.state_keys import basis_part
 
 __all__ = ["STRUCTURAL_KEYS", "check_compatible", "split_fixed_dtype"]
 
@@ -75,6 +76,7 @@ def check_compatible(
                     f"Checkpoint param group {group_index} was saved with {key}="
                     f"{saved.get(key)!r}; this optimizer has {key}={group.get(key)!r}"
                 )
+        _check_names(saved, group, group_index)
         if len(saved["params"]) != len(group["params"]):
             continue  # torch's own check reports this with its usual message
         for index, (saved_id, param) in enumerate(
@@ -85,6 +87,28 @@ def check_compatible(
                 _check_entry(
                     entry, group, group_index, param, storage, is_projected, name_of(group, index)
                 )
+
+
+def _check_names(saved: Mapping[str, Any], group: Mapping[str, Any], group_index: int) -> None:
+    """Where both the checkpoint and the optimizer name a group's parameters, the names must
+    agree position by position: torch matches state to parameters by position alone, so groups
+    built in another order would load each parameter's state into another parameter."""
+    saved_names, names = saved.get("param_names"), group.get("param_names")
+    if saved_names is None or names is None or list(saved_names) == list(names):
+        return
+    for position, (theirs, ours) in enumerate(zip(saved_names, names, strict=False)):
+        if theirs != ours:
+            raise CheckpointMismatchError(
+                f"Checkpoint param group {group_index} holds {theirs!r} at position "
+                f"{position}; this optimizer has {ours!r} there. Its param groups list other "
+                "parameters or another order: build them as the run that saved it did"
+            )
+    shorter = min(len(saved_names), len(names))
+    extra = list(saved_names)[shorter:] or list(names)[shorter:]
+    raise CheckpointMismatchError(
+        f"Checkpoint param group {group_index} names {len(saved_names)} parameters; this "
+        f"optimizer's names {len(names)} (only one side has {extra[0]!r})"
+    )
 
 
 def _check_entry(
@@ -100,10 +124,11 @@ def _check_entry(
     if projected:
         rank = effective_rank(group["rank"], param.shape)
         expected = low_rank_shape(group["proj_type"], param.shape, rank)
-        numel = math.prod(expected)
     else:
-        numel = real_view(param).numel()
-    problem = storage.layout_problem(entry, placement_for(param).checkpoint_numel(param, numel))
+        expected = tuple(real_view(param).shape)
+    numel = math.prod(expected)
+    known = placement_for(param).checkpoint_numel(param, numel)
+    problem = storage.layout_problem(entry, known)
     if problem is not None:
         raise CheckpointMismatchError(
             f"Checkpoint state of {name} (param group {group_index}) {problem}. It was saved by "
@@ -111,11 +136,42 @@ def _check_entry(
             "moments, GaLoreAdamW8bit and QGaLoreAdamW quantized ones); load it into the class "
             "(and moment_bits) that saved it"
         )
-    if not projected:
-        return
-    found = storage.numel(entry)
-    if found != numel:
+    if projected:
+        found = storage.numel(entry)
+        if found != numel:
+            raise CheckpointMismatchError(
+                f"Checkpoint moments of param group {group_index} have {found} elements; a "
+                f"parameter of shape {tuple(param.shape)} at rank {rank} needs {expected}"
+            )
+        _check_bases(entry, group, group_index, param, name)
+    shape = storage.moment_shape(entry)
+    if known is not None and shape is not None and shape != tuple(expected):
         raise CheckpointMismatchError(
-            f"Checkpoint moments of param group {group_index} have {found} elements; a "
-            f"parameter of shape {tuple(param.shape)} at rank {rank} needs {expected}"
+            f"Checkpoint state of {name} (param group {group_index}) holds moments of shape "
+            f"{shape}; this parameter (shape {tuple(param.shape)}) needs {tuple(expected)}. It "
+            "is another parameter's state: build the param groups in the order of the run that "
+            "saved it"
+        )
+
+
+def _check_bases(
+    entry: Mapping[str, Any],
+    group: Mapping[str, Any],
+    group_index: int,
+    param: torch.Tensor,
+    name: str,
+) -> None:
+    """A projected entry that holds bases must hold the ones this parameter's shape uses
+    (none at all only if its first refresh failed and was skipped)."""
+    def held(key: str) -> bool:
+        return key in entry or basis_part(key, "codes") in entry
+
+    wanted = basis_keys(group["proj_type"], tuple(param.shape))
+    present = [key for key in (LEFT, RIGHT) if held(key)]
+    if present and sorted(present) != sorted(wanted):
+        raise CheckpointMismatchError(
+            f"Checkpoint state of {name} (param group {group_index}) holds the "
+            f"{' and '.join(present)} basis; this parameter (shape {tuple(param.shape)}, "
+            f"proj_type={group['proj_type']!r}) uses {' and '.join(wanted)}. It is another "
+            "parameter's state: build the param groups in the order of the run that saved it"
         )

@@ -19,8 +19,10 @@ from lowrank_optim.config import (
 )
 
 __all__ = [
+    "TORCH_ADAMW_OPTIONS",
     "check_projected_params",
     "expand_group",
+    "refuse_unimplemented_options",
     "validate_group",
     "validate_step_hyperparameters",
 ]
@@ -47,8 +49,34 @@ def expand_group(param_group: dict[str, Any], default: ProjectionConfig) -> dict
     return group
 
 
+#: ``torch.optim.AdamW`` options this family does not implement, with the value that means
+#: what it does. A group that sets one otherwise is refused: torch keeps any key a group sets
+#: (``"name"``, say), so without this ``maximize=True`` would be kept and silently ignored.
+TORCH_ADAMW_OPTIONS: dict[str, object] = {
+    "maximize": False,
+    "amsgrad": False,
+    "capturable": False,
+    "differentiable": False,
+    "foreach": None,
+    "fused": None,
+    "decoupled_weight_decay": True,
+}
+
+
+def refuse_unimplemented_options(group: dict[str, Any]) -> None:
+    """Raise if ``group`` asks for a ``torch.optim.AdamW`` option this family does not have."""
+    for key, implemented in TORCH_ADAMW_OPTIONS.items():
+        if key in group and group[key] != implemented:
+            raise ValueError(
+                f"Invalid param group option {key}={group[key]!r}: the GaLore family does not "
+                f"implement torch.optim.AdamW's {key!r} (it behaves as {key}={implemented!r}); "
+                f"remove the key. Options it does not implement: {', '.join(TORCH_ADAMW_OPTIONS)}"
+            )
+
+
 def validate_group(group: dict[str, Any]) -> None:
     """Check every hyper-parameter of a complete group (defaults filled in)."""
+    refuse_unimplemented_options(group)
     validate_adam_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     validate_on_bad_gradient(group["on_bad_gradient"])
     StabilityConfig.from_group(group)

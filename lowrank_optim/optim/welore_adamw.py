@@ -36,6 +36,8 @@ from lowrank_optim.config import HandoffConfig, StabilityConfig
 from lowrank_optim.factorize import worth_factorizing
 from lowrank_optim.handoff import (
     FACTORS_OF,
+    LR_SCALE,
+    RETIRED_AT,
     HandoffCandidate,
     Refusal,
     advance_taper_,
@@ -52,6 +54,8 @@ from lowrank_optim.handoff import (
     plan_entry_of,
     reapply_plan,
     refuse_sharded_handoff,
+    retire,
+    retired_wrapper_error,
     rewrap,
     stable_long_enough,
     taper_entry,
@@ -189,11 +193,14 @@ class WeLoreAdamW(GaLoreAdamW):
         least one layer is ready. A ``DistributedDataParallel`` model is unwrapped, changed and
         re-wrapped (with its original options), so gradients of the new factors are reduced;
         every rank takes the same decisions because weights and optimizer state agree across
-        ranks.
+        ranks. The old wrapper is retired: a forward through it, or passing it here again,
+        raises (it would not reduce the factors' gradients), so keep what this returns.
         """
         model = model if model is not None else self.model
         if model is None:
             raise ValueError("maybe_handoff needs the model: pass it, or WeLoreAdamW(model=...)")
+        if hasattr(model, RETIRED_AT):
+            raise retired_wrapper_error(model)
         step = self.current_step()
         module = unwrap(model)
         changed = self._advance_tapers(module, step)
@@ -201,7 +208,11 @@ class WeLoreAdamW(GaLoreAdamW):
             changed = self._select(module, step) or changed
         if not changed:
             return model
-        new_model = module if module is model else rewrap(model, module)
+        if module is model:
+            new_model = module
+        else:
+            new_model = rewrap(model, module)
+            retire(model, step)
         if self.model is model:
             self.model = new_model
         return new_model
@@ -320,7 +331,9 @@ class WeLoreAdamW(GaLoreAdamW):
     ) -> None:
         """Factor groups step each lr stage with its own scaled ``lr``.
 
-        A factor steps with ``lr`` times its own multiplier (``HandoffConfig.factor_step``; 1
+        A factor steps with ``lr * group[LR_SCALE]`` (its ratio to the projected group's lr,
+        kept out of ``lr`` so that schedulers setting ``lr`` cannot drop it) times its own
+        multiplier (``HandoffConfig.factor_step``; 1
         with ``fixed``) and, for ``j`` steps since its hand-off (this one included),
         ``min(1, j / (rewarmup_steps + 1))``, the multiplier relaxing to 1 over
         ``factor_step_relax`` steps; factors that share a stage share
@@ -331,11 +344,12 @@ class WeLoreAdamW(GaLoreAdamW):
             return
         ramp, relax = self.handoff_config.rewarmup_steps, self.handoff_config.factor_step_relax
         base = group["lr"]
+        ratio = float(group[LR_SCALE])
         stages = factor_lr_stages(group, indices, self.state, ramp, relax)
         for factor, members in stages.items():
             # The group itself with its lr scaled for this stage, not a copy: the step finds
             # a parameter's name and placement by the group's identity.
-            group["lr"] = base * factor
+            group["lr"] = base * ratio * factor
             try:
                 super()._step_group(group, members, low_rank_grads)
             finally:
@@ -394,6 +408,13 @@ class WeLoreAdamW(GaLoreAdamW):
         state = super().state_dict()
         state[CHECKPOINT_KEY] = self.handoff_state()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if FACTORS_OF in group:
+                # Checkpoints older than LR_SCALE kept the ratio inside the factor group's lr.
+                group.setdefault(LR_SCALE, 1.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint; hand-offs it records are first re-applied to the attached model

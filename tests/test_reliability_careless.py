@@ -1,0 +1,171 @@
+"""Silent failures a careless user hit (issue #26): lr schedulers that set lr, stale DDP
+wrappers, reordered param groups, unknown group keys, late param groups, layer-wise errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import TinyNet, roundtrip, split_groups
+from test_welore import EAGER_HANDOFF, EAGER_STABILITY, batches, tiny_model, train
+
+from lowrank_optim import GaLoreAdamW, HandoffConfig, ProjectionConfig, WeLoreAdamW
+from lowrank_optim.errors import CheckpointMismatchError
+from lowrank_optim.factory import lowrank_param_groups
+from lowrank_optim.handoff import FACTORS_OF
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCALE = 0.25
+#: The factors step at exactly their group's lr times the ratio: no multiplier, no ramp.
+PLAIN_HANDOFF = dataclasses.replace(
+    EAGER_HANDOFF, factor_step="fixed", factor_step_relax=0, rewarmup_steps=0
+)
+
+
+def _handed_off(handoff: HandoffConfig = PLAIN_HANDOFF, names: bool = False):
+    model = tiny_model()
+    projection = ProjectionConfig(rank=8, update_proj_gap=2, scale=SCALE)
+    groups = lowrank_param_groups(model, "attn-mlp", projection)
+    if names:
+        lookup = {id(p): n for n, p in model.named_parameters()}
+        groups = [{**g, "param_names": [lookup[id(p)] for p in g["params"]]} for g in groups]
+    optimizer = WeLoreAdamW(
+        groups, lr=1e-2, stability=EAGER_STABILITY, handoff=handoff, model=model
+    )
+    model = train(model, optimizer, batches(10))
+    assert optimizer.handoff_report(), "the fixture must hand off"
+    return model, optimizer
+
+
+def _factor_step_lrs(model, optimizer, steps: int, drive) -> list[tuple[float, float]]:
+    """(projected group's lr, lr the factors stepped with) for ``steps`` steps under ``drive``."""
+    seen: list[tuple[float, float]] = []
+    parent = GaLoreAdamW._step_group
+
+    def spy(self, group, indices, low_rank_grads):  # noqa: ANN001, ANN202 - a test double
+        if FACTORS_OF in group and indices:
+            source = self.param_groups[group[FACTORS_OF]]
+            seen.append((source["lr"], group["lr"]))
+        return parent(self, group, indices, low_rank_grads)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GaLoreAdamW, "_step_group", spy)
+        for ids in batches(steps, seed=5):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            drive()
+    return seen
+
+
+def _hand_written(optimizer):
+    state = {"t": 0}
+
+    def drive() -> None:
+        state["t"] += 1
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 / (1 + state["t"])
+
+    return drive
+
+
+@pytest.mark.parametrize("how", ["OneCycleLR", "CyclicLR", "hand-written"])
+def test_a_scheduler_that_sets_lr_keeps_the_factors_ratio(how: str) -> None:
+    model, optimizer = _handed_off()
+    if how == "OneCycleLR":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-2, total_steps=50)
+        drive = scheduler.step
+    elif how == "CyclicLR":
+        scheduler = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=1e-3, max_lr=1e-2, step_size_up=3, cycle_momentum=False
+        )
+        drive = scheduler.step
+    else:
+        drive = _hand_written(optimizer)
+    seen = _factor_step_lrs(model, optimizer, 6, drive)
+    assert len(seen) == 6
+    assert len({round(lr, 12) for lr, _ in seen}) > 1, "the schedule must move lr"
+    for source_lr, factor_lr in seen:
+        assert factor_lr == pytest.approx(SCALE * source_lr, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("maximize", True), ("amsgrad", True), ("fused", True), ("foreach", False)]
+)
+@pytest.mark.parametrize("projected", [False, True])
+def test_torch_adamw_group_options_that_are_not_implemented_are_refused(
+    key: str, value: object, projected: bool
+) -> None:
+    groups = split_groups(TinyNet(), rank=2)
+    groups[1 if projected else 0][key] = value
+    with pytest.raises(ValueError, match=rf"{key}={value!r}.*does not implement"):
+        GaLoreAdamW(groups)
+    # the value that means what the optimizer does is accepted, and other keys stay as in torch
+    groups[1 if projected else 0][key] = {"maximize": False, "amsgrad": False}.get(key)
+    groups[0]["name"] = "norms"
+    optimizer = GaLoreAdamW(groups)
+    assert optimizer.param_groups[0]["name"] == "norms"
+
+
+def _two_layers(named: bool, same_shape: bool = False):
+    """Two projected linears, 48 x 32 and 32 x 48 (or both 32 x 32), trained a few steps."""
+    torch.manual_seed(0)
+    hidden = 32 if same_shape else 48
+    model = torch.nn.Sequential(torch.nn.Linear(32, hidden), torch.nn.Linear(hidden, 32))
+    weights = [("0.weight", model[0].weight), ("1.weight", model[1].weight)]
+    return model, weights
+
+
+def _optimizer(weights, named: bool) -> GaLoreAdamW:
+    group = {"params": [p for _, p in weights], "rank": 4, "update_proj_gap": 50}
+    if named:
+        group["param_names"] = [n for n, _ in weights]
+    return GaLoreAdamW([group], lr=1e-2)
+
+
+def _train(model, optimizer, steps: int = 3) -> None:
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        model(torch.randn(8, 32, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_state_for_transposed_layers_in_another_order_is_refused(named: bool) -> None:
+    model, weights = _two_layers(named)
+    optimizer = _optimizer(weights, named)
+    _train(model, optimizer)
+    saved = roundtrip(optimizer.state_dict())
+    swapped = _optimizer(list(reversed(weights)), named)
+    needle = "position 0" if named else r"shape \(48, 32\)|shape \(32, 48\)"
+    with pytest.raises(CheckpointMismatchError, match=needle):
+        swapped.load_state_dict(saved)
+
+
+def test_state_for_same_shape_layers_in_another_order_is_refused_by_name() -> None:
+    model, weights = _two_layers(named=True, same_shape=True)
+    optimizer = _optimizer(weights, named=True)
+    _train(model, optimizer)
+    swapped = _optimizer(list(reversed(weights)), named=True)
+    needle = r"holds '0.weight' at position 0.*'1.weight'"
+    with pytest.raises(CheckpointMismatchError, match=needle):
+        swapped.load_state_dict(roundtrip(optimizer.state_dict()))
+    # the same order loads, and training goes on
+    again = _optimizer(weights, named=True)
+    again.load_state_dict(roundtrip(optimizer.state_dict()))
+    _train(model, again, steps=1)
+
+
+def test_a_projected_parameter_without_its_basis_raises_instead_of_being_skipped() -> None:
+    model, weights = _two_layers(named=True)
+    optimizer = _optimizer(weights, named=True)
+    _train(model, optimizer)
+    state = optimizer.state[model[0].weight]
+    for key in [k for k in state if k.startswith("basis_")]:
+        del state[key]
+    model(torch.randn(8, 32)).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"0.weight \(shape \(48, 32\)\) cannot step.*basis"):
+        optimizer.step()
