@@ -12,6 +12,7 @@ from test_welore import EAGER_HANDOFF, EAGER_STABILITY, batches, tiny_model, tra
 
 from lowrank_optim import GaLoreAdamW, HandoffConfig, ProjectionConfig, WeLoreAdamW
 from lowrank_optim.errors import CheckpointMismatchError
+from lowrank_optim.factorize import LowRankLinear
 from lowrank_optim.factory import lowrank_param_groups
 from lowrank_optim.handoff import FACTORS_OF
 
@@ -169,3 +170,54 @@ def test_a_projected_parameter_without_its_basis_raises_instead_of_being_skipped
     model(torch.randn(8, 32)).square().mean().backward()
     with pytest.raises(RuntimeError, match=r"0.weight \(shape \(48, 32\)\) cannot step.*basis"):
         optimizer.step()
+
+
+EARLY = "model.layers.0.self_attn.q_proj"
+
+
+def _late_groups(model):
+    """The model's projected group split in two: the first layer's weight, and the rest."""
+    groups = lowrank_param_groups(model, "attn-mlp", ProjectionConfig(rank=8, update_proj_gap=2))
+    dense, projected = groups  # params are (name, tensor) pairs
+    early = [pair for pair in projected["params"] if pair[0].startswith(EARLY)]
+    rest = [pair for pair in projected["params"] if not pair[0].startswith(EARLY)]
+    return [dense, {**projected, "params": early}], {**projected, "params": rest}
+
+
+def test_a_projected_group_added_after_construction_is_handed_off() -> None:
+    model = tiny_model()
+    groups, late = _late_groups(model)
+    optimizer = WeLoreAdamW(
+        groups, lr=3e-3, stability=EAGER_STABILITY, handoff=EAGER_HANDOFF, model=model
+    )
+    optimizer.add_param_group(late)
+    late_index = len(optimizer.param_groups) - 2
+    assert optimizer.param_groups[-1][FACTORS_OF] == late_index
+    model = train(model, optimizer, batches(10))
+    from_late = [r for r in optimizer.handoff_report() if r["layer"] != EARLY]
+    assert from_late
+    factors = {id(p) for p in optimizer.param_groups[-1]["params"]}
+    for record in from_late:
+        layer = model.get_submodule(record["layer"])
+        assert isinstance(layer, LowRankLinear) and id(layer.up) in factors
+
+
+def test_a_projected_group_appended_behind_the_optimizers_back_fails_before_any_change() -> None:
+    model = tiny_model()
+    groups, late = _late_groups(model)
+    optimizer = WeLoreAdamW(
+        groups, lr=3e-3, stability=EAGER_STABILITY, handoff=EAGER_HANDOFF, model=model
+    )
+    projection = late["projection"].to_group()
+    pairs = late["params"]
+    full = {**optimizer.defaults, **projection, "params": [p for _, p in pairs],
+            "param_names": [n for n, _ in pairs]}
+    optimizer.param_groups.append(full)
+    with pytest.raises(RuntimeError, match=r"Param group 3 is projected but has no factor group"):
+        train(model, optimizer, batches(10))
+    handed_off = {r["layer"] for r in optimizer.handoff_report()}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            assert name in handed_off  # only complete hand-offs; the refused layer is still dense
+    assert all(isinstance(model.get_submodule(n.removesuffix(".weight")), torch.nn.Linear)
+               for n, _ in pairs)

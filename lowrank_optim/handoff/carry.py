@@ -173,7 +173,11 @@ def factor_group_of(param_groups: Sequence[dict[str, Any]], source_index: int) -
     for group in param_groups:
         if group.get(FACTORS_OF) == source_index:
             return group
-    raise RuntimeError(f"no factor group for param group {source_index}")
+    raise RuntimeError(
+        f"Param group {source_index} is projected but has no factor group to receive its "
+        "layers' factors: it was put into param_groups without add_param_group. Add projected "
+        "groups with optimizer.add_param_group(...), which creates their factor group"
+    )
 
 
 def move_to_factor_group(

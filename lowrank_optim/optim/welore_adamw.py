@@ -43,6 +43,7 @@ from lowrank_optim.handoff import (
     advance_taper_,
     check_own_handoffs,
     factor_group,
+    factor_group_of,
     factor_lr_stages,
     find_candidates,
     first_check_step,
@@ -110,6 +111,7 @@ class WeLoreAdamW(GaLoreAdamW):
         if handoff is not None and not isinstance(handoff, HandoffConfig):
             raise ValueError(f"Invalid handoff: {handoff!r}; expected a HandoffConfig")
         self.handoff_config = handoff or HandoffConfig()
+        self._factor_groups_made = False  # the constructor appends them after every group
         super().__init__(params, *args, stability=stability, **kwargs)
         self.model = model
         #: layer name -> {"rank": k, "shape": [m, n], "group": source group index}, in order
@@ -124,10 +126,21 @@ class WeLoreAdamW(GaLoreAdamW):
         self._decompositions: dict[str, Any] = {}
         if model is not None:
             self._warn_refusals(find_candidates(unwrap(model), self, self.is_projected)[1])
-        ratio = self.handoff_config.factor_lr_scale
         for index, group in enumerate(list(self.param_groups)):
             if group.get("rank") is not None:
-                self.add_param_group(factor_group(group, index, ratio))
+                self.add_param_group(self._factor_group(group, index))
+        self._factor_groups_made = True
+
+    def _factor_group(self, group: dict[str, Any], index: int) -> dict[str, Any]:
+        return factor_group(group, index, self.handoff_config.factor_lr_scale)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`GaLoreAdamW.add_param_group`; a projected group added after construction
+        gets its factor group at once, so its layers can be handed off like the others."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self._factor_groups_made and group.get("rank") is not None:
+            super().add_param_group(self._factor_group(group, len(self.param_groups) - 1))
 
     # ---------------------------------------------------------------------------- hooks
     def current_step(self) -> int:
@@ -272,6 +285,7 @@ class WeLoreAdamW(GaLoreAdamW):
         record also says the factorization route and this rank's peak allocation
         (``peak_bytes``).
         """
+        factor_group_of(self.param_groups, candidate.group_index)  # raises before any change
         entry = plan_entry_of(candidate, rank)
         options = {
             "param_groups": self.param_groups,
