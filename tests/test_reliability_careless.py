@@ -4,6 +4,7 @@ wrappers, reordered param groups, unknown group keys, late param groups, layer-w
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -221,3 +222,14 @@ def test_a_projected_group_appended_behind_the_optimizers_back_fails_before_any_
             assert name in handed_off  # only complete hand-offs; the refused layer is still dense
     assert all(isinstance(model.get_submodule(n.removesuffix(".weight")), torch.nn.Linear)
                for n, _ in pairs)
+
+
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, WeLoreAdamW])
+def test_an_optimizer_with_nothing_projected_warns_at_the_users_line(optimizer_class) -> None:
+    model = TinyNet()
+    with pytest.warns(UserWarning, match="has no projected param group") as record:
+        optimizer_class(model.parameters(), lr=1e-3)
+    assert [w.filename for w in record if "projected" in str(w.message)] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer_class(split_groups(model, rank=2), lr=1e-3)

@@ -14,6 +14,9 @@ Parameters in groups without ``rank``, and every tensor that is not 2-D, get pla
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +46,19 @@ from lowrank_optim.reporting import SubspaceRow, subspace_report
 __all__ = ["GaLoreAdamW"]
 
 Item = tuple[int, torch.Tensor]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch: a warning from a
+    constructor then points at the user's line, whatever the depth of subclass ``__init__``s
+    (Python 3.12's ``skip_file_prefixes`` does this; 3.10 lacks it)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -102,6 +118,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
             **(stability or StabilityConfig()).to_group(),
         }
         super().__init__(params, defaults)
+        if not any(group.get("rank") is not None for group in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__} has no projected param group (none sets `rank` or "
+                "`projection`), so it steps every parameter as plain AdamW, with AdamW's "
+                "memory. Build the groups with "
+                "lowrank_optim.factory.lowrank_param_groups(model, ...) or give a group "
+                "`projection=ProjectionConfig(...)`",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
