@@ -74,7 +74,9 @@ from torch import nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from lowrank_optim.errors import NonFiniteGradientError
 from lowrank_optim.optim.galore_adamw import GaLoreAdamW
+from lowrank_optim.optim.groups import validate_step_hyperparameters
 from lowrank_optim.optim.welore_adamw import WeLoreAdamW
 from lowrank_optim.projection import effective_rank, low_rank_shape, project
 
@@ -190,6 +192,7 @@ class LayerwiseOptimizer:
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
         self._locations: dict[torch.Tensor, tuple[int, int]] = {}
         self._queued_for: int | None = None  # graph task that holds our end-of-backward callback
+        self._stepped: list[str] = []  # names of the parameters updated in this step so far
         self._ddp_hook: LayerwiseCommHook | None = None
         self._reduced: frozenset[torch.Tensor] = frozenset()  # parameters DDP reduces
         # FSDP2: the helpers of lowrank_optim.distributed.layerwise_fsdp (None without DTensors).
@@ -349,13 +352,17 @@ class LayerwiseOptimizer:
 
     def _step_parameter(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
         group_index, index = self._locations[param]
+        if not self._stepped:
+            # Before the window's first update: a bad lr set since the last step must not
+            # leave the parameters that step before its group updated and the rest not.
+            validate_step_hyperparameters(self.optimizer.param_groups)
         low = self._low.pop(param, None)
         if low is not None:
             bases = self._bases(param)
             if grad is not None and bases is not None:  # bases are fixed inside a window
                 low.add_(project(grad, bases).float())
             self._clip_(param, low)
-            self.optimizer.step_parameters(group_index, [index], {index: low})
+            self._step_one(group_index, index, {index: low})
             return
         total = self._full.pop(param, None)
         if total is None:
@@ -367,9 +374,28 @@ class LayerwiseOptimizer:
         self._clip_(param, total)
         param.grad = total if self._fsdp is None else self._fsdp.as_sharded_grad(param, total)
         try:
-            self.optimizer.step_parameters(group_index, [index])
+            self._step_one(group_index, index)
         finally:
             param.grad = None
+
+    def _step_one(
+        self, group_index: int, index: int, low_rank_grads: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """Step one parameter; a non-finite gradient is reported with what already stepped.
+
+        The optimizer's own :class:`NonFiniteGradientError` says no update was applied, which
+        holds for ``optimizer.step()``; here each parameter steps inside backward as its
+        gradient arrives, so the ones before it in this step are already updated. Checking
+        every gradient first would hold them all at once, which layer-wise updates exist to
+        avoid, so the error says exactly which parameters moved instead.
+        """
+        name = self.optimizer.param_name(self.optimizer.param_groups[group_index], index)
+        try:
+            self.optimizer.step_parameters(group_index, [index], low_rank_grads)
+        except NonFiniteGradientError as error:
+            stepped, self._stepped = self._stepped, []
+            raise NonFiniteGradientError(_partial_step_message(name, stepped)) from error
+        self._stepped.append(name)
 
     def _clip_(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """``grad *= min(1, max_norm / (norm + 1e-6))``, torch's clip_grad_norm_ formula, with
@@ -422,6 +448,7 @@ class LayerwiseOptimizer:
             self._step_parameter(param, None)
         self._check_unhooked_gradients()
         self._close_global_norm()
+        self._stepped = []
         # No gradient is left, so this updates nothing; it lets a scheduler built on the
         # optimizer (and any step hooks) see exactly one step per optimizer step.
         self.optimizer.step()
@@ -576,6 +603,23 @@ class LayerwiseOptimizer:
                 f"Checkpoint {kind} gradient has shape {tuple(value.shape)}; the parameter of "
                 f"shape {tuple(param.shape)} needs {expected}"
             )
+
+
+def _partial_step_message(name: str, stepped: list[str]) -> str:
+    """What a non-finite gradient of ``name`` left behind in a layer-wise step."""
+    if stepped:
+        more = len(stepped) - 3
+        shown = ", ".join(stepped[:3]) + (f" and {more} more" if more > 0 else "")
+        moved = f"{len(stepped)} parameter(s) of this step were already updated ({shown})"
+    else:
+        moved = "no parameter of this step had been updated yet"
+    return (
+        f"Non-finite (NaN or Inf) gradient in {name}: it was not updated. Layer-wise updates "
+        f"step each parameter inside backward as its gradient arrives, so {moved}, and the "
+        "ones after it were not (this error stops the backward). Load the last checkpoint to "
+        "undo the partial step, or pass on_bad_gradient='skip' to skip bad updates with a "
+        "warning"
+    )
 
 
 def _sharded_helpers(optimizer: GaLoreAdamW) -> ModuleType | None:

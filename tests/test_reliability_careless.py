@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TinyNet, roundtrip, split_groups
+from helpers import TinyNet, make_batches, roundtrip, split_groups
 from test_welore import EAGER_HANDOFF, EAGER_STABILITY, batches, tiny_model, train
 
 from lowrank_optim import GaLoreAdamW, HandoffConfig, ProjectionConfig, WeLoreAdamW
@@ -233,3 +233,44 @@ def test_an_optimizer_with_nothing_projected_warns_at_the_users_line(optimizer_c
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer_class(split_groups(model, rank=2), lr=1e-3)
+
+
+def _layerwise_tiny():
+    from lowrank_optim import LayerwiseOptimizer
+
+    model = TinyNet()
+    optimizer = GaLoreAdamW(split_groups(model, rank=2, update_proj_gap=2), lr=1e-2)
+    LayerwiseOptimizer(optimizer, model)  # its hooks keep it alive
+    inputs, targets = make_batches(1, torch.float32)[0]
+
+    def backward() -> None:
+        (model(inputs) - targets).square().mean().backward()
+
+    backward()  # one good step, so every parameter has state
+    return model, optimizer, backward
+
+
+def test_layerwise_non_finite_error_says_which_parameters_already_stepped() -> None:
+    from lowrank_optim.errors import NonFiniteGradientError
+
+    model, optimizer, backward = _layerwise_tiny()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.up.weight.register_hook(lambda grad: grad * float("nan"))  # the last to arrive
+    with pytest.raises(NonFiniteGradientError) as caught:
+        backward()
+    message = str(caught.value)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "up.weight" not in moved and moved, "the earlier parameters stepped"
+    assert "no update was applied" not in message
+    assert f"{len(moved)} parameter(s) of this step were already updated" in message
+    assert "it was not updated" in message
+
+
+def test_layerwise_bad_lr_is_refused_before_any_parameter_steps() -> None:
+    model, optimizer, backward = _layerwise_tiny()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.param_groups[1]["lr"] = float("nan")  # the projected group: up/down weights
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
+        backward()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} moved before the error"
