@@ -1,10 +1,15 @@
-"""What every sub-command shares: the usage error and the silencing of import-time noise."""
+"""What every sub-command shares: the usage error, one-line warnings, silencing import noise."""
 
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
 
-__all__ = ["UsageError", "silence_import_noise"]
+__all__ = ["UsageError", "one_line_warnings", "silence_import_noise"]
 
 
 class UsageError(Exception):
@@ -13,6 +18,35 @@ class UsageError(Exception):
     Sub-commands raise it only for what they check before the real work starts; any other
     exception keeps its traceback, so a genuine bug is never reduced to one line.
     """
+
+
+@contextmanager
+def one_line_warnings(command: str, category: type[Warning]) -> Iterator[None]:
+    """Print warnings of ``category`` as ``lowrank-optim COMMAND: warning: ...`` on stderr.
+
+    They are about the user's settings, so the file and line that raised them would only
+    distract; every other warning is shown as Python shows it.
+    """
+    shown = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        kind: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(kind, category):
+            print(f"lowrank-optim {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, kind, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 class _DropMessages(logging.Filter):

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-ratio", type=float, default=0.5, help="LRC rule: rank reduction")
     parser.add_argument("--allow-untested", action="store_true", help="try other model types")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow an output directory that is the input or already holds a model "
+        "(its model files are replaced)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             min_ratio=args.min_ratio,
             allow_untested=args.allow_untested,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except CompressionError as error:
         print(f"lowrank-optim compress: refused: {error}", file=sys.stderr)

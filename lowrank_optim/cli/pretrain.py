@@ -6,10 +6,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lowrank_optim.cli.common import UsageError
+from lowrank_optim.cli.common import UsageError, one_line_warnings
 from lowrank_optim.factory import OPTIMIZER_NAMES
 from lowrank_optim.train.checkpoints import no_checkpoint_message
 from lowrank_optim.train.config import PretrainConfig
+from lowrank_optim.train.errors import RunSetupError, RunWarning
 from lowrank_optim.train.models import LLAMA_SIZES
 from lowrank_optim.train.pretrain import run_pretraining
 from lowrank_optim.train.summary import format_summary
@@ -22,9 +23,11 @@ HELP = {
     "model": f"LLaMA size ({', '.join(LLAMA_SIZES)}) or the path of a LlamaConfig JSON file",
     "optimizer": f"one of: {', '.join(OPTIMIZER_NAMES)}",
     "steps": "optimizer steps in total (> 0)",
-    "batch_size": "sequences per step (> 0)",
+    "batch_size": "sequences per micro-batch (> 0); an optimizer step sees batch-size x "
+    "grad-accum of them",
     "seq_len": "tokens per sequence (> 0)",
-    "grad_accum": "micro-batches per step; each holds batch-size / grad-accum sequences",
+    "grad_accum": "micro-batches per optimizer step (> 0), each of --batch-size sequences, as "
+    "in torch and the Trainer (--batch-size 16 --grad-accum 4: 64 sequences per step)",
     "lr": "peak learning rate (> 0)",
     "warmup_ratio": "fraction of the steps spent warming the learning rate up, in [0, 1]",
     "min_lr_ratio": "final learning rate of the cosine decay as a fraction of --lr, in [0, 1]",
@@ -102,7 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate the options, train, print the summary table; a bad option is a UsageError."""
+    """Validate the options, train, print the summary table; a bad option is a UsageError.
+
+    So are the problems found once the run starts (:class:`RunSetupError`: a changed setting on
+    resume, an unreadable checkpoint, too little data); :class:`RunWarning` prints one line.
+    """
     values = {
         item.name: getattr(args, item.name)
         for item in dataclasses.fields(PretrainConfig)
@@ -114,7 +121,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if config.resume and not (Path(config.out_dir) / "checkpoint.pt").is_file():
         raise UsageError(no_checkpoint_message(config))
-    summary = run_pretraining(config)
+    try:
+        with one_line_warnings("pretrain", RunWarning):
+            summary = run_pretraining(config)
+    except RunSetupError as error:
+        raise UsageError(str(error)) from None
     if summary.get("already_finished"):
         print(
             f"{config.out_dir}: the run already finished at step {summary['checkpoint_step']} "

@@ -48,6 +48,7 @@ __all__ = [
     "CompressionError",
     "CompressionResult",
     "check_model_dir",
+    "check_output_dir",
     "compress_model",
     "compress_pretrained",
     "load_compressed",
@@ -73,6 +74,8 @@ _TOKENIZER_FILE = re.compile(
     r"spiece\.model|sentencepiece.*)$"
 )
 _LAYER_INDEX = re.compile(r"(?:^|\.)\d+\.")
+#: Files that make a folder hold a model: its config, the plan, or weights in any format.
+_MODEL_FILE = re.compile(r"^(config\.json|lowrank_plan\.json|.*\.(safetensors|bin|pt|pth))$")
 
 
 class CompressionError(ValueError):
@@ -127,6 +130,35 @@ def check_model_dir(model_dir: str | Path, allow_untested: bool = False) -> Any:
             "tries any model whose layers are nn.Linear or Conv1D)"
         )
     return config
+
+
+def check_output_dir(
+    model_dir: str | Path, output_dir: str | Path, overwrite: bool = False
+) -> None:
+    """Refuse (:class:`CompressionError`) an output folder that is the input or holds a model.
+
+    Saving there would replace its dense weights with factors, and a plain ``from_pretrained``
+    of the folder would then random-initialize every factorized projection. ``overwrite``
+    (``--overwrite``) allows both.
+    """
+    output = Path(output_dir)
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise CompressionError(f"Output {str(output)!r} is a file, not a folder; choose a folder")
+    if overwrite:
+        return
+    if output.resolve() == Path(model_dir).resolve():
+        raise CompressionError(
+            f"Output folder {str(output)!r} is the input model folder: the factors would "
+            "replace its dense weights; choose another -o, or pass --overwrite (overwrite=True)"
+        )
+    held = sorted(p.name for p in output.iterdir() if p.is_file() and _MODEL_FILE.match(p.name))
+    if held:
+        raise CompressionError(
+            f"Output folder {str(output)!r} already holds a model ({', '.join(held)}); choose "
+            "a new or empty folder, or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 def model_class_for(config: Any) -> Any:
@@ -297,14 +329,19 @@ def compress_pretrained(
     min_ratio: float = 0.5,
     allow_untested: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> CompressionResult:
     """Load ``model_dir``, compress it, save it (plus tokenizer files and a JSON report).
+
+    ``output_dir`` may not be ``model_dir`` nor hold a model unless ``overwrite`` is true
+    (:func:`check_output_dir`).
 
     The command (``lowrank-optim compress``) also draws the spectra plot, from
     ``result.spectra`` and ``result.plan.threshold`` (:func:`lowrank_optim.cli.plots.plot_spectra`).
     """
     _check_target(target, measure)  # before reading gigabytes of weights
     config = check_model_dir(model_dir, allow_untested)
+    check_output_dir(model_dir, output_dir, overwrite)
     model = model_class_for(config).from_pretrained(model_dir).eval()
     result = compress_model(model, target, measure=measure, min_ratio=min_ratio, progress=progress)
     output = save_pretrained_factorized(model, result.plan, output_dir)

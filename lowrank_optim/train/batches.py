@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lowrank_optim.train.errors import NotEnoughDataError
+
 __all__ = ["TokenBatches", "validation_batches"]
 
 
@@ -43,9 +45,10 @@ class TokenBatches(Iterator[torch.Tensor]):
         # for callers that shift labels themselves.
         windows = (tokens.numel() - 1) // seq_len
         if windows < batch_size:
-            raise ValueError(
+            raise NotEnoughDataError(
                 f"Corpus of {tokens.numel()} tokens has {windows} windows of {seq_len}; "
-                f"need at least batch_size={batch_size}. Use a larger corpus or shorter windows."
+                f"need at least batch_size={batch_size} (sequences per step). Use a larger corpus "
+                "or shorter windows."
             )
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -99,9 +102,10 @@ def validation_batches(
     windows = (tokens.numel() - 1) // seq_len
     needed = batch_size * count
     if windows < needed:
-        raise ValueError(
+        raise NotEnoughDataError(
             f"Validation split has {windows} windows of {seq_len} tokens; {count} batches of "
-            f"{batch_size} need {needed}. Use a larger corpus or fewer eval batches."
+            f"{batch_size} need {needed}. Use a larger corpus or fewer eval batches "
+            "(--corpus-bytes, --dataset, --eval-batches)."
         )
     usable = tokens[: needed * seq_len].long().view(count, batch_size, seq_len)
     return list(usable)

@@ -22,6 +22,7 @@ import torch
 
 from lowrank_optim.checkpoint import atomic_save
 from lowrank_optim.train.cache import atomic_write_text, default_cache_dir
+from lowrank_optim.train.errors import NotEnoughDataError
 from lowrank_optim.train.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -168,7 +169,9 @@ def split_documents(
     Starting at index 1 rather than 0 keeps a two-document corpus splittable.
     """
     if len(documents) < 2:
-        raise ValueError(f"Dataset has {len(documents)} document(s); need at least 2 to split")
+        raise NotEnoughDataError(
+            f"Dataset has {len(documents)} document(s); need at least 2 to split off validation"
+        )
     validation = [d for i, d in enumerate(documents) if i % every == 1]
     training = [d for i, d in enumerate(documents) if i % every != 1]
     return training, validation

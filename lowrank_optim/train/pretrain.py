@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_optim.checkpoint import load_checkpoint, remove_stale_temporaries
+from lowrank_optim.checkpoint import remove_stale_temporaries
 from lowrank_optim.factory import build_optimizer
 from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.memory import current_memory_bytes, optimizer_state_bytes
 from lowrank_optim.reporting import MetricsWriter
-from lowrank_optim.train.checkpoints import (
-    finished_summary,
-    no_checkpoint_message,
-    restore_run,
-    save_run,
-)
+from lowrank_optim.train.checkpoints import finished_summary, load_run, restore_run, save_run
 from lowrank_optim.train.config import PretrainConfig
+from lowrank_optim.train.errors import RunWarning
 from lowrank_optim.train.loop import (
     LoopHooks,
     StepResult,
@@ -43,7 +40,8 @@ from lowrank_optim.train.loop import (
     training_bytes,
 )
 from lowrank_optim.train.records import has_records, json_safe, last_logged, truncate_metrics
-from lowrank_optim.train.summary import handoff_summary
+from lowrank_optim.train.resume import check_resume_settings, run_settings, saved_settings
+from lowrank_optim.train.summary import handoff_summary, unreachable_handoff
 
 __all__ = ["run_pretraining"]
 
@@ -76,6 +74,7 @@ class _Recorder(LoopHooks):
         self.batches, self.val, self.writer = batches, val, writer
         self.checkpoint_path, self.last_step = checkpoint_path, last_step
         self.count_parameters = count_parameters
+        self.settings = run_settings(config)  # saved with every checkpoint (the resume guard)
         self.train_loss, self.eval_loss = math.nan, math.nan
         self.step_times: list[tuple[int, float]] = []
         self.optimizer_seconds: list[float] = []
@@ -131,7 +130,13 @@ class _Recorder(LoopHooks):
             )
         if step % config.checkpoint_every == 0 or step in (config.steps, self.last_step):
             save_run(
-                self.checkpoint_path, model, self.optimizer, self.scheduler, self.batches, step
+                self.checkpoint_path,
+                model,
+                self.optimizer,
+                self.scheduler,
+                self.batches,
+                step,
+                settings=self.settings,
             )
         self.progress.update(1)
         self.progress.set_postfix(
@@ -161,9 +166,12 @@ def run_pretraining(
     # Temporaries of checkpoint writes that a killed run left behind (see atomic_save).
     remove_stale_temporaries(checkpoint_path)
     last_step = config.steps if config.stop_after is None else min(config.stop_after, config.steps)
-    payload = None
+    payload, resumed_changes = None, {}
     if config.resume:
-        payload = load_checkpoint(checkpoint_path, missing=no_checkpoint_message(config))
+        # Refuse an unreadable checkpoint or changed settings before any set-up work.
+        payload = load_run(checkpoint_path, config)
+        saved = saved_settings(payload, out / "metrics.jsonl")
+        resumed_changes = check_resume_settings(saved, config)
         finished = finished_summary(out, int(payload["step"]), last_step)
         if finished is not None:
             return finished
@@ -188,6 +196,7 @@ def run_pretraining(
     else:
         optimizer = optimizer_factory(model)
     setup["optimizer"] = time.perf_counter() - tick
+    _warn_if_no_handoff(config, optimizer)
     warmup = max(int(config.warmup_ratio * config.steps), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -205,7 +214,7 @@ def run_pretraining(
     step = 0
     metrics_path = out / "metrics.jsonl"
     if payload is not None:
-        step = restore_run(payload, model, optimizer, scheduler, batches)
+        step = restore_run(payload, model, optimizer, scheduler, batches, checkpoint_path)
         # Records past the checkpoint come again from the resumed steps: drop them first.
         truncate_metrics(metrics_path, step)
     else:
@@ -222,6 +231,8 @@ def run_pretraining(
                 "parameters": params_start,
             }
         )
+    if payload is not None:  # the settings a resume changed (the harmless ones only)
+        writer.write({"kind": "resume", "step": step, "changed": json_safe(resumed_changes)})
     recorder = _Recorder(
         config,
         optimizer=optimizer,
@@ -276,7 +287,7 @@ def run_pretraining(
         "parameters_end": count_parameters(model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "handoffs": len(getattr(optimizer, "handoffs", [])),
-        "handoff_summary": handoff_summary(optimizer, out / "metrics.jsonl"),
+        "handoff_summary": handoff_summary(optimizer, metrics_path, config.steps, last_step),
         "tokens_per_second": recorder.tokens_per_step * (step - first_step) / max(wall, 1e-9),
         "mean_optimizer_step_seconds": sum(optimizer_seconds) / max(len(optimizer_seconds), 1),
         "mean_step_seconds": sum(t for _, t in step_times) / max(len(step_times), 1),
@@ -287,6 +298,14 @@ def run_pretraining(
     summary["files"] = [str(path) for path in _plot(config, optimizer, out)]
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return summary
+
+
+def _warn_if_no_handoff(config: PretrainConfig, optimizer: Any) -> None:
+    """Warn (:class:`RunWarning`) when a hand-off optimizer's run ends before its first check."""
+    handoff = getattr(optimizer, "handoff_config", None)
+    message = unreachable_handoff(config, handoff) if handoff is not None else None
+    if message is not None:
+        warnings.warn(message, RunWarning, stacklevel=3)
 
 
 def _plot(config: PretrainConfig, optimizer: Any, out: Path) -> list[Path]:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lowrank_optim.handoff.candidates import first_check_step
 from lowrank_optim.train.records import read_records
 
-__all__ = ["format_summary", "handoff_line", "handoff_summary"]
+if TYPE_CHECKING:
+    from lowrank_optim.config import HandoffConfig
+    from lowrank_optim.train.config import PretrainConfig
+
+__all__ = [
+    "format_summary",
+    "handoff_line",
+    "handoff_summary",
+    "no_handoff_reason",
+    "unreachable_handoff",
+]
 
 
 def _number(value: Any, spec: str) -> str:
@@ -15,12 +26,50 @@ def _number(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def handoff_summary(optimizer: Any, metrics: Path) -> dict[str, Any] | None:
+def unreachable_handoff(config: PretrainConfig, handoff: HandoffConfig) -> str | None:
+    """Why no layer can be handed off in ``config``'s run, naming the numbers; None if one can.
+
+    WeLoreAdamW looks at the layers only at check steps (multiples of ``--update-proj-gap``
+    from ``--handoff-start`` on); a run that ends before the first one hands nothing off.
+    """
+    first = first_check_step(handoff)
+    if first <= config.steps:
+        return None
+    return (
+        f"no layer can be handed off: the first hand-off check is step {first} (the first "
+        f"multiple of --update-proj-gap {handoff.check_every} at or after --handoff-start "
+        f"{config.handoff_start} x --steps {config.steps} = step {handoff.start_step}), after "
+        f"the last step, {config.steps}; lower --update-proj-gap or --handoff-start, or raise "
+        "--steps"
+    )
+
+
+def no_handoff_reason(handoff: HandoffConfig, steps: int, last_step: int) -> str:
+    """Why a run that ran to ``last_step`` (of ``steps``) handed no layer off, in a few words."""
+    first = first_check_step(handoff)
+    if first > steps:
+        return f"the first hand-off check, step {first}, is after the last step, {steps}"
+    if first > last_step:
+        return f"the run stopped at step {last_step}, before the first hand-off check at {first}"
+    return f"no layer qualified at the hand-off checks from step {first} on"
+
+
+def handoff_summary(
+    optimizer: Any, metrics: Path, steps: int | None = None, last_step: int | None = None
+) -> dict[str, Any] | None:
     """Layers handed off, when, the projected parameters they removed, and the eval-loss jumps
-    measured around each hand-off step (from the run's log, so resumed runs count them all)."""
+    measured around each hand-off step (from the run's log, so resumed runs count them all).
+
+    With ``steps`` and ``last_step`` (the run's ``--steps`` and where it stopped), a run that
+    handed nothing off also says why (``reason``), so that a silent zero cannot be misread.
+    """
     if not hasattr(optimizer, "handoff_report"):
         return None
     records = optimizer.handoff_report()
+    config = getattr(optimizer, "handoff_config", None)
+    reason = None
+    if not records and config is not None and steps is not None and last_step is not None:
+        reason = no_handoff_reason(config, steps, last_step)
     projected = sum(
         p.numel()
         for group in optimizer.param_groups
@@ -37,11 +86,14 @@ def handoff_summary(optimizer: Any, metrics: Path) -> dict[str, Any] | None:
         ),
         "eval_loss_jump": sum(c["after"] - c["before"] for c in costs),
         "eval_loss_before_first": costs[0]["before"] if costs else None,
+        "reason": reason,
     }
 
 
 def handoff_line(handoff: dict[str, Any] | None, count: int) -> str:
     """The summary table's hand-off row: layers, when, parameters removed, eval-loss jump."""
+    if handoff and not handoff["layers"] and handoff.get("reason"):
+        return f"none: {handoff['reason']}"
     if not handoff or not handoff["layers"]:
         return str(count)
     removed, total = handoff["projected_parameters_removed"], handoff["projected_parameters"]
