@@ -15,8 +15,11 @@ from lowrank_optim import StabilityConfig
 __all__ = [
     "MATRIX_GROUP",
     "MatrixNet",
+    "TEARDOWN_ABORT",
     "TinyNet",
     "gradient_stream",
+    "check_torchrun",
+    "joined",
     "make_batches",
     "matrix_batches",
     "matrix_groups",
@@ -221,12 +224,57 @@ def spawn_ranks(
     args = (world, port, str(directory)) if with_world else (port, str(directory))
     context = mp.spawn(run, args=args, nprocs=world, join=False)
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
+    while not joined(context, lambda rank: (directory / f"rank{rank}.pt").exists()):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"the {world}-rank run did not finish in {timeout_s} s")
     return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+#: What a C++ thread still running at interpreter exit prints before SIGABRT (libstdc++).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def joined(context: Any, finished: Callable[[int], bool]) -> bool:
+    """Whether every spawned rank has exited (waits up to a second); raises as
+    ``context.join()`` does if one failed, except that a rank killed by SIGABRT *after* it
+    finished (``finished(rank)``: its results are saved) counts as a clean exit.
+
+    gloo or DDP threads torn down at interpreter exit, after the rank saved correct results,
+    rarely abort with TEARDOWN_ABORT (issue #26; the package releases what it can, see
+    ``lowrank_optim.handoff.wrappers.retire``). A rank that aborts before saving still fails.
+    ``context.join()`` itself cannot be used: on the first non-zero exit it terminates the
+    other ranks, which may still be saving.
+    """
+    import signal
+    import time
+    import warnings
+
+    def tolerated(rank: int, code: int | None) -> bool:
+        return code == -signal.SIGABRT and finished(rank)
+
+    codes = [process.exitcode for process in context.processes]
+    failed = [r for r, code in enumerate(codes) if code not in (None, 0) and not tolerated(r, code)]
+    if failed:
+        context.join()  # terminates the others and raises with the failed rank's traceback
+    if any(code is None for code in codes):
+        time.sleep(1)
+        return False
+    for rank, code in enumerate(codes):
+        if code != 0:
+            warnings.warn(f"rank {rank} aborted at exit after saving its results", stacklevel=2)
+    return True
+
+
+def check_torchrun(result: Any) -> None:
+    """Assert a ``torchrun`` subprocess succeeded, tolerating only the rare teardown abort
+    after every rank finished (TEARDOWN_ABORT, no Python traceback); the caller then checks
+    the outputs the ranks wrote, so a run that aborted early still fails."""
+    if result.returncode == 0:
+        return
+    tolerated = TEARDOWN_ABORT in result.stderr and "Traceback" not in result.stderr
+    assert tolerated, result.stderr[-3000:]
 
 
 def run_gloo_scenario(

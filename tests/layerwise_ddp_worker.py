@@ -160,7 +160,9 @@ def _scenario_stale_wrapper() -> dict[str, Any]:
             steps += 1
 
     error = error_of(careless_loop)
-    return {"error": error, "steps": steps, "handoffs": len(optimizer.handoff_report())}
+    released = not hasattr(model, "reducer")  # its buckets and autograd hooks are freed
+    return {"error": error, "steps": steps, "handoffs": len(optimizer.handoff_report()),
+            "released": released}
 
 
 def _scenario_handoff(layerwise: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import roundtrip
+from helpers import check_torchrun, roundtrip
 
 from lowrank_optim import (
     GaLoreAdamW,
@@ -256,7 +256,7 @@ def test_torchrun_two_processes_match_one_process(monkeypatch, example_setup) ->
     ]
     env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    check_torchrun(result)
     two = train_losses(folder / "two")
     assert len(one) == len(two) == 4
     assert one[-1] < one[0]  # it trains
@@ -285,7 +285,7 @@ def test_torchrun_example_layerwise_matches_regular(monkeypatch, example_setup) 
     ]
     env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    check_torchrun(result)
     assert train_losses(folder / "layerwise_ddp") == pytest.approx(regular, rel=1e-5, abs=1e-6)
 
 
@@ -307,7 +307,7 @@ def test_torchrun_example_fsdp_hands_off_and_resumes(example_setup) -> None:
     env = {**os.environ, "LOWRANK_OPTIM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
     straight = [*common, "--save-at", "2", "--out-dir", str(folder / "fsdp")]
     result = subprocess.run(straight, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    check_torchrun(result)
     losses = train_losses(folder / "fsdp")
     assert len(losses) == 4 and losses[-1] < losses[0]
     lines = (folder / "fsdp" / "metrics.jsonl").read_text().splitlines()
@@ -318,7 +318,7 @@ def test_torchrun_example_fsdp_hands_off_and_resumes(example_setup) -> None:
 
     resume = [*common, "--resume", "--out-dir", str(folder / "fsdp_resumed")]
     result = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    check_torchrun(result)
     assert train_losses(folder / "fsdp_resumed") == losses[2:]
 
 
@@ -340,7 +340,7 @@ def test_torchrun_example_fsdp_flag_trains_on_two_processes(example_setup) -> No
             *("--out-dir", str(folder / name)),
         ]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
+        check_torchrun(result)
         curves[name] = train_losses(folder / name)
     losses = curves["fsdp_regular"]
     assert len(losses) == 4 and losses[-1] < losses[0]

@@ -124,3 +124,4 @@ def test_ddp_wrapper_replaced_by_a_handoff_refuses_to_train(runs: Results) -> No
         first = result["steps"]
         assert "RuntimeError: This DistributedDataParallel wrapper was replaced" in result["error"]
         assert f"hand-off of step {first}" in result["error"]
+        assert result["released"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import roundtrip
+from helpers import joined, roundtrip
 
 from lowrank_optim import HandoffConfig, ProjectionConfig, StabilityConfig, WeLoreAdamW
 from lowrank_optim.factorize import LowRankLinear
@@ -191,7 +191,11 @@ def test_ddp_ranks_hold_identical_factors_after_handoff(tmp_path) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+        context = mp.spawn(
+            _ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=False
+        )
+        while not joined(context, lambda rank: rank in results):
+            pass
         results = copy.deepcopy(dict(results))
     assert results[0]["handoffs"] and results[0]["handoffs"] == results[1]["handoffs"]
     for name, tensor in results[0]["state"].items():

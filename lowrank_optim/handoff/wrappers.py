@@ -84,8 +84,18 @@ def retire(old: nn.parallel.DistributedDataParallel, step: int) -> None:
     all-reduces the factors a hand-off added, and with ``find_unused_parameters=True`` nothing
     complains while the ranks drift apart. Its next forward raises instead, before anything
     trains.
+
+    Its reducer is released too: it holds a bucket buffer the size of every gradient of the
+    model (freed here, not at the end of the run) and autograd hooks on the parameters the new
+    wrapper now reduces; a reducer left alive until interpreter exit is also destroyed after
+    its process group.
     """
     setattr(old, RETIRED_AT, step)
+    if getattr(old, "reducer", None) is not None:
+        old._remove_autograd_hooks()
+        for name in ("logger", "reducer"):  # the logger holds the reducer too
+            if hasattr(old, name):
+                delattr(old, name)
 
     def refuse(module: nn.Module, args: Any) -> None:
         raise retired_wrapper_error(module)
