@@ -409,7 +409,9 @@ class WeLoreAdamW(GaLoreAdamW):
                 raise ValueError(
                     f"This checkpoint was taken after {len(pending)} hand-off(s) "
                     f"({', '.join(list(pending)[:3])}...); construct WeLoreAdamW(model=...) so "
-                    "they can be re-applied before loading"
+                    "they can be re-applied before loading (in Trainer: "
+                    "optimizers=(WeLoreAdamW(groups, model=model), None), since "
+                    "optimizer_cls_and_kwargs cannot pass the model)"
                 )
             self.plan.update(reapply_plan(unwrap(self.model), pending, self, self.is_projected))
         self.handoffs = [dict(record) for record in saved["handoffs"]]
