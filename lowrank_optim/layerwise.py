@@ -192,7 +192,8 @@ class LayerwiseOptimizer:
         self._hooks: dict[torch.Tensor, RemovableHandle] = {}
         self._locations: dict[torch.Tensor, tuple[int, int]] = {}
         self._queued_for: int | None = None  # graph task that holds our end-of-backward callback
-        self._stepped: list[str] = []  # names of the parameters updated in this step so far
+        #: (group, index) of the parameters updated in this step so far
+        self._stepped: list[tuple[int, int]] = []
         self._ddp_hook: LayerwiseCommHook | None = None
         self._reduced: frozenset[torch.Tensor] = frozenset()  # parameters DDP reduces
         # FSDP2: the helpers of lowrank_optim.distributed.layerwise_fsdp (None without DTensors).
@@ -389,13 +390,18 @@ class LayerwiseOptimizer:
         every gradient first would hold them all at once, which layer-wise updates exist to
         avoid, so the error says exactly which parameters moved instead.
         """
-        name = self.optimizer.param_name(self.optimizer.param_groups[group_index], index)
         try:
             self.optimizer.step_parameters(group_index, [index], low_rank_grads)
         except NonFiniteGradientError as error:
+            # Names only now: looking them up on every step would sit on the backward's path.
             stepped, self._stepped = self._stepped, []
-            raise NonFiniteGradientError(_partial_step_message(name, stepped)) from error
-        self._stepped.append(name)
+            name_of = self.optimizer.param_name
+            groups = self.optimizer.param_groups
+            message = _partial_step_message(
+                name_of(groups[group_index], index), [name_of(groups[g], i) for g, i in stepped]
+            )
+            raise NonFiniteGradientError(message) from error
+        self._stepped.append((group_index, index))
 
     def _clip_(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """``grad *= min(1, max_norm / (norm + 1e-6))``, torch's clip_grad_norm_ formula, with

@@ -27,6 +27,12 @@ __all__ = ["STRUCTURAL_KEYS", "check_compatible", "split_fixed_dtype"]
 #: Group keys that fix the shapes (or the stored form) of the state; a checkpoint must agree.
 STRUCTURAL_KEYS = ("rank", "proj_type", "proj_bits")
 
+#: The advice when a checkpoint entry does not fit its parameter: torch matches by position.
+_ANOTHER_PARAMETERS_STATE = (
+    "It is another parameter's state: build the param groups in the order of the run that "
+    "saved it"
+)
+
 IsProjected = Callable[[dict[str, Any], torch.Tensor], bool]
 NameOf = Callable[[dict[str, Any], int], str]
 
@@ -148,9 +154,8 @@ def _check_entry(
     if known is not None and shape is not None and shape != tuple(expected):
         raise CheckpointMismatchError(
             f"Checkpoint state of {name} (param group {group_index}) holds moments of shape "
-            f"{shape}; this parameter (shape {tuple(param.shape)}) needs {tuple(expected)}. It "
-            "is another parameter's state: build the param groups in the order of the run that "
-            "saved it"
+            f"{shape}; this parameter (shape {tuple(param.shape)}) needs {tuple(expected)}. "
+            + _ANOTHER_PARAMETERS_STATE
         )
 
 
@@ -172,6 +177,6 @@ def _check_bases(
         raise CheckpointMismatchError(
             f"Checkpoint state of {name} (param group {group_index}) holds the "
             f"{' and '.join(present)} basis; this parameter (shape {tuple(param.shape)}, "
-            f"proj_type={group['proj_type']!r}) uses {' and '.join(wanted)}. It is another "
-            "parameter's state: build the param groups in the order of the run that saved it"
+            f"proj_type={group['proj_type']!r}) uses {' and '.join(wanted)}. "
+            + _ANOTHER_PARAMETERS_STATE
         )
