@@ -24,6 +24,7 @@ BENCHMARKS = (
     "compress_minilm",
     "fsdp_comm",
     "galore_core",
+    "handoff_regime",
     "handoff_study",
     "handoff_trials",
     "layerwise_memory",
@@ -34,9 +35,9 @@ BENCHMARKS = (
     "results_md",
     "throughput",
 )
-#: Short names: ``bench handoff`` runs :mod:`benchmarks.handoff_study`, ``bench trials``
-#: :mod:`benchmarks.handoff_trials`.
-ALIASES = {"handoff": "handoff_study", "trials": "handoff_trials"}
+#: Short names: ``bench handoff`` runs :mod:`benchmarks.handoff_study`, ``bench regime``
+#: :mod:`benchmarks.handoff_regime`, ``bench trials`` :mod:`benchmarks.handoff_trials`.
+ALIASES = {"handoff": "handoff_study", "regime": "handoff_regime", "trials": "handoff_trials"}
 
 
 class UnknownBenchmark(ValueError):

@@ -124,18 +124,30 @@ def projected_linear_names(model: nn.Module, optimizer: torch.optim.Optimizer) -
     ]
 
 
-def factorized_from_scratch(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace the named linears by randomly initialised factors of the given ranks, in place."""
+def factorized_from_scratch(
+    model: nn.Module, ranks: dict[str, int], spectral: bool = False
+) -> None:
+    """Replace the named linears by factors of the given ranks, in place.
+
+    ``spectral=False``: both factors randomly initialised (Kaiming uniform). ``spectral=True``:
+    spectral, balanced initialisation (Khodak et al., ICLR 2021): the factors are the rank-``k``
+    truncated SVD of the dense layer's own random initial weight, ``U_k S_k^(1/2)`` and
+    ``S_k^(1/2) V_k^T``, so the factorized network starts as close to the dense one as rank
+    ``k`` allows and both factors carry the same scale.
+    """
     for name, rank in ranks.items():
         linear = model.get_submodule(name)
-        factored = LowRankLinear(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            linear.bias is not None,
-            linear.weight.device,
-            linear.weight.dtype,
-        )
+        if spectral:
+            factored = LowRankLinear.from_weight(linear.weight, linear.bias, rank)
+        else:
+            factored = LowRankLinear(
+                linear.in_features,
+                linear.out_features,
+                rank,
+                linear.bias is not None,
+                linear.weight.device,
+                linear.weight.dtype,
+            )
         replace_module(model, name, factored)
 
 
