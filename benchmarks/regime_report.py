@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, pyplot, write_json
+from benchmarks.common import markdown_table, pyplot, refresh_results_md, write_json
 from benchmarks.handoff_regime import Regime, RegimeJob, _all_jobs, cached
 from benchmarks.regime_flops import run_flops, shapes_of
 
@@ -193,6 +193,7 @@ def report(regime: Regime, folder: Path) -> None:
     (folder / "handoff_regime.md").write_text("\n".join(lines) + "\n")
     write_json("handoff_regime", {k: v for k, v in data.items() if k != "curves"}, folder)
     _plot(data, folder / "handoff_regime_flops.png")
+    refresh_results_md(folder)
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
