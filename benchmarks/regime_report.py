@@ -11,6 +11,7 @@ from typing import Any
 
 from benchmarks.common import markdown_table, pyplot, refresh_results_md, write_json
 from benchmarks.handoff_regime import Regime, RegimeJob, _all_jobs, cached
+from benchmarks.handoff_report import spearman
 from benchmarks.regime_flops import run_flops, shapes_of
 
 __all__ = ["bootstrap_spearman", "collect", "report", "spearman"]
@@ -18,29 +19,6 @@ __all__ = ["bootstrap_spearman", "collect", "report", "spearman"]
 #: The short setting the per-layer claim is contrasted with (issue #14's study, 0.2 tokens per
 #: parameter): its stability-driven runs at target 0.8.
 SHORT = Path(__file__).resolve().parent / "results" / "runs" / "handoff_study"
-
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):  # ties share their mean rank
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson's on the ranks, ties at their mean rank)."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else 0.0
 
 
 def bootstrap_spearman(
@@ -52,10 +30,14 @@ def bootstrap_spearman(
     values = []
     for _ in range(resamples):
         sample = [pairs[rng.randrange(len(pairs))] for _ in pairs]
-        values.append(spearman([p[0] for p in sample], [p[1] for p in sample]))
+        value = spearman([p[0] for p in sample], [p[1] for p in sample])
+        if value == value:  # a resample of one repeated pair has no ranks to correlate (NaN)
+            values.append(value)
     values.sort()
-    return {"rho": spearman(x, y), "low": values[int(0.025 * resamples)],
-            "high": values[int(0.975 * resamples) - 1], "pairs": len(pairs)}
+    if not values:
+        return {"rho": spearman(x, y), "low": None, "high": None, "pairs": len(pairs)}
+    return {"rho": spearman(x, y), "low": values[int(0.025 * len(values))],
+            "high": values[int(0.975 * len(values)) - 1], "pairs": len(pairs)}
 
 
 def layer_pairs(results: list[dict[str, Any]], never: float) -> list[tuple[float, float]]:
@@ -139,7 +121,7 @@ def collect(regime: Regime) -> dict[str, Any]:
     welore = [r for j, r in results.items() if j.method == "welore"]
     short = [json.loads(p.read_text()) for p in sorted(SHORT.glob("welore-t0.8-s*/result.json"))]
     claim = {}
-    if len(welore) and sum(len(r["handoffs"]) for r in welore) > 2:
+    if sum(len(r["handoffs"]) for r in welore) > 2:
         claim["regime"] = bootstrap_spearman(layer_pairs(welore, float(regime.steps + 1)))
     if short:
         claim["short"] = bootstrap_spearman(layer_pairs(short, 10_000.0))
@@ -185,6 +167,8 @@ def report(regime: Regime, folder: Path) -> None:
                               "vs dense (paired)", "FLOPs / dense", "parameters", "steps"],
                              rows), ""]
     for setting, claim in data["per_layer_claim"].items():
+        if claim["low"] is None:
+            continue
         lines.append(f"Per-layer claim ({setting}): Spearman(stable step, truncation error) = "
                      f"{claim['rho']:+.3f}, 95% bootstrap CI [{claim['low']:+.3f}, "
                      f"{claim['high']:+.3f}], {claim['pairs']} layers x seeds.")
